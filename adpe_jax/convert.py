@@ -1,0 +1,125 @@
+"""PyTorch (official AdPE / MAE) pretraining state dicts <-> Flax variables.
+
+Layout rules (tests/data/README.md):
+  * Conv patch embedding (D, 3, p, p) -> Dense kernel over (row, col, channel) patch
+    vectors: W.transpose(2, 3, 1, 0).reshape(p*p*3, D).
+  * Linear (out, in) -> Dense kernel (in, out); LayerNorm weight -> scale.
+  * `blocks.3.attn.qkv` -> `blocks_3/attn/qkv` (the fused qkv layout is kept).
+  * RPE `*.rpe_k.lookup_table_weight` (1, hd, 50) -> `*/rpe_k/lookup_table` (hd, 50);
+    `*.rpe_k.adv_token` (1, hd, 1) -> (hd,); `*.rpe_k.adv_shift` (2,) unchanged.
+  * The frozen `pos_embed`, `decoder_pos_embed` (fixed sin-cos, recomputed by the model)
+    and `*.rpe_k.no_shift` are not parameters here; `pos_embed` is checked against our
+    table so a checkpoint of another geometry is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from adpe_jax import posembed
+
+FROZEN_SUFFIXES = ("pos_embed", "no_shift")
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def _flax_path(name: str) -> tuple[str, ...]:
+  parts = name.split(".")
+  out: list[str] = []
+  i = 0
+  while i < len(parts):
+    part = parts[i]
+    if part in ("blocks", "decoder_blocks") and i + 1 < len(parts) and parts[i + 1].isdigit():
+      out.append(f"{part}_{parts[i + 1]}")
+      i += 2
+      continue
+    out.append(part)
+    i += 1
+  if out[:2] == ["patch_embed", "proj"]:
+    out = ["patch_embed"] + out[2:]
+  last = out[-1]
+  if last == "lookup_table_weight":
+    out[-1] = "lookup_table"
+  return tuple(out)
+
+
+def convert_tensor(name: str, value: np.ndarray, is_layernorm: bool) -> tuple[tuple[str, ...], np.ndarray]:
+  """One torch tensor (or its gradient) -> (flax param path, array in Flax layout)."""
+  value = np.asarray(value)
+  path = list(_flax_path(name))
+  last = path[-1]
+  if path[0] == "patch_embed" and last == "weight":
+    d = value.shape[0]
+    return tuple(path[:-1] + ["kernel"]), value.transpose(2, 3, 1, 0).reshape(-1, d)
+  if last == "weight":
+    if is_layernorm:
+      return tuple(path[:-1] + ["scale"]), value
+    return tuple(path[:-1] + ["kernel"]), value.T
+  if last == "lookup_table":
+    return tuple(path), value.reshape(value.shape[-2], value.shape[-1])
+  if last == "adv_token" and "rpe_k" in path:
+    return tuple(path), value.reshape(-1)
+  return tuple(path), value
+
+
+def _is_layernorm(name: str) -> bool:
+  leaf = name.split(".")[-2] if "." in name else ""
+  return leaf in ("norm", "norm1", "norm2", "decoder_norm", "fc_norm")
+
+
+def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
+  """Official AdPE pretraining state dict -> Flax `{'params': ...}` for `MAEPlus`.
+
+  Args:
+    state_dict: name -> array (torch tensors or numpy), e.g. `checkpoint['model']`.
+    config: the experiment ConfigDict (its `model` and `image_size` fix the geometry).
+    dtype: optional numpy dtype to cast to (default: keep).
+  Raises:
+    ConversionError naming the keys or shapes that do not fit the config.
+  """
+  from adpe_jax.train.state import build_model  # noqa: PLC0415 (avoid a cycle)
+  import jax  # noqa: PLC0415
+
+  model = build_model(config)
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(lambda: model.init(
+          {"params": jax.random.key(0), "masking": jax.random.key(0)},
+          np.zeros((1, model.image_size, model.image_size, 3), np.float32)))["params"])
+
+  flat = {}
+  for name, value in state_dict.items():
+    if hasattr(value, "detach"):
+      value = value.detach().cpu().numpy()
+    value = np.asarray(value)
+    if name.endswith(FROZEN_SUFFIXES):
+      if name in ("pos_embed", "decoder_pos_embed"):
+        table = posembed.sincos_table(model.grid, value.shape[-1])
+        if value.reshape(-1).shape != table.reshape(-1).shape or not np.allclose(
+            value.reshape(table.shape), table, atol=1e-5):
+          raise ConversionError(
+              f"state dict entry {name!r} {value.shape} is not the fixed sin-cos table of a "
+              f"{model.grid}x{model.grid} grid (config image_size={model.image_size}, "
+              f"patch_size={model.patch_size}).")
+      continue
+    path, arr = convert_tensor(name, value, _is_layernorm(name))
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    flat[path] = arr
+
+  missing = sorted("/".join(k) for k in expected if k not in flat)
+  unexpected = sorted("/".join(k) for k in flat if k not in expected)
+  if missing or unexpected:
+    raise ConversionError(
+        f"state dict does not fit the configured model (model.variant, model.pe, "
+        f"model.adversary): missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+        f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}.")
+  bad = [f"{'/'.join(k)} {flat[k].shape} != {expected[k].shape}"
+         for k in expected if flat[k].shape != expected[k].shape]
+  if bad:
+    raise ConversionError(f"state dict shapes do not fit the configured model: {bad[:4]}.")
+  return {"params": traverse_util.unflatten_dict(flat)}

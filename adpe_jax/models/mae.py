@@ -1,0 +1,243 @@
+"""The MAE+ pretraining model (spec 2.3) with the APE adversaries (spec 4.2, 4.3).
+
+`MAEPlus.apply(variables, images, noise=None, train=True, rngs={"masking": key})`
+returns `(loss, pred, mask)` like the original's `forward`:
+  images: (N, H, W, 3), ImageNet-normalised, N = all crops;
+  noise:  optional (N, L) -- the mask is exactly the original's `argsort(noise)` split;
+  loss:   scalar norm-pixel MSE over masked patches of all crops;
+  pred:   (N, L, p*p*3) without the cls row;  mask: (N, L), 1 = masked.
+The encoder output (after its final LayerNorm, (N, 1+L, D)) is sown as
+`intermediates/latent`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adpe_jax import posembed
+from adpe_jax.models.vit import LN_EPS, Block, _f32_or_wider, xavier_uniform
+
+Dtype = Any
+
+
+def patchify(images, patch: int):
+  """(N, H, W, C) -> (N, L, p*p*C), patch vector ordered (row-in-patch, col-in-patch, C)."""
+  n, hh, ww, c = images.shape
+  h, w = hh // patch, ww // patch
+  x = images.reshape(n, h, patch, w, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h * w, patch * patch * c)
+
+
+def unpatchify(x, patch: int, channels: int = 3):
+  """(N, L, p*p*C) -> (N, H, W, C) (inverse of `patchify`)."""
+  n, l, _ = x.shape
+  h = int(round(np.sqrt(l)))
+  x = x.reshape(n, h, h, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h * patch, h * patch, channels)
+
+
+def norm_pix_loss(pred, target, mask):
+  """Per-patch normalised pixel MSE over masked patches (spec 2.3 step 7).
+
+  The per-patch variance is unbiased (ddof=1, torch's default), eps 1e-6.
+  """
+  pred = _f32_or_wider(pred)
+  target = _f32_or_wider(target)
+  mean = target.mean(-1, keepdims=True)
+  var = target.var(-1, keepdims=True, ddof=1)
+  target = (target - mean) / jnp.sqrt(var + 1e-6)
+  per_patch = ((pred - target) ** 2).mean(-1)
+  mask = mask.astype(per_patch.dtype)
+  return (per_patch * mask).sum() / mask.sum()
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+  """K = floor(L * (1 - mask_ratio)) as the original's int() (spec 2.3, 9.11)."""
+  return int(num_patches * (1 - mask_ratio))
+
+
+def mask_from_noise(noise, keep: int):
+  """(N, L) noise -> mask (N, L) with 1 = masked, exactly argsort(noise)[:, :keep] kept."""
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  return (ids_restore >= keep), ids_shuffle
+
+
+class MAEPlus(nn.Module):
+  """MAE+ (mask tokens enter the encoder) with optional AdPE adversaries.
+
+  pe: "ape" (fixed sin-cos only) or "rpe" (sin-cos plus iRPE-K in every attention layer
+  of encoder and decoder, spec 3.5).
+  adversary: "none" | "embedding" | "coordinate" (spec 4).
+  rpe_embedding: for pe="rpe", adversary="embedding": "faithful" (the original's no-op,
+  spec 4.4) or "per_bucket" (our working variant).
+  encoder_sees_mask_tokens: True = MAE+ (the original); False = plain MAE (encoder on
+  visible tokens only, mask tokens inserted in the decoder), APE only, for comparison.
+  """
+  image_size: int = 112
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  decoder_embed_dim: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  mlp_ratio: float = 4.0
+  mask_ratio: float = 0.75
+  pe: str = "ape"
+  adversary: str = "none"
+  rpe_embedding: str = "per_bucket"
+  encoder_sees_mask_tokens: bool = True
+  dtype: Optional[Dtype] = None
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+  def _rpe(self):
+    if self.pe != "rpe":
+      return None
+    adv = {"none": "none", "coordinate": "coordinate",
+           "embedding": "embedding_faithful" if self.rpe_embedding == "faithful" else "embedding"
+           }[self.adversary]
+    lookup = "continuous" if self.adversary == "coordinate" else "integer"
+    return dict(grid=self.grid, lookup=lookup, adversary=adv)
+
+  def setup(self):
+    p, d = self.patch_size, self.embed_dim
+    fan_in = p * p * 3
+    # Conv2d bias keeps torch's default init (the original's initialize_weights only
+    # re-initialises the conv weight): uniform(+-1/sqrt(fan_in)).
+    self.patch_embed = nn.Dense(
+        d, dtype=self.dtype, kernel_init=xavier_uniform, name="patch_embed",
+        bias_init=lambda k, s, dt=jnp.float32: jax.random.uniform(
+            k, s, dt, -1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in)))
+    normal02 = nn.initializers.normal(0.02)
+    self.cls_token = self.param("cls_token", normal02, (1, 1, d))
+    ape_embed_adv = self.pe == "ape" and self.adversary == "embedding"
+    if ape_embed_adv:
+      # spec 4.2 / 9.6: the adversary IS the mask token; there is no learnable mask token.
+      self.adv_token = self.param("adv_token", normal02, (1, 1, d))
+    elif self.encoder_sees_mask_tokens:
+      self.mask_token = self.param("mask_token", normal02, (1, 1, d))
+    if self.pe == "ape" and self.adversary == "coordinate":
+      # spec 4.3: (column shift, row shift) of the sin-cos coordinates of masked patches.
+      self.adv_token = self.param("adv_token", nn.initializers.zeros, (2,))
+    if not self.encoder_sees_mask_tokens:
+      self.decoder_mask_token = self.param("decoder_mask_token", normal02,
+                                           (1, 1, self.decoder_embed_dim))
+    rpe = self._rpe()
+    self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, rpe, name=f"blocks_{i}")
+                   for i in range(self.depth)]
+    self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")
+    self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
+                                  kernel_init=xavier_uniform, name="decoder_embed")
+    self.decoder_blocks = [
+        Block(self.decoder_num_heads, self.mlp_ratio, self.dtype, rpe, name=f"decoder_blocks_{i}")
+        for i in range(self.decoder_depth)]
+    self.decoder_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="decoder_norm")
+    self.decoder_pred = nn.Dense(p * p * 3, dtype=self.dtype, kernel_init=xavier_uniform,
+                                 name="decoder_pred")
+
+  # -- pieces ---------------------------------------------------------------------------
+  def _embed_patches(self, images):
+    x = patchify(images, self.patch_size)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    return self.patch_embed(x)
+
+  def _pos_table(self, dim, dtype):
+    return jnp.asarray(posembed.sincos_table(self.grid, dim), dtype)  # (1+L, dim), row 0 = 0
+
+  def _encoder_input_pe(self, mask, dtype):
+    """(N, L, D) sin-cos PE of the encoder input; masked patches shifted (APE coord)."""
+    table = self._pos_table(self.embed_dim, dtype)[1:]
+    if self.pe == "ape" and self.adversary == "coordinate":
+      cols, rows = posembed.grid_coordinates(self.grid)
+      shift = self.adv_token.astype(dtype)
+      shifted = posembed.sincos_from_coords(jnp.asarray(cols, dtype) + shift[0],
+                                            jnp.asarray(rows, dtype) + shift[1], self.embed_dim)
+      return jnp.where(mask[..., None], shifted[None], table[None])
+    return jnp.broadcast_to(table[None], mask.shape + (self.embed_dim,))
+
+  def _mask_vector(self):
+    if self.pe == "ape" and self.adversary == "embedding":
+      return self.adv_token
+    return self.mask_token
+
+  def _run_blocks(self, blocks, x, query_mask):
+    for blk in blocks:
+      x = blk(x, query_mask)
+    return x
+
+  def _cls(self, n, dtype):
+    cls = self.cls_token.astype(dtype)  # + pos_embed[0], which is the zero row
+    return jnp.broadcast_to(cls, (n, 1, cls.shape[-1]))
+
+  # -- public ----------------------------------------------------------------------------
+  def __call__(self, images, noise=None, train: bool = True):
+    del train  # no dropout / drop-path in pretraining; kept for the original's signature
+    n = images.shape[0]
+    l = self.num_patches
+    keep = num_kept(l, self.mask_ratio)
+    if noise is None:
+      noise = jax.random.uniform(self.make_rng("masking"), (n, l))
+    mask, ids_shuffle = mask_from_noise(noise, keep)
+
+    x = self._embed_patches(images)  # (N, L, D)
+    dtype = x.dtype
+    if self.encoder_sees_mask_tokens:
+      # MAE+ (spec 2.3 step 3): mask tokens replace masked patches before the encoder;
+      # equivalent to the original's concat + un-shuffle gather, without the gathers.
+      x = jnp.where(mask[..., None], self._mask_vector().astype(dtype), x)
+      x = x + self._encoder_input_pe(mask, dtype)
+      x = jnp.concatenate([self._cls(n, dtype), x], axis=1)
+      query_mask = jnp.concatenate([jnp.zeros((n, 1), bool), mask], axis=1)  # mask_full
+      x = self.norm(self._run_blocks(self.blocks, x, query_mask))
+      self.sow("intermediates", "latent", x)
+      z = self.decoder_embed(x)
+    else:
+      # Plain MAE: the encoder sees the visible tokens only (APE only).
+      ids_keep = ids_shuffle[:, :keep]
+      x = x + self._pos_table(self.embed_dim, dtype)[None, 1:]
+      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+      x = jnp.concatenate([self._cls(n, dtype), x], axis=1)
+      x = self.norm(self._run_blocks(self.blocks, x, None))
+      self.sow("intermediates", "latent", x)
+      z = self.decoder_embed(x)
+      ids_restore = jnp.argsort(ids_shuffle, axis=1)
+      tokens = jnp.concatenate(
+          [z[:, 1:], jnp.broadcast_to(self.decoder_mask_token.astype(z.dtype),
+                                      (n, l - keep, z.shape[-1]))], axis=1)
+      tokens = jnp.take_along_axis(tokens, ids_restore[..., None], axis=1)
+      z = jnp.concatenate([z[:, :1], tokens], axis=1)
+      query_mask = None
+    z = z + self._pos_table(self.decoder_embed_dim, z.dtype)[None]
+    z = self.decoder_norm(self._run_blocks(self.decoder_blocks, z, query_mask))
+    pred = self.decoder_pred(z)[:, 1:]
+    target = patchify(images, self.patch_size)
+    loss = norm_pix_loss(pred, target, mask)
+    return loss, pred, mask.astype(pred.dtype)
+
+  def features(self, images):
+    """Frozen-encoder features for k-NN / probes: mean of patch tokens, no masking.
+
+    images: (N, H, W, 3) -> (N, D).  The RPE coordinate adversary is not applied
+    (no token is masked), so this is the encoder a downstream user gets.
+    """
+    n = images.shape[0]
+    x = self._embed_patches(images)
+    x = x + self._pos_table(self.embed_dim, x.dtype)[None, 1:]
+    x = jnp.concatenate([self._cls(n, x.dtype), x], axis=1)
+    query_mask = jnp.zeros((n, 1 + self.num_patches), bool) if self.pe == "rpe" else None
+    x = self.norm(self._run_blocks(self.blocks, x, query_mask))
+    return _f32_or_wider(x[:, 1:]).mean(axis=1)

@@ -1,0 +1,1 @@
+"""Pretraining: state, optimizer, the compiled step and the loop."""

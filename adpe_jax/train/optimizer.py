@@ -1,0 +1,66 @@
+"""Learning-rate schedules and the optax optimizer (spec 3, tables and schedule)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adpe_jax import adversary as adv_lib
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+  """lr = blr * effective batch / 256; the batch counts images, not crops (spec 1.1)."""
+  return base_lr * batch_size / 256
+
+
+def warmup_cosine(peak: float, min_lr: float, warmup_steps: float, total_steps: float,
+                  accum_steps: int):
+  """The original's per-iteration schedule, evaluated at each optimizer step.
+
+  The original sets the lr at every micro-step t = epoch + it / len(loader) and steps the
+  optimizer at micro-step accum-1 of each group (spec 3, Schedule), so optimizer step s
+  (0-based) uses the schedule at u = s + (accum-1)/accum optimizer steps.
+  """
+  offset = (accum_steps - 1) / accum_steps
+
+  def schedule(step):
+    u = jnp.asarray(step, jnp.float32) + offset
+    warm = peak * u / max(warmup_steps, 1e-12)
+    frac = jnp.clip((u - warmup_steps) / max(total_steps - warmup_steps, 1e-12), 0.0, 1.0)
+    cos = min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    return jnp.where(u < warmup_steps, warm, cos)
+
+  return schedule
+
+
+def decay_mask(params) -> dict:
+  """Weight decay for every tensor except 1-D ones and biases (spec 3 group table).
+
+  cls_token, mask_token and the RPE tables (>= 2-D) ARE decayed, as in the original.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: not (v.ndim <= 1 or getattr(path[-1], "key", None) == "bias"), params)
+
+
+def schedules(config, total_steps: int, steps_per_epoch: float):
+  warmup = config.warmup_epochs * steps_per_epoch
+  lr = warmup_cosine(scaled_lr(config.blr, config.batch_size), config.min_lr, warmup,
+                     total_steps, config.accum_steps)
+  adv_lr = warmup_cosine(scaled_lr(config.adversary.lr, config.batch_size), 0.0, warmup,
+                         total_steps, config.accum_steps)
+  return lr, adv_lr
+
+
+def make_optimizer(config, total_steps: int, steps_per_epoch: float
+                   ) -> optax.GradientTransformation:
+  """AdamW (0.9, 0.95) on the model, Adam ascent + projection on the adversary."""
+  lr, adv_lr = schedules(config, total_steps, steps_per_epoch)
+  model_tx = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=1e-8,
+                         weight_decay=config.weight_decay, mask=decay_mask)
+  adv_tx = adv_lib.ascent(adv_lr, config.b1, config.b2, config.adversary.weight_decay,
+                          config.adversary.norm, config.adversary.eps)
+  return optax.multi_transform({adv_lib.MODEL: model_tx, adv_lib.ADVERSARY: adv_tx},
+                               adv_lib.param_labels)
