@@ -81,7 +81,7 @@ def x64():
     yield
 
 
-@pytest.mark.parametrize("name", ["ape_adv0", "ape_adv1", "ape_adv2"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_original(name, x64):
   f64 = VARIANTS[name][3]
   tol = 1e-10 if f64 else 2e-5
@@ -93,4 +93,9 @@ def test_matches_original(name, x64):
   assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
   for path, g in grads.items():
     assert g.shape == ref_grads[path].shape, path
+    if name == "rpe_adv1" and path[-1] == "adv_token":
+      # The original's RPE embedding adversary is a no-op under softmax (spec 4.4): its
+      # gradient is pure round-off on both sides, so compare with an absolute bound.
+      assert np.max(np.abs(g)) < 1e-15 and np.max(np.abs(ref_grads[path])) < 1e-15
+      continue
     assert _rel_err(g, ref_grads[path]) < tol, ("/".join(path), _rel_err(g, ref_grads[path]))

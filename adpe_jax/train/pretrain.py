@@ -58,6 +58,29 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
 
+def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> dict:
+  """Model, optimizer, the initial state (created already sharded) and the jitted step.
+
+  The state is replicated, the batch split over `data`, the state donated; the step RNG
+  is fold_in(step_key, step) inside the step.
+  """
+  model = build_model(config)
+  tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
+  lr_fn, adv_lr_fn = optim.schedules(config, total_steps, steps_per_epoch)
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  repl = parallel.replicated(mesh)
+  create = lambda k: create_train_state(model, tx, k)  # noqa: E731
+  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(create, init_key))
+  state = jax.jit(create, out_shardings=state_sharding)(init_key)
+  train_step = jax.jit(
+      make_train_step(model, tx, config.accum_steps, lr_fn, adv_lr_fn),
+      in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
+      out_shardings=(state_sharding, repl),
+      donate_argnums=(0,))
+  return dict(model=model, tx=tx, lr_fn=lr_fn, adv_lr_fn=adv_lr_fn, state=state,
+              state_sharding=state_sharding, train_step=train_step, step_key=step_key)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Config and mesh. ----------------------------------------------------------------
   parallel.maybe_initialize_distributed()
@@ -77,25 +100,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.data.num_threads or None)
 
-  # 3. Model and optimizer. ------------------------------------------------------------
-  model = build_model(config)
-  tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
-  lr_fn, adv_lr_fn = optim.schedules(config, total_steps, steps_per_epoch)
-  base_key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(base_key)
-
-  # 4. Shardings and the compiled step: state replicated, batch split over `data`.
-  repl = parallel.replicated(mesh)
-  state_shape = jax.eval_shape(lambda k: create_train_state(model, tx, k), init_key)
-  state_sharding = jax.tree.map(lambda _: repl, state_shape)
-  state = jax.jit(lambda k: create_train_state(model, tx, k), out_shardings=state_sharding)(
-      init_key)
+  # 3-4. Model, optimizer, shardings and the compiled step. -----------------------------
+  setup = build_training(config, mesh, total_steps, steps_per_epoch)
+  state, train_step, step_key = setup["state"], setup["train_step"], setup["step_key"]
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(model, tx, config.accum_steps, lr_fn, adv_lr_fn),
-      in_shardings=(state_sharding, batch_sharding, repl),
-      out_shardings=(state_sharding, repl),
-      donate_argnums=(0,))
 
   # 5. Checkpoint / resume (adpe_jax.checkpoint; seam kept here). -----------------------
   start_step = int(state.step)
