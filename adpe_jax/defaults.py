@@ -148,3 +148,29 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(
         "config field model.encoder_sees_mask_tokens=False (plain MAE) is only available with "
         "model.pe='ape' and adversary.kind='none'.")
+
+
+def seed_config(pe: str, adversary: str, arg: str | None, variant: str = "base",
+                patch_size: int = 16) -> ml_collections.ConfigDict:
+  """One of the seed README's pretraining commands as a config.
+
+  Arguments (comma-separated): `1600ep` (1600 epochs, warmup 40), `faithful` (RPE
+  embedding adversary as the original's no-op), `smoke` (seconds on a CPU).
+  """
+  c = base_config()
+  c.model.variant = variant
+  c.model.patch_size = patch_size
+  c.model.pe = pe
+  c.adversary.kind = adversary
+  args = parse_arg(arg)
+  unknown = args - {"1600ep", "faithful", "smoke"}
+  if unknown:
+    raise ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: 1600ep, "
+                      f"faithful, smoke (comma-separated).")
+  if "1600ep" in args:
+    c.total_epochs, c.warmup_epochs = 1600, 40.0
+  if "faithful" in args:
+    c.adversary.rpe_embedding = "faithful"
+  if "smoke" in args:
+    apply_smoke(c)
+  return c

@@ -1,5 +1,6 @@
 """Entry point: python -m adpe_jax.main --config=configs/vitb_rpe_coord.py --workdir=DIR"""
 
+import importlib.util
 import sys
 
 from absl import app, flags, logging
@@ -10,6 +11,38 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _explain_bad_flags(argv, error) -> str:
+  """One sentence for a flag error: an unknown --config.a.b field gets named."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg:
+    path, _, arg = config_arg.partition(":")
+    try:
+      spec = importlib.util.spec_from_file_location("adpe_user_config", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      config = module.get_config(arg or None)
+    except Exception as e:  # pylint: disable=broad-except
+      return f"config file {config_arg!r} could not be loaded: {e}"
+    for a in argv:
+      if a.startswith("--config."):
+        field = a[len("--config."):].split("=", 1)[0]
+        node = config
+        for part in field.split("."):
+          if not hasattr(node, "keys") or part not in node.keys():
+            return (f"config field {field!r} (from {a}) does not exist in {path}; "
+                    f"see the configuration table in README.md.")
+          node = node[part]
+  return f"bad command line: {error}"
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"error: {_explain_bad_flags(argv, e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -27,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,54 @@
+"""A local folder of class sub-folders (ImageNet / torchvision ImageFolder layout), decoded lazily with PIL.
+
+Ordering follows torchvision's `ImageFolder`: classes are the sorted sub-folder names, label = rank;
+files are found recursively in sorted order and kept if their extension is an image extension.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from adpe_jax.data.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class FolderSource:
+  """`source[i] -> (uint8 (H, W, 3) RGB, int label)` for DIR/<class>/**/<image>.
+
+  If `DIR/<split>` exists it is used (so `folder:/data/imagenet` with split "train" reads
+  /data/imagenet/train, the original's `--data_path` convention); otherwise DIR itself is read.
+  """
+
+  def __init__(self, root: str, split: str | None = None):
+    if split and os.path.isdir(os.path.join(root, split)):
+      root = os.path.join(root, split)
+    if not os.path.isdir(root):
+      raise DataError(f"Image folder {root} does not exist; expected the layout {root}/<class>/<image>.JPEG.")
+    self.root = root
+    self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+    self.num_classes = len(self.class_names)
+    paths, labels = [], []
+    for label, name in enumerate(self.class_names):
+      for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+        for filename in sorted(filenames):
+          if filename.lower().endswith(IMG_EXTENSIONS):
+            paths.append(os.path.join(dirpath, filename))
+            labels.append(label)
+    if not paths:
+      raise DataError(f"Image folder {root} holds no images in class sub-folders "
+                      f"(expected {root}/<class>/<image> with one of {IMG_EXTENSIONS}).")
+    self.paths = paths
+    self.labels = np.asarray(labels, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    # convert("RGB") as torchvision's default loader does (grey, palette and CMYK JPEGs become RGB).
+    with Image.open(self.paths[index]) as image:
+      array = np.asarray(image.convert("RGB"))
+    return array, int(self.labels[index])

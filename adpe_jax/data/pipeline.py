@@ -1,0 +1,230 @@
+"""The pre-training input pipeline: deterministic, restartable, multi-host ready, prefetching.
+
+Which examples form the batch of global step s, and how each is augmented, is a pure function of
+(seed, s, process_index, process_count), so a run restarted at step s sees exactly the batches an
+uninterrupted run would, and the only data state a checkpoint needs is the step:
+
+  steps_per_epoch = N // global_batch_size      (the last N % global_batch_size examples of each
+                                                 epoch's permutation are dropped, as the original's
+                                                 DataLoader(drop_last=True) does)
+  epoch           = s // steps_per_epoch
+  permutation     = a permutation of range(N) drawn from (seed, epoch)
+  global batch    = permutation[(s % steps_per_epoch) * global_batch_size :][:global_batch_size]
+  local batch     = the process_index-th of process_count contiguous, equal parts of the global batch
+  augmentation    = the crops of example i in epoch e use counter-based uniforms keyed by
+                    (seed, e, i) (Threefry, `counter_rng`), UNIFORMS_PER_CROP per crop
+
+Because the augmentation randomness belongs to the example (not to a process or worker), the images
+of a global batch do not depend on process_count or num_threads; only which process holds which part
+does.
+
+Batch layout: crop-major within the process, [crop 0 of the local examples, crop 1 of them, ...], as
+the original concatenates its crops (spec 3.3). Assembled into a global array process-major (e.g. by
+jax.make_array_from_process_local_data) the global order is process, then crop, then example; the
+MAE+ loss is a mean over all crops, so the order does not matter to it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from adpe_jax.data import counter_rng
+from adpe_jax.data import multicrop
+
+# Stream tags: keep the permutation and augmentation randomness apart.
+_PERMUTATION_STREAM = 0
+_AUGMENTATION_STREAM = 1
+
+
+def default_num_threads() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux.
+    return os.cpu_count() or 1
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The example order of one epoch, int64 (num_examples,)."""
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PERMUTATION_STREAM, epoch)))
+  return rng.permutation(num_examples)
+
+
+def augmentation_uniforms(seed: int, epoch: int, indices, num_crops: int) -> np.ndarray:
+  """float64 (len(indices), num_crops, UNIFORMS_PER_CROP): the augmentation randomness of examples
+  `indices` (source indices) in `epoch`; row i depends only on (seed, epoch, indices[i])."""
+  key = counter_rng.fold_in(counter_rng.seed_key(seed), _AUGMENTATION_STREAM, epoch)
+  u = counter_rng.uniforms(key, indices, num_crops * multicrop.UNIFORMS_PER_CROP)
+  return u.reshape(len(u), num_crops, multicrop.UNIFORMS_PER_CROP)
+
+
+class PretrainPipeline:
+  """MAE+ multi-crop batches for pre-training.
+
+  Args:
+    source: random-access source (`len`, `source[i] -> (uint8 (H, W, C), label)`), thread-safe reads.
+    global_batch_size: images (not crops) per step over all processes.
+    image_size: crop side (112 in the original).
+    num_crops: crops per image (4 in the original).
+    seed: int in [0, 2**64).
+    process_index, process_count: this host's part of the global batch (jax.process_index(),
+      jax.process_count()).
+    num_threads: decoding/augmentation threads (default: the CPUs this process may use).
+    prefetch: batches `iterate` prepares ahead of the consumer.
+    scale, ratio: RandomResizedCrop ranges (spec 1.1: --scale_min 0.08, --scale_max 1.0).
+
+  `get_batch(step)` returns {"images": float32 (num_crops * local_batch, image_size, image_size, 3)}.
+  """
+
+  def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4, seed: int = 0,
+               process_index: int = 0, process_count: int = 1, num_threads: int | None = None,
+               prefetch: int = 2, scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO):
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                       f"process_count {process_count}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if len(source) < global_batch_size:
+      raise ValueError(f"The source holds {len(source)} examples, fewer than one global batch "
+                       f"({global_batch_size}).")
+    counter_rng.seed_key(seed)  # validates the seed.
+    self.source = source
+    self.num_examples = len(source)
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.image_size = image_size
+    self.num_crops = num_crops
+    self.seed = seed
+    self.process_index = process_index
+    self.process_count = process_count
+    self.steps_per_epoch = self.num_examples // global_batch_size
+    self.prefetch = prefetch
+    self.scale, self.ratio = tuple(scale), tuple(ratio)
+    self.num_threads = num_threads or default_num_threads()
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="adpe_data")
+    self._permutation_lock = threading.Lock()
+    self._permutations: dict[int, np.ndarray] = {}
+
+  # -- which examples ---------------------------------------------------------------------------
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._permutation_lock:
+      permutation = self._permutations.get(epoch)
+      if permutation is None:
+        permutation = epoch_permutation(self.seed, epoch, self.num_examples)
+        if len(self._permutations) >= 2:  # a consumer and a prefetcher near an epoch boundary.
+          self._permutations.pop(min(self._permutations))
+        self._permutations[epoch] = permutation
+      return permutation
+
+  def epoch_of(self, step: int) -> int:
+    return step // self.steps_per_epoch
+
+  def example_indices(self, step: int) -> np.ndarray:
+    """Source indices of this process's examples at `step`, int64 (local_batch,)."""
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}.")
+    start = (step % self.steps_per_epoch) * self.global_batch_size
+    start += self.process_index * self.local_batch_size
+    return self._permutation(self.epoch_of(step))[start:start + self.local_batch_size]
+
+  # -- the batch --------------------------------------------------------------------------------
+
+  def get_batch(self, step: int) -> dict[str, np.ndarray]:
+    """{"images": float32 (num_crops * local_batch, size, size, 3)}; crop k of example i at k * B + i."""
+    indices = self.example_indices(step)
+    batch, size, num_crops = self.local_batch_size, self.image_size, self.num_crops
+
+    images: list = [None] * batch
+
+    def load(rows: range) -> None:
+      for i in rows:
+        images[i] = self.source[int(indices[i])][0]
+
+    self._map_chunks(load, batch, min_chunk=8)
+
+    # Crop-major: crop row j = k * batch + i is crop k of example i.
+    u = augmentation_uniforms(self.seed, self.epoch_of(step), indices, num_crops)
+    u = u.transpose(1, 0, 2).reshape(num_crops * batch, multicrop.UNIFORMS_PER_CROP)
+    example = np.tile(np.arange(batch), num_crops)
+    heights = np.array([image.shape[0] for image in images])[example]
+    widths = np.array([image.shape[1] for image in images])[example]
+    params = multicrop.crop_params(u, heights, widths, self.scale, self.ratio)
+
+    out = np.empty((num_crops * batch, size, size, 3), np.float32)
+
+    def augment(rows: range) -> None:
+      sl = slice(rows.start, rows.stop)
+      part = multicrop.CropParams(params.top[sl], params.left[sl], params.height[sl], params.width[sl],
+                                  params.flip[sl])
+      multicrop.normalize(multicrop.resized_crops(images, example[sl], part, size), out[sl])
+
+    self._map_chunks(augment, num_crops * batch, min_chunk=32)
+    return {"images": out}
+
+  def _map_chunks(self, fn, n: int, min_chunk: int) -> None:
+    """fn(range) over up to 2 chunks per thread of range(n), in the pool; re-raises the first error."""
+    num_chunks = max(1, min(2 * self.num_threads, n // min_chunk))
+    bounds = np.linspace(0, n, num_chunks + 1).astype(int)
+    futures = [self._pool.submit(fn, range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    for future in futures:
+      future.result()
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yields get_batch(start_step), get_batch(start_step + 1), ..., prepared by a background thread.
+
+    Up to `prefetch` batches wait in a queue, so augmentation overlaps the training step. Closing
+    the generator (or dropping it) stops the background thread.
+    """
+    stop = threading.Event()
+    ready: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+    end = None if num_steps is None else start_step + num_steps
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.05)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    def produce() -> None:
+      step = start_step
+      try:
+        while end is None or step < end:
+          if stop.is_set() or not put(("batch", self.get_batch(step))):
+            return
+          step += 1
+        put(("end", None))
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+        put(("error", e))
+
+    producer = threading.Thread(target=produce, name="adpe_data_prefetch", daemon=True)
+    producer.start()
+    try:
+      while True:
+        kind, value = ready.get()
+        if kind == "end":
+          return
+        if kind == "error":
+          raise value
+        yield value
+    finally:
+      stop.set()
+      producer.join(timeout=30)
+
+  def close(self) -> None:
+    """Stops the worker threads (pending work is cancelled)."""
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "PretrainPipeline":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,78 @@
+"""The random-access `Source` interface and `get_source`, which builds one from a name.
+
+A source is anything with `len(source)` and `source[i] -> (image, label)`, where image is uint8
+(H, W, C) with C = 1 (grey) or 3 (RGB) and label an int; `num_classes` is an attribute. The pipeline
+only ever asks for single examples by index, from several threads at once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import numpy as np
+
+from adpe_jax.data.errors import DataError
+from adpe_jax.data.fashion_mnist import FashionMnistSource
+from adpe_jax.data.folder import FolderSource
+from adpe_jax.data.synthetic import SyntheticSource
+
+
+class Source(Protocol):
+  num_classes: int | None
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
+
+
+class ArraySource:
+  """An in-memory source: images uint8 (N, H, W) or (N, H, W, C), labels int (N,)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None):
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+      raise ValueError(f"ArraySource wants uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}")
+    self.images = images
+    self.labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, np.int64)
+    self.num_classes = num_classes if num_classes is not None else int(self.labels.max(initial=0)) + 1
+
+  def __len__(self) -> int:
+    return self.images.shape[0]
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    image = self.images[index]
+    return (image[:, :, None] if image.ndim == 2 else image), int(self.labels[index])
+
+
+def get_source(name: str, split: str = "train", data_dir: str | None = None, **options) -> Source:
+  """Builds a source from a name.
+
+  Names:
+    "fashion_mnist"            Debian's IDX files in `data_dir` (default /usr/share/datasets/fashion-mnist).
+    "folder:<path>"            <path>/<split>/<class>/<img> if that exists, else <path>/<class>/<img>.
+    "tfds:<name>"              tfds dataset (options: manual_dir, download, image_key, label_key);
+                               `data_dir` is the tfds data dir.
+    "synthetic"                random smooth images; options num_examples, height, width, channels,
+    "synthetic:<H>x<W>"        num_classes, seed (the name's size sets height and width).
+  """
+  kind, _, arg = name.partition(":")
+  if kind == "fashion_mnist" and not arg:
+    return FashionMnistSource(split, data_dir=data_dir, **options)
+  if kind == "folder" and arg:
+    return FolderSource(arg, split=split, **options)
+  if kind == "tfds" and arg:
+    from adpe_jax.data.tfds_source import TfdsSource  # keeps tensorflow_datasets out of `import adpe_jax.data`.
+    return TfdsSource(arg, split=split, data_dir=data_dir, **options)
+  if kind == "synthetic":
+    if arg:
+      match = re.fullmatch(r"(\d+)(?:x(\d+))?", arg)
+      if not match:
+        raise DataError(f"Synthetic source name {name!r} should be 'synthetic' or 'synthetic:<H>x<W>'.")
+      options.setdefault("height", int(match.group(1)))
+      options.setdefault("width", int(match.group(2) or match.group(1)))
+    return SyntheticSource(split, **options)
+  raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', 'tfds:<name>' "
+                  f"or 'synthetic[:<H>x<W>]'.")

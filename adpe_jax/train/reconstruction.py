@@ -1,0 +1,83 @@
+"""MAE-style reconstruction pictures: [original | masked | reconstruction] per row.
+
+  pred, mask = reconstruct(model, params, images, key)
+  grid = reconstruction_grid(images, pred, mask, patch)        # uint8 (rows*H, 3*W, 3)
+  save_png(grid, "recon.png")
+
+`pred` is in normalised-patch units (the norm-pixel loss target), so each predicted
+patch is de-normalised with the mean / std (ddof=1, eps 1e-6) of the same patch of the
+original image, as MAE's visualisation does. The reconstruction panel shows visible
+patches from the original and predicted patches where mask == 1; the masked panel
+shows the original with masked patches a flat grey (uint8 128).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from PIL import Image
+
+from adpe_jax.models import MAEPlus, patchify, unpatchify
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+GREY = 128
+PATCH_EPS = 1e-6
+
+
+def denormalize(images) -> np.ndarray:
+  """ImageNet-normalised float (..., 3) -> uint8 in [0, 255] (rounded, clipped)."""
+  x = np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def reconstruction_grid(images, pred, mask, patch: int, max_images: int = 8) -> np.ndarray:
+  """uint8 (rows*H, 3*W, 3): one row per image, [original, masked, reconstruction].
+
+  images: (N, H, W, 3) ImageNet-normalised; pred: (N, L, p*p*3) normalised-patch
+  predictions; mask: (N, L), 1 = masked; rows = min(N, max_images).
+  """
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  rows = min(n, max_images)
+  images = images[:rows]
+  pred = np.asarray(pred, np.float32)[:rows]
+  mask = np.asarray(mask)[:rows] > 0.5
+  target = patchify(images, patch)                                   # (R, L, p*p*3)
+  if pred.shape != target.shape or mask.shape != target.shape[:2]:
+    raise ValueError(f"pred {pred.shape} / mask {mask.shape} do not match the patches "
+                     f"{target.shape} of images {images.shape} with patch {patch}")
+  mean = target.mean(-1, keepdims=True)
+  std = np.sqrt(target.var(-1, keepdims=True, ddof=1) + PATCH_EPS)
+  recon = np.where(mask[..., None], pred * std + mean, target)
+  recon = unpatchify(recon, patch, c)
+
+  original = denormalize(images)
+  pixel_mask = unpatchify(np.broadcast_to(mask[..., None], target.shape), patch, c)
+  masked = np.where(pixel_mask, np.uint8(GREY), original)
+  panels = np.concatenate([original, masked, denormalize(recon)], axis=2)  # (R, H, 3W, 3)
+  return np.ascontiguousarray(panels.reshape(rows * h, 3 * w, c))
+
+
+def save_png(array, path) -> None:
+  """Writes a uint8 (H, W, 3) or (H, W) array as a PNG."""
+  array = np.asarray(array)
+  if array.dtype != np.uint8:
+    raise ValueError(f"expected uint8, got {array.dtype}")
+  Image.fromarray(array).save(str(path), format="PNG")
+
+
+@functools.lru_cache(maxsize=None)
+def _apply_fn(model: MAEPlus):
+  def f(params, images, key):
+    _, pred, mask = model.apply({"params": params}, images, rngs={"masking": key})
+    return pred, mask
+  return jax.jit(f)
+
+
+def reconstruct(model: MAEPlus, params, images, key) -> tuple[np.ndarray, np.ndarray]:
+  """One masked forward pass: (pred (N, L, p*p*3) float32, mask (N, L) float32) as numpy."""
+  pred, mask = _apply_fn(model)(params, np.asarray(images, np.float32), key)
+  return np.asarray(pred, np.float32), np.asarray(mask, np.float32)

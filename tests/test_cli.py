@@ -1,0 +1,95 @@
+"""The entry point and the configs: smoke runs, and bad input stopping with one sentence."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from adpe_jax import defaults
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("vit*.py"))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_cli(*args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
+  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={tmp_path}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model"]["variant"] == "test"
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r_["step"] for r_ in records] == [5, 10, 15, 20, 25, 30]
+  for rec in records:
+    assert {"step", "loss", "lr", "img_per_s"} <= set(rec)
+  assert records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.bogus=1", "config field 'bogus'"),
+    ("--config.mask_ratio=1.0", "mask_ratio=1.0"),
+    ("--config.image_size=30", "image_size=30"),
+    ("--config.batch_size=6", "batch_size=6"),
+])
+def test_cli_bad_input_one_sentence(tmp_path, override, needle):
+  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={tmp_path}", override, timeout=120)
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and needle in last, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("mask_ratio", 0.0, "mask_ratio=0.0"),
+    ("model.pe", "abs", "model.pe='abs'"),
+    ("adversary.kind", "pgd", "adversary.kind='pgd'"),
+    ("adversary.norm", "l3", "adversary.norm='l3'"),
+    ("model.variant", "giant", "model.variant='giant'"),
+    ("accum_steps", 3, "accum_steps=3"),
+])
+def test_validate_names_field(field, value, needle):
+  c = load_config("vitb_ape", "smoke")
+  node = c
+  parts = field.split(".")
+  for p in parts[:-1]:
+    node = node[p]
+  node[parts[-1]] = value
+  with pytest.raises(defaults.ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    defaults.validate(c, num_devices=4)
+
+
+def test_batch_not_divisible_by_devices():
+  c = load_config("vitb_ape", "smoke")
+  c.batch_size, c.accum_steps = 6, 1
+  with pytest.raises(defaults.ConfigError, match="not divisible by the 4 devices"):
+    defaults.validate(c, num_devices=4)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_is_the_seed_recipe(name):
+  c = load_config(name)
+  defaults.validate(c, num_devices=8)
+  assert (c.image_size, c.num_crops, c.batch_size, c.blr, c.adversary.lr) == (
+      112, 4, 4096, 1.5e-4, 1.5e-4)
+  assert (c.total_epochs, c.warmup_epochs) == (400, 20)
+  assert (load_config(name, "1600ep").total_epochs, load_config(name, "1600ep").warmup_epochs) == (
+      1600, 40)
+  doc = importlib.util.spec_from_file_location("m", ROOT / "configs" / f"{name}.py")
+  text = (ROOT / "configs" / f"{name}.py").read_text()
+  assert "Command:" in text and "Hardware:" in text and "Reported" in text
+  del doc
