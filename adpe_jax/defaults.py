@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adversary.weight_decay = 0.0   # --adv_wd
   c.adversary.rpe_embedding = "per_bucket"  # faithful (the original's no-op) | per_bucket
   c.adversary.inner_steps = 0      # > 0: PGD-style inner ascent before the model update
+  c.adversary.inner_step_size = 0.0  # PGD step; 0 = 2.5 * eps / inner_steps
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds:imagenet2012"   # fashion_mnist | folder:<dir> | tfds:<name> | synthetic

@@ -1,15 +1,16 @@
 """Input pipelines: random-access sources, MAE+ multi-crop, deterministic restartable batches.
 
-Importing this package does not import TensorFlow or tensorflow_datasets; only `get_source("tfds:...")`
-(and `TfdsSource`, imported on demand from `adpe_jax.data.tfds_source`) does.
+Importing this package does not import TensorFlow or tensorflow_datasets; only
+`get_source("tfds:...")` (and `TfdsSource`, imported on demand from `adpe_jax.data.tfds_source`)
+does.
 """
 
 from adpe_jax.data.errors import DataError
 from adpe_jax.data.eval_arrays import center_resize, labelled_arrays
 from adpe_jax.data.fashion_mnist import FashionMnistSource, read_idx
 from adpe_jax.data.folder import FolderSource
-from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_CROP, CropParams, crop_params,
-                                     normalize, pil_resized_crop, resized_crops)
+from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_CROP, CropParams,
+                                     crop_params, normalize, pil_resized_crop, resized_crops)
 from adpe_jax.data.pipeline import PretrainPipeline, augmentation_uniforms, epoch_permutation
 from adpe_jax.data.sources import ArraySource, Source, get_source
 from adpe_jax.data.synthetic import SyntheticSource
@@ -24,8 +25,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "ArraySource", "CropParams", "DataError", "FashionMnistSource", "FolderSource", "IMAGENET_MEAN", "IMAGENET_STD",
-    "PretrainPipeline", "Source", "SyntheticSource", "TfdsSource", "UNIFORMS_PER_CROP",
-    "augmentation_uniforms", "center_resize", "crop_params", "epoch_permutation", "get_source",
-    "labelled_arrays", "normalize", "pil_resized_crop", "read_idx", "resized_crops",
+    "ArraySource", "CropParams", "DataError", "FashionMnistSource", "FolderSource", "IMAGENET_MEAN",
+    "IMAGENET_STD", "PretrainPipeline", "Source", "SyntheticSource", "TfdsSource",
+    "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
+    "epoch_permutation", "get_source", "labelled_arrays", "normalize", "pil_resized_crop",
+    "read_idx", "resized_crops",
 ]

@@ -1,10 +1,10 @@
 """Counter-based random numbers in numpy: Threefry-2x32 (20 rounds), the hash behind jax.random.
 
-Every random number of the input pipeline is a pure function of (seed, purpose, epoch, example index,
-draw number), computed for a whole batch in a few vectorised numpy operations. A numpy Generator per
-example would do the same job but costs 30-60 us to construct (SeedSequence hashing), which at 28 px
-is more than the augmentation itself. `threefry2x32` is tested bit-for-bit against
-`jax.extend.random.threefry_2x32` and the Random123 known-answer vectors.
+Every random number of the input pipeline is a pure function of (seed, purpose, epoch,
+example index, draw number), computed for a whole batch in a few vectorised numpy operations. A
+numpy Generator per example would do the same job but costs 30-60 us to construct (SeedSequence
+hashing), which at 28 px is more than the augmentation itself. `threefry2x32` is tested bit for
+bit against `jax.extend.random.threefry_2x32` and the Random123 known-answer vectors.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _rotl(x: np.ndarray, r: int) -> np.ndarray:
 
 
 def threefry2x32(key: tuple[int, int], x0, x1) -> tuple[np.ndarray, np.ndarray]:
-  """Threefry-2x32-20 of the counter words (x0, x1) under `key`; uint32 arrays of the broadcast shape."""
+  """Threefry-2x32-20 of the counter words (x0, x1) under `key`: uint32 arrays, broadcast shape."""
   k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
   ks = (k0, k1, k0 ^ k1 ^ 0x1BD11BDA)
   x0, x1 = np.broadcast_arrays(np.asarray(x0, np.uint32), np.asarray(x1, np.uint32))
@@ -56,7 +56,7 @@ def seed_key(seed: int) -> tuple[int, int]:
 
 
 def uniforms(key: tuple[int, int], rows, num_draws: int) -> np.ndarray:
-  """float64 (len(rows), num_draws) in [0, 1) with 53 random bits; row r uses counter (rows[r], draw).
+  """float64 (len(rows), num_draws) in [0, 1), 53 random bits; row r uses counters (rows[r], draw).
 
   Row values are typically example indices (< 2**32), so each example's numbers do not depend on
   which other examples share its batch.
@@ -67,4 +67,6 @@ def uniforms(key: tuple[int, int], rows, num_draws: int) -> np.ndarray:
   draws = np.arange(num_draws, dtype=np.uint32)
   hi, lo = threefry2x32(key, rows.astype(np.uint32)[:, None], draws[None, :])
   # genrand_res53: 27 + 26 bits.
-  return ((hi >> np.uint32(5)).astype(np.float64) * 67108864.0 + (lo >> np.uint32(6))) / 9007199254740992.0
+  high27 = (hi >> np.uint32(5)).astype(np.float64)
+  low26 = (lo >> np.uint32(6)).astype(np.float64)
+  return (high27 * 67108864.0 + low26) / 9007199254740992.0

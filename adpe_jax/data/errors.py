@@ -1,5 +1,5 @@
-"""The one exception the data package raises for problems a user can fix (missing files, bad names)."""
+"""The exception the data package raises for problems a user can fix (missing files, bad names)."""
 
 
 class DataError(RuntimeError):
-  """A dataset is missing, unreadable or misnamed; the message is one sentence saying what and where."""
+  """A dataset is missing, unreadable or misnamed; the message is one sentence: what and where."""

@@ -1,4 +1,4 @@
-"""Whole labelled splits as arrays, with the deterministic eval transform (for k-NN / linear probes)."""
+"""Whole labelled splits as arrays, with the deterministic eval transform (k-NN, linear probes)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def center_resize(image: np.ndarray, image_size: int, crop_fraction: float = 1.0
   short_size = int(image_size / crop_fraction)
   if (height, width) == (image_size, image_size) and short_size == image_size:
     return image
-  # torchvision Resize(int): the shorter side becomes short_size, the longer keeps the aspect (floor).
+  # torchvision Resize(int): the shorter side becomes short_size, the longer keeps the aspect
+  # (rounded down).
   if height <= width:
     new_h, new_w = short_size, int(short_size * width / height)
   else:
@@ -39,12 +40,14 @@ def center_resize(image: np.ndarray, image_size: int, crop_fraction: float = 1.0
   return out[:, :, None] if grey else out
 
 
-def labelled_arrays(source, image_size: int, max_examples: int | None = None, crop_fraction: float = 1.0,
+def labelled_arrays(source, image_size: int, max_examples: int | None = None,
+                    crop_fraction: float = 1.0,
                     num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The first `max_examples` (default all) examples of `source`, eval-transformed.
 
   Returns:
-    images: float32 (N, image_size, image_size, 3), ImageNet-normalised; grey repeated to 3 channels.
+    images: float32 (N, image_size, image_size, 3), ImageNet-normalised, grey repeated to 3
+      channels.
     labels: int32 (N,).
   """
   n = len(source) if max_examples is None else min(max_examples, len(source))

@@ -1,8 +1,8 @@
 """Fashion-MNIST from the IDX files that Debian's `dataset-fashion-mnist` installs.
 
-tfds' own `fashion_mnist` builder rejects these files (Debian re-gzips them, so the checksums differ),
-so we parse the IDX format directly: a big-endian header `00 00 <dtype> <ndim>`, `ndim` big-endian
-uint32 dimensions, then the raw big-endian data.
+tfds' own `fashion_mnist` builder rejects these files (Debian re-gzips them, so the checksums
+differ), so we parse the IDX format directly: a header `00 00 <dtype> <ndim>`, `ndim`
+big-endian uint32 dimensions, then the raw big-endian data.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads one IDX file (gzipped if the name ends in .gz) into an array of its declared shape and dtype."""
+  """Reads one IDX file (gzipped if the name ends in .gz) as an array of its shape and dtype."""
   opener = gzip.open if path.endswith(".gz") else open
   try:
     with opener(path, "rb") as f:
@@ -46,7 +46,8 @@ def read_idx(path: str) -> np.ndarray:
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(raw) != expected:
-    raise DataError(f"IDX file {path} holds {len(raw)} bytes but its header {shape} implies {expected}.")
+    raise DataError(
+        f"IDX file {path} holds {len(raw)} bytes but its header {shape} implies {expected}.")
   data = np.frombuffer(raw, dtype, offset=header).reshape(shape)
   return data.astype(dtype.newbyteorder("="), copy=True)
 

@@ -1,4 +1,4 @@
-"""A local folder of class sub-folders (ImageNet / torchvision ImageFolder layout), decoded lazily with PIL.
+"""A local folder of class sub-folders (ImageNet / torchvision ImageFolder layout), read lazily.
 
 Ordering follows torchvision's `ImageFolder`: classes are the sorted sub-folder names, label = rank;
 files are found recursively in sorted order and kept if their extension is an image extension.
@@ -27,13 +27,15 @@ class FolderSource:
     if split and os.path.isdir(os.path.join(root, split)):
       root = os.path.join(root, split)
     if not os.path.isdir(root):
-      raise DataError(f"Image folder {root} does not exist; expected the layout {root}/<class>/<image>.JPEG.")
+      raise DataError(f"Image folder {root} does not exist; expected the layout "
+                      f"{root}/<class>/<image>.JPEG.")
     self.root = root
     self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
     self.num_classes = len(self.class_names)
     paths, labels = [], []
     for label, name in enumerate(self.class_names):
-      for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+      class_dir = os.path.join(root, name)
+      for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
         for filename in sorted(filenames):
           if filename.lower().endswith(IMG_EXTENSIONS):
             paths.append(os.path.join(dirpath, filename))

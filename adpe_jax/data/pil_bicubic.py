@@ -1,6 +1,7 @@
 """Pillow's bicubic resize of uint8 images, vectorised over a batch of differently sized crops.
 
-`Image.resize(size, Image.BICUBIC)` costs ~20 us of call overhead per crop, which dominates at 28 px.
+`Image.resize(size, Image.BICUBIC)` costs ~20 us of call overhead per crop, which dominates at
+28 px.
 This computes the same result for a whole batch with two batched matmuls. It transcribes Pillow's
 `src/libImaging/Resample.c`:
   - separable passes with an 8-bit rounding between them: horizontal then vertical, except that
@@ -73,7 +74,8 @@ def resample_matrices(in_sizes: np.ndarray, out_size: int, max_in: int) -> np.nd
   rows_o = np.arange(out_size)[None, :]
   for x, w in enumerate(weights):
     w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
-    fixed = np.trunc(np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS)))
+    scaled = w * (1 << _PRECISION_BITS)
+    fixed = np.trunc(np.where(w < 0, -0.5 + scaled, 0.5 + scaled))
     valid = x < xmax
     cols = np.where(valid, xmin + x, 0)
     matrices[np.broadcast_to(rows_n, cols.shape)[valid], np.broadcast_to(rows_o, cols.shape)[valid],
@@ -83,7 +85,7 @@ def resample_matrices(in_sizes: np.ndarray, out_size: int, max_in: int) -> np.nd
 
 @functools.lru_cache(maxsize=64)
 def _matrix_table(out_size: int, max_in: int) -> np.ndarray:
-  """resample_matrices for every input length 0..max_in: (max_in + 1, out_size, max_in), read-only."""
+  """resample_matrices for input lengths 0..max_in: (max_in + 1, out_size, max_in), read-only."""
   table = resample_matrices(np.arange(max_in + 1), out_size, max_in)
   table.flags.writeable = False
   return table

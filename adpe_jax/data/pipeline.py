@@ -5,12 +5,14 @@ Which examples form the batch of global step s, and how each is augmented, is a 
 uninterrupted run would, and the only data state a checkpoint needs is the step:
 
   steps_per_epoch = N // global_batch_size      (the last N % global_batch_size examples of each
-                                                 epoch's permutation are dropped, as the original's
-                                                 DataLoader(drop_last=True) does)
+                                                 epoch's permutation are dropped, as a DataLoader
+                                                 with drop_last=True does; they are different
+                                                 examples every epoch)
   epoch           = s // steps_per_epoch
   permutation     = a permutation of range(N) drawn from (seed, epoch)
   global batch    = permutation[(s % steps_per_epoch) * global_batch_size :][:global_batch_size]
-  local batch     = the process_index-th of process_count contiguous, equal parts of the global batch
+  local batch     = the process_index-th of process_count contiguous equal parts of the global
+                    batch
   augmentation    = the crops of example i in epoch e use counter-based uniforms keyed by
                     (seed, e, i) (Threefry, `counter_rng`), UNIFORMS_PER_CROP per crop
 
@@ -67,7 +69,8 @@ class PretrainPipeline:
   """MAE+ multi-crop batches for pre-training.
 
   Args:
-    source: random-access source (`len`, `source[i] -> (uint8 (H, W, C), label)`), thread-safe reads.
+    source: random-access source (`len`, `source[i] -> (uint8 (H, W, C), label)`), read from
+      several threads at once.
     global_batch_size: images (not crops) per step over all processes.
     image_size: crop side (112 in the original).
     num_crops: crops per image (4 in the original).
@@ -78,12 +81,14 @@ class PretrainPipeline:
     prefetch: batches `iterate` prepares ahead of the consumer.
     scale, ratio: RandomResizedCrop ranges (spec 1.1: --scale_min 0.08, --scale_max 1.0).
 
-  `get_batch(step)` returns {"images": float32 (num_crops * local_batch, image_size, image_size, 3)}.
+  `get_batch(step)` returns
+  {"images": float32 (num_crops * local_batch, image_size, image_size, 3)}.
   """
 
-  def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4, seed: int = 0,
-               process_index: int = 0, process_count: int = 1, num_threads: int | None = None,
-               prefetch: int = 2, scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO):
+  def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4,
+               seed: int = 0, process_index: int = 0, process_count: int = 1,
+               num_threads: int | None = None, prefetch: int = 2,
+               scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO):
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
                        f"process_count {process_count}.")
@@ -106,7 +111,8 @@ class PretrainPipeline:
     self.prefetch = prefetch
     self.scale, self.ratio = tuple(scale), tuple(ratio)
     self.num_threads = num_threads or default_num_threads()
-    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="adpe_data")
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads,
+                                                       thread_name_prefix="adpe_data")
     self._permutation_lock = threading.Lock()
     self._permutations: dict[int, np.ndarray] = {}
 
@@ -136,7 +142,8 @@ class PretrainPipeline:
   # -- the batch --------------------------------------------------------------------------------
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
-    """{"images": float32 (num_crops * local_batch, size, size, 3)}; crop k of example i at k * B + i."""
+    """{"images": float32 (num_crops * local_batch, size, size, 3)}, crop k of example i at
+    row k * local_batch + i."""
     indices = self.example_indices(step)
     batch, size, num_crops = self.local_batch_size, self.image_size, self.num_crops
 
@@ -160,23 +167,25 @@ class PretrainPipeline:
 
     def augment(rows: range) -> None:
       sl = slice(rows.start, rows.stop)
-      part = multicrop.CropParams(params.top[sl], params.left[sl], params.height[sl], params.width[sl],
-                                  params.flip[sl])
+      part = multicrop.CropParams(params.top[sl], params.left[sl], params.height[sl],
+                                  params.width[sl], params.flip[sl])
       multicrop.normalize(multicrop.resized_crops(images, example[sl], part, size), out[sl])
 
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
     return {"images": out}
 
   def _map_chunks(self, fn, n: int, min_chunk: int) -> None:
-    """fn(range) over up to 2 chunks per thread of range(n), in the pool; re-raises the first error."""
+    """fn(range) over up to 2 chunks per thread of range(n) in the pool; re-raises errors."""
     num_chunks = max(1, min(2 * self.num_threads, n // min_chunk))
     bounds = np.linspace(0, n, num_chunks + 1).astype(int)
-    futures = [self._pool.submit(fn, range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    futures = [self._pool.submit(fn, range(lo, hi))
+               for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     for future in futures:
       future.result()
 
-  def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yields get_batch(start_step), get_batch(start_step + 1), ..., prepared by a background thread.
+  def iterate(self, start_step: int = 0,
+              num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yields get_batch(start_step), get_batch(start_step + 1), ..., made by a background thread.
 
     Up to `prefetch` batches wait in a queue, so augmentation overlaps the training step. Closing
     the generator (or dropping it) stops the background thread.

@@ -31,13 +31,19 @@ class Source(Protocol):
 class ArraySource:
   """An in-memory source: images uint8 (N, H, W) or (N, H, W, C), labels int (N,)."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None):
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
+               num_classes: int | None = None):
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-      raise ValueError(f"ArraySource wants uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}")
+      raise ValueError(
+          f"ArraySource wants uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}")
     self.images = images
-    self.labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, np.int64)
-    self.num_classes = num_classes if num_classes is not None else int(self.labels.max(initial=0)) + 1
+    if labels is None:
+      labels = np.zeros(len(images), np.int64)
+    self.labels = np.asarray(labels, np.int64)
+    if num_classes is None:
+      num_classes = int(self.labels.max(initial=0)) + 1
+    self.num_classes = num_classes
 
   def __len__(self) -> int:
     return self.images.shape[0]
@@ -51,8 +57,10 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
   """Builds a source from a name.
 
   Names:
-    "fashion_mnist"            Debian's IDX files in `data_dir` (default /usr/share/datasets/fashion-mnist).
-    "folder:<path>"            <path>/<split>/<class>/<img> if that exists, else <path>/<class>/<img>.
+    "fashion_mnist"            Debian's IDX files in `data_dir`
+                               (default /usr/share/datasets/fashion-mnist).
+    "folder:<path>"            <path>/<split>/<class>/<img> if that exists,
+                               else <path>/<class>/<img>.
     "tfds:<name>"              tfds dataset (options: manual_dir, download, image_key, label_key);
                                `data_dir` is the tfds data dir.
     "synthetic"                random smooth images; options num_examples, height, width, channels,
@@ -64,15 +72,17 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
   if kind == "folder" and arg:
     return FolderSource(arg, split=split, **options)
   if kind == "tfds" and arg:
-    from adpe_jax.data.tfds_source import TfdsSource  # keeps tensorflow_datasets out of `import adpe_jax.data`.
+    # Imported here: keeps tensorflow_datasets out of `import adpe_jax.data`.
+    from adpe_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
     return TfdsSource(arg, split=split, data_dir=data_dir, **options)
   if kind == "synthetic":
     if arg:
       match = re.fullmatch(r"(\d+)(?:x(\d+))?", arg)
       if not match:
-        raise DataError(f"Synthetic source name {name!r} should be 'synthetic' or 'synthetic:<H>x<W>'.")
+        raise DataError(
+            f"Synthetic source name {name!r} should be 'synthetic' or 'synthetic:<H>x<W>'.")
       options.setdefault("height", int(match.group(1)))
       options.setdefault("width", int(match.group(2) or match.group(1)))
     return SyntheticSource(split, **options)
-  raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', 'tfds:<name>' "
-                  f"or 'synthetic[:<H>x<W>]'.")
+  raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', "
+                  f"'tfds:<name>' or 'synthetic[:<H>x<W>]'.")

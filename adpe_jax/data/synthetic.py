@@ -1,4 +1,4 @@
-"""Deterministic random smooth images for smoke runs and throughput measurements (no files needed)."""
+"""Deterministic random smooth images for smoke runs and throughput measurements (no files)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ _SPLIT_TAGS = {"train": 0, "test": 1, "validation": 2, "val": 2}
 
 
 class SyntheticSource:
-  """`source[i] -> (uint8 (height, width, channels), int label)`, a pure function of (seed, split, i).
+  """`source[i] -> (uint8 (height, width, channels), int label)`, a function of (seed, split, i).
 
   Each image is a (8, 8) grid of random colours upsampled bilinearly to (height, width), i.e. smooth
   blobs with some structure to reconstruct; the label is random in [0, num_classes).
@@ -22,7 +22,9 @@ class SyntheticSource:
     if channels not in (1, 3):
       raise ValueError(f"channels must be 1 or 3, got {channels}")
     self.split = split
-    self.num_examples = num_examples if num_examples is not None else (1024 if split == "train" else 256)
+    if num_examples is None:
+      num_examples = 1024 if split == "train" else 256
+    self.num_examples = num_examples
     self.height, self.width = int(height), int(width if width is not None else height)
     self.channels = channels
     self.num_classes = num_classes
@@ -35,7 +37,8 @@ class SyntheticSource:
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     if not 0 <= index < self.num_examples:
       raise IndexError(index)
-    rng = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(self._tag, int(index))))
+    seq = np.random.SeedSequence(self._seed, spawn_key=(self._tag, int(index)))
+    rng = np.random.default_rng(seq)
     grid = rng.integers(0, 256, size=(8, 8, self.channels), dtype=np.uint8)
     label = int(rng.integers(self.num_classes))
     image = Image.fromarray(grid[..., 0] if self.channels == 1 else grid)

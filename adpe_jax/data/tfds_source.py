@@ -1,13 +1,14 @@
 """Any TensorFlow Datasets dataset by name, with random access.
 
-Random access uses `tfds.data_source`, which reads the ArrayRecord files of a dataset prepared with
-`file_format="array_record"` (e.g. `tfds build imagenet2012 --file_format=array_record
---manual_dir=DIR`); reading it needs neither TensorFlow nor a tf.data pipeline. A dataset prepared in
-the default TFRecord format has no random access: if it is small (under `max_in_memory_bytes` on disk)
-it is read once into memory through tf.data, otherwise a DataError says how to re-prepare it.
+Random access uses `tfds.data_source` (`builder.as_data_source`), which reads the ArrayRecord
+files of a dataset prepared with `file_format="array_record"` (e.g. `tfds build imagenet2012
+--file_format=array_record --manual_dir=DIR`); reading it needs neither TensorFlow nor tf.data.
+A dataset prepared in the default TFRecord format has no random access: if it is small (under
+`max_in_memory_bytes` on disk) it is read once into memory through tf.data, otherwise a DataError
+says how to re-prepare it.
 
-tensorflow_datasets (and TensorFlow, for the fallback) is imported inside this module's functions only,
-so that `import adpe_jax.data` stays light.
+tensorflow_datasets (and TensorFlow, for the fallback) is imported inside this module's functions
+only, so that `import adpe_jax.data` stays light.
 """
 
 from __future__ import annotations
@@ -52,26 +53,28 @@ class TfdsSource:
         raise DataError(f"tfds could not prepare {name!r} in {builder.data_dir} "
                         f"({type(e).__name__}: {e}).") from None
       prepared = True
-    if not prepared:
-      manual = f" --manual_dir={manual_dir}" if manual_dir else " [--manual_dir=DIR]"
-      raise DataError(
-          f"tfds dataset {name!r} is not prepared under {builder.data_dir}: build it with "
-          f"`tfds build {name} --file_format=array_record --data_dir={data_dir or '~/tensorflow_datasets'}"
-          f"{manual}` or pass download=True.")
-
     info = builder.info
     self.num_classes = _num_classes(info, label_key)
-    file_format = str(getattr(info, "file_format", "") or "")
-    if "array_record" in file_format:
-      self._examples = builder.as_data_source(split=split)
-      self._in_memory = None
-    else:
+    self._in_memory = None
+    try:
+      self._examples = builder.as_data_source(split=split)  # ArrayRecord: random access from disk.
+    except Exception as e:  # pylint: disable=broad-except
+      if not prepared:
+        manual = f" --manual_dir={manual_dir}" if manual_dir else " [--manual_dir=DIR]"
+        shown_dir = data_dir or "~/tensorflow_datasets"
+        raise DataError(
+            f"tfds dataset {name!r} is not prepared under {builder.data_dir}: build it with "
+            f"`tfds build {name} --file_format=array_record --data_dir={shown_dir}{manual}` "
+            f"or pass download=True.") from None
+      # Prepared, but in a format without random access (TFRecord).
+      file_format = str(getattr(info, "file_format", "") or "tfrecord")
       size = int(getattr(info, "dataset_size", 0) or 0)
       if size > max_in_memory_bytes:
         raise DataError(
-            f"tfds dataset {name!r} in {builder.data_dir} is stored as {file_format or 'tfrecord'}, which "
-            f"has no random access, and is too large ({size / 2**30:.1f} GiB) to read into memory: "
-            f"re-prepare it with `tfds build {name} --file_format=array_record`.")
+            f"tfds dataset {name!r} in {builder.data_dir} is stored as {file_format}, which has "
+            f"no random access ({type(e).__name__}), and is too large ({size / 2**30:.1f} GiB) "
+            f"to read into memory: re-prepare it with "
+            f"`tfds build {name} --file_format=array_record`.") from None
       self._examples = None
       self._in_memory = _read_into_memory(builder, split, image_key, label_key)
 

@@ -73,7 +73,10 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(create, init_key))
   state = jax.jit(create, out_shardings=state_sharding)(init_key)
   train_step = jax.jit(
-      make_train_step(model, tx, config.accum_steps, lr_fn, adv_lr_fn),
+      make_train_step(model, tx, config.accum_steps, lr_fn, adv_lr_fn,
+                      inner_steps=config.adversary.inner_steps, adv_norm=config.adversary.norm,
+                      adv_eps=config.adversary.eps,
+                      inner_step_size=config.adversary.inner_step_size),
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
       out_shardings=(state_sharding, repl),
       donate_argnums=(0,))

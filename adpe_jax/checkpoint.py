@@ -1,0 +1,460 @@
+"""Checkpoints of the train state (orbax) and a SIGTERM/SIGINT preemption guard.
+
+Layout: `WORKDIR/checkpoints/<step>/` with two orbax items,
+
+  state/  the TrainState (StandardCheckpointHandler, OCDBT/zarr, restored straight into
+          the shardings of the abstract state it is given);
+  meta/   JSON: the run metadata given to `Checkpointer` (model variant, pe, adversary...),
+          the step and the data position (the input pipeline is a pure function of the
+          step, so both are the same number) and a checksum of every array leaf.
+
+Saves are asynchronous: `maybe_save` returns once the arrays are copied off the devices
+(so the caller may donate / overwrite the state at once) and the files are written by
+a background thread. Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames
+it to `<step>` only once everything (and `commit_success.txt`) is written, so a process
+killed mid-save leaves at most a tmp directory, which `latest_step` / `restore` ignore
+and the first save of the next run removes. Only the last `keep` checkpoints are kept;
+older ones are removed after a newer one is complete.
+
+`restore` never changes anything on disk: a checkpoint whose tree, shapes or dtypes differ
+from the configured state, whose run metadata differs, whose files cannot be read, or
+whose arrays do not match the checksums written with them raises `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
+  from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX
+except ImportError:  # pragma: no cover
+  _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+_STATE = "state"
+_META = "meta"
+_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into the configured run (nothing is changed)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Trees: flat "a/b/0/c" paths, shapes/dtypes and checksums.
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _path_str(path) -> str:
+  return "/".join(_key_name(k) for k in path)
+
+
+def _flat(tree) -> list[tuple[str, Any]]:
+  return [(_path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def abstract_of(tree):
+  """ShapeDtypeStructs (with the shardings) of a tree of arrays, e.g. a live TrainState."""
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+  return jax.tree.map(one, tree)
+
+
+def _summable(dtype) -> bool:
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  dt = np.dtype(dtype)
+  return dt == np.bool_ or (dt.kind in "fiu" and dt.itemsize in (1, 2, 4, 8))
+
+
+def _words(x):
+  """The bits of `x` as uint32 (only for `_summable` dtypes)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  dt = np.dtype(x.dtype)
+  if dt == np.bool_:
+    return x.astype(jnp.uint32)
+  if dt.itemsize == 4:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  if dt.itemsize == 2:
+    return lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if dt.itemsize == 1:
+    return lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2
+
+
+def _sums(xs):
+  """Per-leaf checksums: the sum of the leaf's bits as uint32 words, mod 2**32 (exact and
+  independent of the reduction order, so equal on every backend and sharding)."""
+  return jnp.stack([jnp.sum(_words(x).reshape(-1), dtype=jnp.uint32) for x in xs])
+
+
+_SUMS_JIT: dict = {}
+
+
+def _checksums(tree) -> dict[str, int]:
+  flat = [(p, x) for p, x in _flat(tree) if _summable(x.dtype)]
+  if not flat:
+    return {}
+  leaves = [x for _, x in flat]
+  sharding = getattr(leaves[0], "sharding", None)
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+  if mesh not in _SUMS_JIT:  # a replicated result is readable on every host
+    _SUMS_JIT[mesh] = jax.jit(_sums) if mesh is None else jax.jit(
+        _sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  try:
+    sums = np.asarray(jax.device_get(_SUMS_JIT[mesh](leaves)))
+  except Exception as e:  # noqa: BLE001 (e.g. leaves on several meshes): no checksums
+    logging.warning("checkpoint checksums skipped: %s", _short(e))
+    return {}
+  return {p: int(v) for (p, _), v in zip(flat, sums)}
+
+
+def _shape(x) -> tuple:
+  return tuple(int(s) for s in getattr(x, "shape", ()) or ())
+
+
+def _dtype(x) -> str:
+  dt = getattr(x, "dtype", None)
+  try:
+    return str(np.dtype(dt)) if dt is not None else "?"
+  except TypeError:
+    return str(dt)
+
+
+def _tree_mismatches(saved: dict, wanted: dict) -> list[str]:
+  """Differences between {path: leaf} of the checkpoint and of the configured state."""
+  out = []
+  for p, w in wanted.items():
+    if p not in saved:
+      out.append(f"lacks {p} (shape {_shape(w)}), which the configured state needs")
+    elif _shape(saved[p]) != _shape(w):
+      out.append(f"holds {p} of shape {_shape(saved[p])} but the configured state needs "
+                 f"{_shape(w)}")
+    elif _dtype(saved[p]) != _dtype(w):
+      out.append(f"holds {p} as {_dtype(saved[p])} but the configured state needs "
+                 f"{_dtype(w)}")
+  for p, s in saved.items():
+    if p not in wanted:
+      out.append(f"holds {p} (shape {_shape(s)}), which the configured state does not have")
+  return out
+
+
+def _flat_dict(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flat_dict(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _metadata_mismatches(saved: dict, current: dict) -> list[str]:
+  s, c = _flat_dict(saved or {}), _flat_dict(current or {})
+  out = []
+  for k in sorted(set(s) | set(c)):
+    if k not in s:
+      out.append(f"{k} (absent there, {c[k]!r} now)")
+    elif k not in c:
+      out.append(f"{k} ({s[k]!r} there, absent now)")
+    elif s[k] != c[k]:
+      out.append(f"{k} ({s[k]!r} there, {c[k]!r} now)")
+  return out
+
+
+def _short(e: BaseException, limit: int = 400) -> str:
+  """The innermost cause's message, on one line (tensorstore wraps it in a long spec)."""
+  seen = set()
+  while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split(" See full TensorStore details")[0].split())
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_UNCHANGED = "nothing on disk was changed"
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+  """Asynchronous, keep-last-N checkpoints of the train state under WORKDIR/checkpoints.
+
+  Args:
+    workdir: the run's directory; checkpoints go to `workdir/checkpoints/<step>`.
+    every_steps: `maybe_save` saves at positive multiples of this (<= 0: only forced).
+    keep: how many of the newest checkpoints to keep.
+    metadata: JSON-able dict describing the run (model variant, pe, adversary kind,
+      image_size, patch_size, ...), written with every checkpoint; `restore` refuses a
+      checkpoint whose metadata differs in any field, so put only what must match in it.
+  """
+
+  def __init__(self, workdir: str, every_steps: int, keep: int = 3,
+               metadata: dict | None = None):
+    if keep < 1:
+      raise ValueError(f"Checkpointer keep={keep} must be >= 1.")
+    self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+    self.every_steps = int(every_steps)
+    self.keep = int(keep)
+    try:  # normalised as it will be read back (tuples -> lists ...)
+      self.metadata = json.loads(json.dumps(dict(metadata or {})))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Checkpointer metadata is not JSON-able: {e}") from e
+    self._pending_step: int | None = None
+    self._cleaned_tmp = False
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler, meta_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    registry.add(_STATE, ocp.args.StandardSave, state_handler)
+    registry.add(_STATE, ocp.args.StandardRestore, state_handler)
+    registry.add(_META, ocp.args.JsonSave, meta_handler)
+    registry.add(_META, ocp.args.JsonRestore, meta_handler)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.keep,
+        enable_async_checkpointing=True,
+        create=True,
+        cleanup_tmp_directories=False,  # done at the first save: restoring deletes nothing
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=registry)
+
+  # -- queries ---------------------------------------------------------------------------
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints (and of a save of this process still in flight)."""
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest checkpoint's step; tmp (unfinished) directories are never counted.
+
+    A save of this process still in flight counts; `wait()` makes it durable.
+    """
+    return self._manager.latest_step()
+
+  def read_metadata(self, step: int | None = None) -> dict | None:
+    """The meta item of a checkpoint (run metadata, step, data_step, checksums)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    self.wait()
+    path = self.step_path(step)
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          **{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:  # noqa: BLE001 (any read failure is a bad checkpoint)
+      raise CheckpointError(
+          f"checkpoint {path} has no readable run metadata ({os.path.join(path, _META)}: "
+          f"{_short(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
+    if not isinstance(meta, dict):
+      raise CheckpointError(f"checkpoint {path} holds run metadata of type "
+                            f"{type(meta).__name__} instead of a JSON object, {_UNCHANGED}.")
+    return meta
+
+  # -- restore ---------------------------------------------------------------------------
+
+  def restore(self, abstract_state, step: int | None = None):
+    """The newest (or the given) checkpoint, restored into `abstract_state`'s shardings.
+
+    `abstract_state`: `jax.eval_shape` of the state with `.sharding` on every leaf (or a
+    live state; see `abstract_of`). Returns None when there is no checkpoint. Raises
+    CheckpointError, and deletes / overwrites nothing, when the checkpoint does not fit.
+    """
+    self.wait()
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    if step not in self.all_steps():
+      raise CheckpointError(f"checkpoint {self.step_path(step)} does not exist (complete "
+                            f"checkpoints: {self.all_steps()}).")
+    path = self.step_path(step)
+    abstract_state = abstract_of(abstract_state)
+    meta = self.read_metadata(step)
+
+    # 1. Tree, shapes and dtypes against what the checkpoint says it holds (orbax alone
+    #    casts dtypes silently and names no leaf on a shape mismatch).
+    try:
+      item = self._manager.item_metadata(step)[_STATE]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"checkpoint {path} has unreadable array metadata ({_short(e)}); its files may "
+          f"be truncated or corrupt, {_UNCHANGED}.") from e
+    tree = getattr(item, "tree", None)
+    if tree is None:
+      raise CheckpointError(
+          f"checkpoint {path} has no array metadata ({os.path.join(path, _STATE)}/_METADATA "
+          f"missing or unreadable); its files may be truncated or corrupt, {_UNCHANGED}.")
+    problems = _tree_mismatches(dict(_flat(tree)), dict(_flat(abstract_state)))
+    meta_diff = _metadata_mismatches(meta.get("run", {}), self.metadata)
+    if problems or meta_diff:
+      parts = []
+      if problems:
+        more = f" ({len(problems) - 1} more leaves differ)" if len(problems) > 1 else ""
+        parts.append(problems[0] + more)
+      if meta_diff:
+        parts.append("comes from a run whose metadata differs in "
+                     + ", ".join(meta_diff))
+      raise CheckpointError(
+          f"checkpoint {path} " + "; it also ".join(parts)
+          + f": it does not belong to this configuration (use another workdir or move "
+          f"that checkpoint away), {_UNCHANGED}.")
+
+    # 2. The arrays, straight into the requested shardings.
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+      restored = jax.block_until_ready(restored)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"checkpoint {path} could not be read ({_short(e)}); its files may be truncated "
+          f"or corrupt, {_UNCHANGED}.") from e
+    if jax.tree.structure(restored) != jax.tree.structure(abstract_state):
+      raise CheckpointError(f"checkpoint {path} restored into a tree other than the "
+                            f"configured state's, {_UNCHANGED}.")
+
+    # 3. Contents against the checksums written at save time (silent corruption).
+    want = meta.get("checksums") or {}
+    if want:
+      got = _checksums(restored)  # {} if they cannot be computed: then unchecked
+      bad = [p for p, v in want.items() if p in got and got[p] != v]
+      if bad:
+        more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds {bad[0]}{more} whose data does not match the checksum "
+            f"written at save time; its files are corrupt, {_UNCHANGED}.")
+    logging.info("restored checkpoint %s (data step %s)", path, meta.get("data_step"))
+    return restored
+
+  # -- save ------------------------------------------------------------------------------
+
+  def _cleanup_tmp(self) -> None:
+    """Remove unfinished `<step>.orbax-checkpoint-tmp` dirs of a killed earlier run."""
+    self._cleaned_tmp = True
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      p = os.path.join(self.directory, name)
+      if _TMP_SUFFIX in name and os.path.isdir(p) and not os.path.islink(p):
+        logging.warning("removing unfinished checkpoint %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+  def maybe_save(self, step: int, state, force: bool = False) -> bool:
+    """Start an asynchronous save when step % every_steps == 0 (step > 0) or `force`.
+
+    Returns whether a save was started (False also when `step` is already saved). The
+    state may be donated / changed as soon as this returns.
+    """
+    step = int(step)
+    due = self.every_steps > 0 and step > 0 and step % self.every_steps == 0
+    if not (due or force):
+      return False
+    if step in self.all_steps():
+      return False
+    self.wait()  # surfaces a failure of the previous save here, naming it
+    if not self._cleaned_tmp:
+      self._cleanup_tmp()
+    meta = {"format": _FORMAT, "step": step, "data_step": step, "run": self.metadata,
+            "checksums": _checksums(state)}
+    self._manager.save(step, args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}),
+        force=True)
+    self._pending_step = step
+    logging.info("saving checkpoint %s (asynchronously)", self.step_path(step))
+    return True
+
+  def wait(self) -> None:
+    """Block until the save in flight (if any) is complete on disk."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      step, self._pending_step = self._pending_step, None
+      where = self.step_path(step) if step is not None else self.directory
+      raise CheckpointError(f"saving checkpoint {where} failed ({_short(e)}).") from e
+    self._pending_step = None
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a flag the training loop polls (`guard.requested`).
+
+  Inside `with PreemptionGuard() as guard:` the signals only set the flag; the loop then
+  force-saves at the current step, waits and exits. A second SIGINT raises
+  KeyboardInterrupt (to abort for real). The previous handlers come back on exit. From a
+  thread other than the main one no handler can be installed; `request()` still works.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
+    self.signum: int | None = None
+    self._requested = False
+    self._logged = False
+    self._previous: dict = {}
+
+  def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    if self._requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    self._requested = True
+
+  def request(self) -> None:
+    self._requested = True
+
+  @property
+  def requested(self) -> bool:
+    if self._requested and not self._logged:
+      self._logged = True
+      name = signal.Signals(self.signum).name if self.signum is not None else "a request"
+      logging.warning("preemption: got %s; saving a checkpoint and stopping", name)
+    return self._requested
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
+      return self
+    for s in self.signals:
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h if h is not None else signal.SIG_DFL)
+    self._previous = {}
