@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.max_steps_per_run = 0     # > 0: stop (with a checkpoint) after this many steps; re-run resumes
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"
@@ -63,9 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_threads = 0               # 0 = os.cpu_count()
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.knn_every_steps = 0
   c.eval.knn_k = 20
-  c.eval.knn_source = ""
+  c.eval.knn_source = ""              # e.g. fashion_mnist; "" = no k-NN at the end
+  c.eval.recon_every_steps = 0        # reconstruction grid every N steps (always at the end)
   c.eval.knn_train_examples = 10000
   c.eval.knn_test_examples = 2000
   return c
@@ -88,7 +89,6 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 15
   c.data.source = "synthetic"
   c.data.num_examples = 256
-  c.eval.knn_every_steps = 0
   return c
 
 

@@ -1,6 +1,7 @@
 """Entry point: python -m adpe_jax.main --config=configs/vitb_rpe_coord.py --workdir=DIR"""
 
 import importlib.util
+import os
 import sys
 
 from absl import app, flags, logging
@@ -48,15 +49,21 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from adpe_jax.checkpoint import CheckpointError  # noqa: PLC0415
   from adpe_jax.data.errors import DataError  # noqa: PLC0415
   from adpe_jax.defaults import ConfigError  # noqa: PLC0415
   from adpe_jax.train.pretrain import train_and_evaluate  # noqa: PLC0415
   logging.set_verbosity(logging.INFO)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without interpreter teardown: a refused checkpoint leaves orbax reads that
+    # would print 'Event loop is closed' tracebacks after the one-sentence error.
+    # Nothing is pending: the error happens before any save starts.
+    os._exit(2)
 
 
 if __name__ == "__main__":

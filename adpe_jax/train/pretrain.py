@@ -1,8 +1,8 @@
 """The pretraining loop: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom in numbered phases: (1) config and mesh, (2) input, (3) model and
-optimizer, (4) shardings and the compiled step, (5) checkpoint / resume, (6) the loop,
-(7) the end-of-run summary.
+Reads top to bottom in numbered phases: (1) config and mesh, (2) input, (3) model,
+optimizer and the compiled step, (4) checkpoint / resume, (5) the loop, (6) the end of
+the run: final checkpoint, k-NN, reconstructions and summary.json.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import defaults, parallel
 from adpe_jax.train import optimizer as optim
-from adpe_jax.train.state import TrainState, build_model, create_train_state
-from adpe_jax.train.step import make_train_step
+from adpe_jax.train.metrics import MetricsLog, device_peak_flops
+from adpe_jax.train.state import build_model, create_train_state, init_params
+from adpe_jax.train.step import make_adversary_gap, make_train_step
 
 
 def total_and_epoch_steps(config, num_examples: int) -> tuple[int, float]:
@@ -32,30 +34,23 @@ def total_and_epoch_steps(config, num_examples: int) -> tuple[int, float]:
   return total, float(steps_per_epoch)
 
 
-def make_source(config, split=None):
+def make_source(config, split=None, source=None):
   from adpe_jax import data  # noqa: PLC0415 (keeps the model path free of data deps)
+  name = source or config.data.source
   options = {}
-  if config.data.source.startswith("synthetic"):
+  if name.startswith("synthetic"):
     options = dict(num_examples=config.data.num_examples or 1024, seed=config.seed)
-  return data.get_source(config.data.source, split or config.data.split,
-                         config.data.dir or None, **options)
+  return data.get_source(name, split or config.data.split, config.data.dir or None, **options)
 
 
-def _to_python(tree) -> dict:
-  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in tree.items()}
-
-
-class MetricsLog:
-  """metrics.jsonl: one JSON object per logged step (appended: resumed runs continue it)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-
-  def write(self, record: dict) -> None:
-    if jax.process_index() != 0:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+def run_metadata(config) -> dict:
+  """What a checkpoint must agree on with the run that resumes it."""
+  return {"model": {"variant": config.model.variant, "patch_size": config.model.patch_size,
+                    "pe": config.model.pe,
+                    "encoder_sees_mask_tokens": config.model.encoder_sees_mask_tokens},
+          "adversary": {"kind": config.adversary.kind,
+                        "rpe_embedding": config.adversary.rpe_embedding},
+          "image_size": config.image_size}
 
 
 def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> dict:
@@ -81,7 +76,40 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
       out_shardings=(state_sharding, repl),
       donate_argnums=(0,))
   return dict(model=model, tx=tx, lr_fn=lr_fn, adv_lr_fn=adv_lr_fn, state=state,
-              state_sharding=state_sharding, train_step=train_step, step_key=step_key)
+              state_sharding=state_sharding, train_step=train_step, step_key=step_key,
+              init_key=init_key)
+
+
+def _batch_spec(config, sharding):
+  n = config.num_crops * config.batch_size
+  return {"images": jax.ShapeDtypeStruct((n, config.image_size, config.image_size, 3),
+                                         jnp.float32, sharding=sharding)}
+
+
+def knn_summary(config, model, params, init_key, mesh) -> dict:
+  """k-NN top-1 of the frozen encoder vs the same encoder at initialisation."""
+  from adpe_jax import data  # noqa: PLC0415
+  from adpe_jax.train import knn  # noqa: PLC0415
+  name = config.eval.knn_source
+  train_src = make_source(config, "train", name)
+  test_src = make_source(config, "test", name)
+  xtr, ytr = data.labelled_arrays(train_src, config.image_size, config.eval.knn_train_examples)
+  xte, yte = data.labelled_arrays(test_src, config.image_size, config.eval.knn_test_examples)
+  out = {}
+  random_params = jax.jit(lambda k: init_params(model, k))(init_key)
+  for tag, p in (("knn_top1", params), ("knn_top1_random_init", random_params)):
+    out[tag] = knn.knn_eval(model, p, xtr, ytr, xte, yte, k=config.eval.knn_k,
+                            batch_size=4 * mesh.size * 16, mesh=mesh)["knn_top1"]
+  return out
+
+
+def write_reconstructions(config, model, params, images, key, workdir, log, step):
+  from adpe_jax.train import reconstruction  # noqa: PLC0415
+  pred, mask = reconstruction.reconstruct(model, params, images, key)
+  grid = reconstruction.reconstruction_grid(images, pred, mask, config.model.patch_size)
+  if jax.process_index() == 0:
+    reconstruction.save_png(grid, os.path.join(workdir, "reconstructions.png"))
+  log.write_image(step, "reconstructions", grid)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -103,69 +131,121 @@ def train_and_evaluate(config, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.data.num_threads or None)
 
-  # 3-4. Model, optimizer, shardings and the compiled step. -----------------------------
+  # 3. Model, optimizer, shardings and the compiled step. -------------------------------
   setup = build_training(config, mesh, total_steps, steps_per_epoch)
-  state, train_step, step_key = setup["state"], setup["train_step"], setup["step_key"]
+  model, state, step_key = setup["model"], setup["state"], setup["step_key"]
   batch_sharding = parallel.batch_sharding(mesh)
+  t0 = time.time()
+  lowered = setup["train_step"].lower(state, _batch_spec(config, batch_sharding), step_key)
+  step_flops = (lowered.cost_analysis() or {}).get("flops", 0.0)
+  train_step = lowered.compile()
+  compile_seconds = time.time() - t0
+  logging.info("compiled the train step in %.1f s (%.3g GFLOP per step)", compile_seconds,
+               step_flops / 1e9)
+  peak = device_peak_flops()
+  adv_gap = None
+  if config.adversary.kind != "none":
+    adv_gap = jax.jit(make_adversary_gap(model))
 
-  # 5. Checkpoint / resume (adpe_jax.checkpoint; seam kept here). -----------------------
+  # 4. Checkpoint / resume: the same command with the same workdir continues the run.
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
+                               config.keep_checkpoints, metadata=run_metadata(config))
+  restored = ckpt.restore(ckpt_lib.abstract_of(state))
+  if restored is not None:
+    state = restored
   start_step = int(state.step)
-
-  # 6. The loop: metrics reach the host only every log_every_steps. ---------------------
-  log = MetricsLog(workdir)
   logging.info("training %d steps (%.1f per epoch) on %d devices from step %d",
                total_steps, steps_per_epoch, mesh.size, start_step)
-  t_compile = time.time()
-  lowered = train_step.lower(state, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((config.num_crops * config.batch_size,) + x.shape[1:],
-                                     x.dtype, sharding=batch_sharding),
-      {"images": np.zeros((1, config.image_size, config.image_size, 3), np.float32)}), step_key)
-  compiled = lowered.compile()
-  compile_seconds = time.time() - t_compile
-  logging.info("compiled the train step in %.1f s", compile_seconds)
 
-  history = []
-  acc, acc_n = None, 0
-  t_last, step_last = time.time(), start_step
-  t_train = time.time()
-  batches = pipeline.iterate(start_step, total_steps - start_step)
+  # 5. The loop: metrics reach the host only every log_every_steps. ---------------------
+  log = MetricsLog(workdir, total_steps)
+  stop_at = total_steps
+  if config.max_steps_per_run > 0:
+    stop_at = min(total_steps, start_step + config.max_steps_per_run)
+  history, acc, acc_n = [], None, 0
+  t_last, step_last, t_train = time.time(), start_step, time.time()
+  recon_images = None
+  status = "finished"
+  batches = pipeline.iterate(start_step, stop_at - start_step)
   try:
-    for step in range(start_step, total_steps):
-      batch = parallel.global_batch(next(batches), mesh)
-      state, metrics = compiled(state, batch, step_key)
-      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-      acc_n += 1
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == total_steps:
-        host = jax.device_get(acc)
-        now = time.time()
-        record = {"step": done}
-        record.update({k: (float(v) / acc_n if k != "finite" else bool(v == acc_n))
-                       for k, v in host.items()})
-        record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
-        log.write(record)
-        history.append(record)
-        logging.info("step %d loss %.4f lr %.3g %.1f img/s", done, record["loss"],
-                     record.get("lr", float("nan")), record["img_per_s"])
-        if not record["finite"]:
-          raise FloatingPointError(
-              f"non-finite loss or gradients at step {done}; stopping (see metrics.jsonl).")
-        acc, acc_n, t_last, step_last = None, 0, now, done
-      elif done % 4 == 0:
-        # Bound the dispatch queue (on few CPU cores many queued collective steps can
-        # time out); a cheap wait, no transfer to the host.
-        jax.block_until_ready(state.step)
+    with ckpt_lib.PreemptionGuard() as guard:
+      for step in range(start_step, stop_at):
+        host_batch = next(batches)
+        if recon_images is None:
+          recon_images = host_batch["images"][:8]
+        batch = parallel.global_batch(host_batch, mesh)
+        state, metrics = train_step(state, batch, step_key)
+        acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+        acc_n += 1
+        done = step + 1
+        log.tick(done)
+        due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or guard.requested:
+          host = jax.device_get(acc)
+          now = time.time()
+          record = {"step": done}
+          record.update({k: float(v) / acc_n for k, v in host.items() if k != "finite"})
+          record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
+          steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
+          if step_flops:
+            record["tflops_per_device"] = step_flops * steps_per_s / mesh.size / 1e12
+            if peak:
+              record["mfu"] = step_flops * steps_per_s / (mesh.size * peak)
+          if adv_gap is not None:
+            record["adv_loss_gap"] = float(adv_gap(state.params, batch,
+                                                   jax.random.fold_in(step_key, done)))
+          if host["finite"] != acc_n:
+            log.write(record)
+            ckpt.wait()
+            where = (f"at step {done}" if done == step_last + 1
+                     else f"between steps {step_last + 1} and {done}")
+            last = ckpt.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss or gradients {where}; stopping; the last good checkpoint "
+                f"is kept at {ckpt.step_path(last) if last else '(none)'}.")
+          log.write(record)
+          history.append(record)
+          logging.info("step %d loss %.4f lr %.3g %.1f img/s", done, record["loss"],
+                       record.get("lr", float("nan")), record["img_per_s"])
+          acc, acc_n, t_last, step_last = None, 0, now, done
+          ckpt.maybe_save(done, state)  # the finiteness check above precedes every save
+        elif done % 4 == 0:
+          # Bound the dispatch queue (on few CPU cores many queued collective steps can
+          # time out); a cheap wait, no transfer to the host.
+          jax.block_until_ready(state.step)
+        if config.eval.recon_every_steps and done % config.eval.recon_every_steps == 0:
+          write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
+                                log, done)
+        if guard.requested:
+          status = "preempted"
+          logging.warning("stop requested by signal at step %d: saving and exiting", done)
+          break
+      end_step = int(state.step)
+      ckpt.maybe_save(end_step, state, force=True)
+      ckpt.wait()
   finally:
     batches.close()
     pipeline.close()
-  jax.block_until_ready(state)
+    ckpt.wait()  # a save started before an error still completes
   train_seconds = time.time() - t_train
 
-  # 7. Summary. -------------------------------------------------------------------------
-  summary = {"steps": total_steps, "train_seconds": train_seconds,
-             "compile_seconds": compile_seconds,
+  # 6. End of run: k-NN, reconstructions, summary. ---------------------------------------
+  summary = {"status": status, "steps": end_step, "total_steps": total_steps,
+             "train_seconds": train_seconds, "compile_seconds": compile_seconds,
              "final_loss": history[-1]["loss"] if history else None}
+  if status == "finished" and end_step == total_steps:
+    if recon_images is not None:
+      write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
+                            log, end_step)
+    if config.eval.knn_source:
+      t0 = time.time()
+      summary.update(knn_summary(config, model, state.params, setup["init_key"], mesh))
+      summary["knn_seconds"] = time.time() - t0
+      log.write({"step": end_step, **{k: summary[k] for k in ("knn_top1", "knn_top1_random_init")}})
+  log.close()
+  ckpt.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
+  logging.info("summary: %s", summary)
   return {"state": state, "history": history, "summary": summary}

@@ -1,0 +1,120 @@
+"""A real run: exact resume, SIGTERM save, corrupt checkpoints, non-finite stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from adpe_jax import checkpoint as ckpt_lib
+from adpe_jax import defaults
+from adpe_jax.train.pretrain import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def fmnist_config(**kw):
+  c = defaults.apply_smoke(defaults.base_config())
+  c.data.source = "fashion_mnist"
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 1, 3
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+          if "loss" in r}
+
+
+def test_resumed_run_is_exact(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  out_a = train_and_evaluate(fmnist_config(), a)
+  first = train_and_evaluate(fmnist_config(max_steps_per_run=3), b)
+  assert first["summary"]["steps"] == 3
+  out_b = train_and_evaluate(fmnist_config(), b)  # the same command again: resumes at 3
+  la, lb = losses(a), losses(b)
+  assert sorted(lb) == [1, 2, 3, 4, 5, 6]
+  for s in (4, 5, 6):
+    assert la[s] == lb[s], (s, la[s], lb[s])
+  for x, y in zip(jax.tree.leaves(jax.device_get(out_a["state"].params)),
+                  jax.tree.leaves(jax.device_get(out_b["state"].params))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_incompatible_checkpoint_names_path_and_keeps_files(tmp_path):
+  w = str(tmp_path)
+  train_and_evaluate(fmnist_config(total_steps=3), w)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  c = fmnist_config(total_steps=6)
+  c.model.variant = "reference"
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/3"):
+    train_and_evaluate(c, w)
+  after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  assert set(before) <= set(after)
+
+
+def test_corrupt_checkpoint_cli_one_sentence(tmp_path):
+  w = str(tmp_path)
+  train_and_evaluate(fmnist_config(total_steps=3), w)
+  data_files = [p for p in (tmp_path / "checkpoints" / "3").rglob("*")
+                if p.is_file() and p.stat().st_size > 1000 and "d" in p.parent.name]
+  assert data_files
+  victim = max(data_files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  r = subprocess.run([sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",
+                      f"--workdir={w}", "--config.data.source=fashion_mnist",
+                      "--config.total_steps=6", "--config.checkpoint_every_steps=3"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint ") and "checkpoints/3" in last
+  assert victim.exists()
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+  w = str(tmp_path)
+  cmd = [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",
+         f"--workdir={w}", "--config.total_steps=100000", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=0"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.5)
+  assert metrics.exists(), "the run did not start logging"
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "preempted"
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] == summary["steps"] >= 3
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
+  # Negative weight decay with lr 1 grows the weights ~11x per step: float32 overflows
+  # after a few steps, deterministically.
+  w = str(tmp_path)
+  c = fmnist_config(total_steps=60, checkpoint_every_steps=2, blr=32.0, warmup_epochs=0.0,
+                    weight_decay=-10.0)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients at step (\d+)") as e:
+    train_and_evaluate(c, w)
+  bad = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  from adpe_jax.train.pretrain import run_metadata
+  cp = ckpt_lib.Checkpointer(w, 2, metadata=run_metadata(c))
+  step = cp.latest_step()
+  assert step is not None and step < bad and f"checkpoints/{step}" in e.value.args[0]
+  from adpe_jax import parallel
+  from adpe_jax.train.pretrain import build_training
+  state = build_training(c, parallel.make_mesh(), 60, 7500)["state"]
+  restored = cp.restore(ckpt_lib.abstract_of(state))
+  assert int(restored.step) == step
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+  cp.close()
