@@ -217,7 +217,7 @@ class Checkpointer:
                metadata: dict | None = None):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1.")
-    self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
     self.every_steps = int(every_steps)
     self.keep = int(keep)
     try:  # normalised as it will be read back (tuples -> lists ...)

@@ -29,7 +29,8 @@ def run_cli(*args, timeout=300):
 
 
 def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
-  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={tmp_path}")
+  # A relative workdir, as `make demo` passes (orbax itself needs absolute paths).
+  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={os.path.relpath(tmp_path, ROOT)}")
   assert r.returncode == 0, r.stderr[-3000:]
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model"]["variant"] == "test"
@@ -38,6 +39,9 @@ def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
   for rec in records:
     assert {"step", "loss", "lr", "img_per_s"} <= set(rec)
   assert records[-1]["loss"] < records[0]["loss"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["15", "30"]
+  assert (tmp_path / "reconstructions.png").exists() and (tmp_path / "log.txt").exists()
+  assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("override,needle", [

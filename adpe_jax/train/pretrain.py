@@ -117,6 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh()
   defaults.validate(config, num_devices=mesh.size)
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
