@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_k = 20
+  c.eval.knn_every_steps = 0          # > 0: also k-NN top-1 during training (logged)
   c.eval.knn_source = ""              # e.g. fashion_mnist; "" = no k-NN at the end
   c.eval.recon_every_steps = 0        # reconstruction grid every N steps (always at the end)
   c.eval.knn_train_examples = 10000

@@ -151,3 +151,15 @@ def test_features_shape(fmnist_images):
     params = init_params(model, jax.random.key(0))
     f = model.apply({"params": params}, fmnist_images[:3], method=MAEPlus.features)
     assert f.shape == (3, 32) and np.all(np.isfinite(np.asarray(f)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss(fmnist_images):
+  c32, c16 = smoke_config(pe="rpe"), smoke_config(pe="rpe", dtype="bfloat16")
+  m32, m16 = build_model(c32), build_model(c16)
+  params = init_params(m32, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(init_params(m16, jax.random.key(0))))
+  noise = np.random.default_rng(0).random((8, 49)).astype(np.float32)
+  l32, p32, _ = m32.apply({"params": params}, fmnist_images[:8], noise=noise)
+  l16, p16, _ = m16.apply({"params": params}, fmnist_images[:8], noise=noise)
+  assert p16.dtype == jnp.bfloat16 and l16.dtype == jnp.float32
+  assert abs(float(l16) - float(l32)) < 0.02 * float(l32)

@@ -86,21 +86,22 @@ def _batch_spec(config, sharding):
                                          jnp.float32, sharding=sharding)}
 
 
-def knn_summary(config, model, params, init_key, mesh) -> dict:
-  """k-NN top-1 of the frozen encoder vs the same encoder at initialisation."""
-  from adpe_jax import data  # noqa: PLC0415
-  from adpe_jax.train import knn  # noqa: PLC0415
-  name = config.eval.knn_source
-  train_src = make_source(config, "train", name)
-  test_src = make_source(config, "test", name)
-  xtr, ytr = data.labelled_arrays(train_src, config.image_size, config.eval.knn_train_examples)
-  xte, yte = data.labelled_arrays(test_src, config.image_size, config.eval.knn_test_examples)
-  out = {}
-  random_params = jax.jit(lambda k: init_params(model, k))(init_key)
-  for tag, p in (("knn_top1", params), ("knn_top1_random_init", random_params)):
-    out[tag] = knn.knn_eval(model, p, xtr, ytr, xte, yte, k=config.eval.knn_k,
-                            batch_size=4 * mesh.size * 16, mesh=mesh)["knn_top1"]
-  return out
+class KnnEvaluator:
+  """k-NN top-1 (cosine, k = eval.knn_k) of frozen encoder features on a labelled set."""
+
+  def __init__(self, config, model, mesh):
+    from adpe_jax import data  # noqa: PLC0415
+    name = config.eval.knn_source
+    self.train = data.labelled_arrays(make_source(config, "train", name), config.image_size,
+                                      config.eval.knn_train_examples)
+    self.test = data.labelled_arrays(make_source(config, "test", name), config.image_size,
+                                     config.eval.knn_test_examples)
+    self.model, self.mesh, self.k = model, mesh, config.eval.knn_k
+
+  def __call__(self, params) -> float:
+    from adpe_jax.train import knn  # noqa: PLC0415
+    return knn.knn_eval(self.model, params, *self.train, *self.test, k=self.k,
+                        batch_size=64 * self.mesh.size, mesh=self.mesh)["knn_top1"]
 
 
 def write_reconstructions(config, model, params, images, key, workdir, log, step):
@@ -144,6 +145,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("compiled the train step in %.1f s (%.3g GFLOP per step)", compile_seconds,
                step_flops / 1e9)
   peak = device_peak_flops()
+  knn_eval = KnnEvaluator(config, model, mesh) if config.eval.knn_source else None
   adv_gap = None
   if config.adversary.kind != "none":
     adv_gap = jax.jit(make_adversary_gap(model))
@@ -214,6 +216,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           # Bound the dispatch queue (on few CPU cores many queued collective steps can
           # time out); a cheap wait, no transfer to the host.
           jax.block_until_ready(state.step)
+        if (knn_eval is not None and config.eval.knn_every_steps
+            and done % config.eval.knn_every_steps == 0 and done != total_steps):
+          log.write({"step": done, "knn_top1": knn_eval(state.params)})
         if config.eval.recon_every_steps and done % config.eval.recon_every_steps == 0:
           write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
                                 log, done)
@@ -238,9 +243,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if recon_images is not None:
       write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
                             log, end_step)
-    if config.eval.knn_source:
+    if knn_eval is not None:
       t0 = time.time()
-      summary.update(knn_summary(config, model, state.params, setup["init_key"], mesh))
+      summary["knn_top1"] = knn_eval(state.params)
+      summary["knn_top1_random_init"] = knn_eval(
+          jax.jit(lambda k: init_params(model, k))(setup["init_key"]))
       summary["knn_seconds"] = time.time() - t0
       log.write({"step": end_step, **{k: summary[k] for k in ("knn_top1", "knn_top1_random_init")}})
   log.close()
