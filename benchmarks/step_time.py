@@ -27,32 +27,40 @@ ADVERSARIES = [("ape", "none", "per_bucket"), ("ape", "embedding", "per_bucket")
                ("rpe", "coordinate", "per_bucket")]
 
 
-def measure(config, steps: int, devices=None) -> dict:
+def prepare(config, devices=None) -> dict:
+  """Builds and compiles the step; returns what `time_steps` needs."""
   mesh = parallel.make_mesh(devices)
   setup = build_training(config, mesh, total_steps=1000, steps_per_epoch=100)
-  state, key = setup["state"], setup["step_key"]
   n = config.num_crops * config.batch_size
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
       {"images": rng.normal(size=(n, config.image_size, config.image_size, 3)).astype(np.float32)},
       mesh)
   t0 = time.perf_counter()
-  lowered = setup["train_step"].lower(state, batch, key)
+  lowered = setup["train_step"].lower(setup["state"], batch, setup["step_key"])
   flops = (lowered.cost_analysis() or {}).get("flops", float("nan"))
   step = lowered.compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(2):
-    state, m = step(state, batch, key)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
+  run = {"step": step, "state": setup["state"], "batch": batch, "key": setup["step_key"],
+         "compile_s": compile_s, "gflop_per_step": flops / 1e9, "times": [],
+         "batch_size": config.batch_size}
+  time_steps(run, 2)  # warm-up
+  run["times"].clear()
+  return run
+
+
+def time_steps(run, n: int) -> None:
+  for _ in range(n):
     t = time.perf_counter()
-    state, m = step(state, batch, key)
+    run["state"], m = run["step"](run["state"], run["batch"], run["key"])
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  ms = 1000 * float(np.median(times))
-  return {"compile_s": compile_s, "ms_per_step": ms,
-          "img_per_s": config.batch_size / (ms / 1000), "gflop_per_step": flops / 1e9}
+    run["times"].append(time.perf_counter() - t)
+
+
+def summarise(run) -> dict:
+  ms = 1000 * float(np.median(run["times"]))
+  return {"compile_s": run["compile_s"], "ms_per_step": ms,
+          "img_per_s": run["batch_size"] / (ms / 1000), "gflop_per_step": run["gflop_per_step"]}
 
 
 def row(name, r):
@@ -74,21 +82,28 @@ def main():
   print(f"devices: {jax.devices()}")
 
   smoke = defaults.apply_smoke(defaults.base_config())
-  row("smoke (test model, 2x8 crops, accum 2)", measure(smoke, args.steps))
-
-  base = None
+  runs = {"smoke (test model, 2x8 crops, accum 2)": prepare(smoke)}
   for pe, kind, emb in ([("ape", "none", "per_bucket")] if args.skip_adversaries else ADVERSARIES):
     c = defaults.base_config()
     c.model.variant, c.model.patch_size, c.model.dtype = args.variant, args.patch, args.dtype
     c.image_size, c.num_crops, c.batch_size, c.accum_steps = (args.image_size, args.crops,
                                                               args.batch, 1)
     c.model.pe, c.adversary.kind, c.adversary.rpe_embedding = pe, kind, emb
-    r = measure(c, args.steps)
-    label = f"{args.variant}@{args.batch} {pe} {kind}" + (f" ({emb})" if kind == "embedding" and pe == "rpe" else "")
-    if kind == "none":
-      base = r
-    elif base is not None:
-      label += f" [{r['ms_per_step'] / base['ms_per_step']:.3f}x]"
+    label = f"{args.variant}@{args.batch} {pe} {kind}" + (
+        f" ({emb})" if kind == "embedding" and pe == "rpe" else "")
+    runs[label] = prepare(c)
+  # Interleaved rounds: a slow spell of a shared machine hits every row alike.
+  for _ in range(args.steps):
+    for run in runs.values():
+      time_steps(run, 1)
+  base = {}
+  for label, run in runs.items():
+    r = summarise(run)
+    pe = label.split()[1] if "@" in label else None
+    if pe and " none" in label:
+      base[pe] = r
+    elif pe in base:
+      label += f" [{r['ms_per_step'] / base[pe]['ms_per_step']:.3f}x]"
     row(label, r)
 
 
