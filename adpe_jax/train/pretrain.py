@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
@@ -109,7 +108,9 @@ def write_reconstructions(config, model, params, images, key, workdir, log, step
   pred, mask = reconstruction.reconstruct(model, params, images, key)
   grid = reconstruction.reconstruction_grid(images, pred, mask, config.model.patch_size)
   if jax.process_index() == 0:
-    reconstruction.save_png(grid, os.path.join(workdir, "reconstructions.png"))
+    zoom = max(1, 112 // config.image_size)  # small crops (28 px) enlarged for the eye
+    reconstruction.save_png(grid.repeat(zoom, 0).repeat(zoom, 1),
+                            os.path.join(workdir, "reconstructions.png"))
   log.write_image(step, "reconstructions", grid)
 
 
