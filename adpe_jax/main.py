@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,6 +47,24 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+def _drop_closed_loop_noise() -> None:
+  """Silence orbax's leftover reads after a refused checkpoint.
+
+  When a corrupt checkpoint fails to restore, tensorstore callbacks still in flight try
+  to reach orbax's already-closed asyncio loop and print 'Event loop is closed'
+  tracebacks (through sys.excepthook / threading.excepthook / sys.unraisablehook) around
+  our one-sentence error.  Only that exact error is dropped.
+  """
+  def noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+  prev_except, prev_thread, prev_unraisable = (sys.excepthook, threading.excepthook,
+                                               sys.unraisablehook)
+  sys.excepthook = lambda t, v, tb: None if noise(v) else prev_except(t, v, tb)
+  threading.excepthook = lambda a: None if noise(a.exc_value) else prev_thread(a)
+  sys.unraisablehook = lambda u: None if noise(u.exc_value) else prev_unraisable(u)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -54,6 +73,7 @@ def main(argv):
   from adpe_jax.defaults import ConfigError  # noqa: PLC0415
   from adpe_jax.train.pretrain import train_and_evaluate  # noqa: PLC0415
   logging.set_verbosity(logging.INFO)
+  _drop_closed_loop_noise()
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError) as e:

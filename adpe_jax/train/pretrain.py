@@ -167,6 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.max_steps_per_run > 0:
     stop_at = min(total_steps, start_step + config.max_steps_per_run)
   history, acc, acc_n = [], None, 0
+  accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))  # one dispatch per step
   t_last, step_last, t_train = time.time(), start_step, time.time()
   recon_images = None
   status = "finished"
@@ -179,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           recon_images = host_batch["images"][:8]
         batch = parallel.global_batch(host_batch, mesh)
         state, metrics = train_step(state, batch, step_key)
-        acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+        acc = metrics if acc is None else accumulate(acc, metrics)
         acc_n += 1
         done = step + 1
         log.tick(done)
