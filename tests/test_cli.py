@@ -30,15 +30,23 @@ def run_cli(*args, timeout=300):
 
 def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
   # A relative workdir, as `make demo` passes (orbax itself needs absolute paths).
-  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={os.path.relpath(tmp_path, ROOT)}")
+  r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={os.path.relpath(tmp_path, ROOT)}",
+              "--config.eval.knn_source=fashion_mnist", "--config.eval.knn_every_steps=15",
+              "--config.eval.knn_train_examples=500", "--config.eval.knn_test_examples=100")
   assert r.returncode == 0, r.stderr[-3000:]
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model"]["variant"] == "test"
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r_["step"] for r_ in records] == [5, 10, 15, 20, 25, 30]
-  for rec in records:
+  train = [r_ for r_ in records if "loss" in r_]
+  assert [r_["step"] for r_ in train] == [5, 10, 15, 20, 25, 30]
+  for rec in train:
     assert {"step", "loss", "lr", "img_per_s"} <= set(rec)
-  assert records[-1]["loss"] < records[0]["loss"]
+  assert train[-1]["loss"] < train[0]["loss"]
+  knn = [r_ for r_ in records if "knn_top1" in r_]
+  assert [r_["step"] for r_ in knn] == [15, 30] and 0.1 < knn[-1]["knn_top1"] <= 1.0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert {"knn_top1", "knn_top1_random_init", "steps", "train_seconds"} <= set(summary)
+  assert summary["steps"] == 30 and summary["status"] == "finished"
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["15", "30"]
   assert (tmp_path / "reconstructions.png").exists() and (tmp_path / "log.txt").exists()
   assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
