@@ -99,3 +99,21 @@ def test_matches_original(name, x64):
       assert np.max(np.abs(g)) < 1e-15 and np.max(np.abs(ref_grads[path])) < 1e-15
       continue
     assert _rel_err(g, ref_grads[path]) < tol, ("/".join(path), _rel_err(g, ref_grads[path]))
+
+
+def test_from_torch_refuses_other_geometry_and_unknown_keys():
+  ref = dict(np.load(DATA / "ape_adv0.npz"))
+  state_dict = {k: v for k, v in ref.items() if not k.startswith("grad/") and k not in
+                ("images", "noise", "ids_shuffle", "loss", "pred", "mask", "latent")}
+  c = reference_config("ape_adv0")
+  from adpe_jax import posembed
+  ok = dict(state_dict, pos_embed=posembed.sincos_table(7, 64)[None])
+  convert.from_torch(ok, c)  # the original's own 7x7 table is accepted
+  bad = dict(state_dict, pos_embed=posembed.sincos_table(14, 64)[None])
+  with pytest.raises(convert.ConversionError, match="7x7 grid"):
+    convert.from_torch(bad, c)
+  with pytest.raises(convert.ConversionError, match="unexpected"):
+    convert.from_torch(dict(state_dict, **{"blocks.9.norm1.weight": np.ones(64)}), c)
+  c.model.pe = "rpe"
+  with pytest.raises(convert.ConversionError, match="missing"):
+    convert.from_torch(state_dict, c)
