@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adpe_jax import defaults
+from adpe_jax import defaults, models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("vit*.py"))
@@ -92,16 +92,47 @@ def test_batch_not_divisible_by_devices():
     defaults.validate(c, num_devices=4)
 
 
+# The original's model factories: adpe_vit_{base,large}_patch16, adpe_vit_huge_patch14,
+# each with a 512-wide, 8-deep, 16-head decoder.
+ORIGINAL_GEOMETRY = {
+    "vitb": ("base", 16, 768, 12, 12),
+    "vitl": ("large", 16, 1024, 24, 16),
+    "vith": ("huge", 14, 1280, 32, 16),
+}
+ADVERSARY_BY_SUFFIX = {"embed": "embedding", "coord": "coordinate"}
+
+
+def test_there_are_seed_configs_for_every_size():
+  assert {name.split("_")[0] for name in CONFIGS} == set(ORIGINAL_GEOMETRY)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_is_the_seed_recipe(name):
   c = load_config(name)
   defaults.validate(c, num_devices=8)
+  # Model geometry: the file name's size is the original's factory.
+  size, pe, *rest = name.split("_")
+  variant, patch, embed_dim, depth, heads = ORIGINAL_GEOMETRY[size]
+  assert (c.model.variant, c.model.patch_size) == (variant, patch)
+  assert tuple(models.VARIANTS[c.model.variant]) == (embed_dim, depth, heads, 512, 8, 16)
+  # Positional encoding and adversary: from the file name.
+  assert c.model.pe == pe and pe in ("ape", "rpe")
+  assert len(rest) <= 1
+  assert c.adversary.kind == (ADVERSARY_BY_SUFFIX[rest[0]] if rest else "none")
+  # The seed README's recipe.
   assert (c.image_size, c.num_crops, c.batch_size, c.blr, c.adversary.lr) == (
       112, 4, 4096, 1.5e-4, 1.5e-4)
   assert (c.total_epochs, c.warmup_epochs) == (400, 20)
-  assert (load_config(name, "1600ep").total_epochs, load_config(name, "1600ep").warmup_epochs) == (
-      1600, 40)
-  doc = importlib.util.spec_from_file_location("m", ROOT / "configs" / f"{name}.py")
-  text = (ROOT / "configs" / f"{name}.py").read_text()
-  assert "Command:" in text and "Hardware:" in text and "Reported" in text
-  del doc
+  long = load_config(name, "1600ep")
+  assert (long.total_epochs, long.warmup_epochs) == (1600, 40)
+  assert (long.model.variant, long.model.patch_size) == (variant, patch)
+  with pytest.raises(defaults.ConfigError, match="bogus"):
+    load_config(name, "bogus")
+
+
+def test_demo_config_rejects_unknown_arguments():
+  defaults.validate(load_config("demo"), num_devices=4)
+  with pytest.raises(defaults.ConfigError, match="1600ep"):
+    load_config("demo", "1600ep")
+  with pytest.raises(defaults.ConfigError, match="bogus"):
+    load_config("demo", "smoke,bogus")

@@ -1,4 +1,7 @@
-"""k-NN evaluation: against a brute-force numpy k-NN, sanity cases, real Fashion-MNIST."""
+"""k-NN evaluation: against a brute-force numpy k-NN, sanity cases, real Fashion-MNIST.
+
+Fashion-MNIST is a dependency (`make test` installs it); the product's loader is checked against
+a raw gzip + numpy parse of the IDX files, then used for the raw-pixel k-NN check."""
 
 import gzip
 import pathlib
@@ -7,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from adpe_jax import parallel
+from adpe_jax import data, parallel
 from adpe_jax.defaults import apply_smoke, base_config
 from adpe_jax.models import MAEPlus
 from adpe_jax.train import knn
@@ -122,20 +125,31 @@ def _read_idx(path, header):
     return np.frombuffer(f.read(), np.uint8, offset=header)
 
 
+def fashion_mnist_from_idx(split, n):
+  """Independent reference: the raw IDX files parsed with gzip + numpy, grey repeated to 3
+  channels, /255, ImageNet mean/std."""
+  prefix = "train" if split == "train" else "t10k"
+  images = _read_idx(FMNIST / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n]
+  labels = _read_idx(FMNIST / f"{prefix}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int32)
+  images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32) / np.float32(255)
+  return (images - MEAN) / STD, labels
+
+
 def fashion_mnist(split, n):
-  """(images NHWC float32 ImageNet-normalised, labels): via adpe_jax.data, else the IDX files."""
-  try:
-    from adpe_jax import data
-    return data.labelled_arrays(data.get_source("fashion_mnist", split), 28, n)
-  except Exception:  # the data package is developed separately; fall back to raw IDX parsing
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(FMNIST / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n]
-    labels = _read_idx(FMNIST / f"{prefix}-labels-idx1-ubyte.gz", 8)[:n].astype(np.int32)
-    images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32) / 255.0
-    return (images - MEAN) / STD, labels
+  """(images NHWC float32 ImageNet-normalised, labels) through the product's loader."""
+  return data.labelled_arrays(data.get_source("fashion_mnist", split), 28, n)
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("split,n", [("train", 2000), ("test", 500)])
+def test_product_loader_equals_raw_idx_parse(split, n):
+  images, labels = fashion_mnist(split, n)
+  want_images, want_labels = fashion_mnist_from_idx(split, n)
+  assert images.shape == (n, 28, 28, 3) and images.dtype == np.float32
+  assert labels.shape == (n,)
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_allclose(images, want_images, rtol=1e-6, atol=1e-6)
+
+
 def test_raw_pixel_knn_on_fashion_mnist():
   train_x, train_y = fashion_mnist("train", 2000)
   test_x, test_y = fashion_mnist("test", 500)
