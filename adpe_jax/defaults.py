@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds:imagenet2012"   # fashion_mnist | folder:<dir> | tfds:<name> | synthetic
-  c.data.dir = ""                      # data/manual dir for tfds, root for folders
+  c.data.dir = ""                      # tfds data dir; root for "folder" (or base of folder:<rel>)
   c.data.split = "train"
   c.data.num_examples = 0              # 0 = size of the source (synthetic: required)
   c.data.num_threads = 0               # 0 = os.cpu_count()

@@ -7,6 +7,7 @@ only ever asks for single examples by index, from several threads at once.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Protocol
 
@@ -60,7 +61,10 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
     "fashion_mnist"            Debian's IDX files in `data_dir`
                                (default /usr/share/datasets/fashion-mnist).
     "folder:<path>"            <path>/<split>/<class>/<img> if that exists,
-                               else <path>/<class>/<img>.
+                               else <path>/<class>/<img>; a relative <path> is taken
+                               under `data_dir` when one is given.
+    "folder"                   the same with <path> = `data_dir` (config: data.source="folder",
+                               data.dir=<path>).
     "tfds:<name>"              tfds dataset (options: manual_dir, download, image_key, label_key);
                                `data_dir` is the tfds data dir.
     "synthetic"                random smooth images; options num_examples, height, width, channels,
@@ -69,8 +73,13 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
   kind, _, arg = name.partition(":")
   if kind == "fashion_mnist" and not arg:
     return FashionMnistSource(split, data_dir=data_dir, **options)
-  if kind == "folder" and arg:
-    return FolderSource(arg, split=split, **options)
+  if kind == "folder":
+    if not (arg or data_dir):
+      raise DataError("Dataset name 'folder' needs a root: use 'folder:<path>' or set the data "
+                      "dir (config field data.dir).")
+    # os.path.join keeps an absolute <path> as it is.
+    root = os.path.join(data_dir, arg) if (data_dir and arg) else (arg or data_dir)
+    return FolderSource(root, split=split, **options)
   if kind == "tfds" and arg:
     # Imported here: keeps tensorflow_datasets out of `import adpe_jax.data`.
     from adpe_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
@@ -85,4 +94,4 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
       options.setdefault("width", int(match.group(2) or match.group(1)))
     return SyntheticSource(split, **options)
   raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', "
-                  f"'tfds:<name>' or 'synthetic[:<H>x<W>]'.")
+                  f"'folder' (root in data.dir), 'tfds:<name>' or 'synthetic[:<H>x<W>]'.")
