@@ -1,7 +1,8 @@
-"""The adversary's side of the min-max step (spec 4.1): labels, ascent, projection.
+"""The adversary's side of the min-max step (spec 4.1): ascent, projection, metrics.
 
-The adversary tensors are ordinary parameters whose name starts with `adv_` (the
-original selects them by "adv" in the name):
+The adversary is the model's positional input, not a parameter: it lives in the Flax
+variable collection "adversary" (`adpe_jax.rpe.ADVERSARY`), declared by the modules
+that read it, so `model.init` returns `{"params": ..., "adversary": ...}`:
 
   APE + embedding   `adv_token` (1, 1, D)      replaces the mask token (spec 4.2)
   APE + coordinate  `adv_token` (2,)           shift of masked patches' sin-cos coords (4.3)
@@ -9,10 +10,11 @@ original selects them by "adv" in the name):
                     `*/rpe_k/adv_table` (hd, 50)  per_bucket: our working variant
   RPE + coordinate  `*/rpe_k/adv_shift` (2,)   per-layer relative-offset shift (4.5)
 
-One `jax.value_and_grad` gives gradients for model and adversary; `optax.multi_transform`
-descends on the model (AdamW) and, here, ascends on the adversary with Adam-normalised
-steps on its own schedule, then projects each adversary tensor onto the L2 ball or the
-L-inf box of radius eps -- after the update, every step (spec 4.1, 9.5).
+The train step takes one `jax.value_and_grad(loss, argnums=(0, 1))(params, adversary)`
+(the original's simultaneous step); AdamW descends on params, and `ascent(...)` below --
+an ordinary `optax.GradientTransformation` on the adversary tree -- ascends with
+Adam-normalised steps on its own schedule, then projects each adversary tensor onto the
+L2 ball or the L-inf box of radius eps, after the update, every step (spec 4.1, 9.5).
 """
 
 from __future__ import annotations
@@ -24,29 +26,23 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-MODEL, ADVERSARY = "model", "adversary"
+from adpe_jax.rpe import ADVERSARY  # noqa: F401  (the collection's name, re-exported)
+
+NORMS = ("none", "l2", "linf")
 
 
-def is_adversary_path(path: tuple[str, ...]) -> bool:
-  return any(str(p).startswith("adv_") for p in path)
+def split_variables(variables) -> tuple[dict, dict]:
+  """`model.init(...)` output -> (params, adversary); adversary is {} when absent."""
+  return dict(variables["params"]), dict(variables.get(ADVERSARY, {}))
 
 
-def param_labels(params) -> dict:
-  """Same tree as params with leaves 'model' or 'adversary'."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: ADVERSARY if is_adversary_path(k) else MODEL for k in flat})
+def as_variables(params, adversary) -> dict:
+  """(params, adversary) -> the variables dict `model.apply` takes."""
+  return {"params": params, ADVERSARY: adversary}
 
 
-def adversary_leaves(params) -> dict[str, jax.Array]:
-  flat = traverse_util.flatten_dict(params)
-  return {"/".join(k): v for k, v in flat.items() if is_adversary_path(k)}
-
-
-def model_leaves(tree) -> list:
-  """The leaves of a params-shaped tree that belong to the model (not the adversary)."""
-  flat = traverse_util.flatten_dict(tree)
-  return [v for k, v in flat.items() if not is_adversary_path(k)]
+def zeros_like(adversary):
+  return jax.tree.map(jnp.zeros_like, adversary)
 
 
 def project(tree, norm: str, eps: float):
@@ -73,7 +69,7 @@ def project_after_update(norm: str, eps: float) -> optax.GradientTransformation:
     if norm == "none":
       return updates, state
     if params is None:
-      raise ValueError("project_after_update needs params.")
+      raise ValueError("project_after_update needs the adversary (params=) to project.")
     new = project(jax.tree.map(lambda p, u: p + u, params, updates), norm, eps)
     return jax.tree.map(lambda n, p: n - p, new, params), state
 
@@ -86,7 +82,8 @@ def ascent(schedule: Callable, b1: float, b2: float, weight_decay: float, norm: 
 
   The original puts the adversary in the model's AdamW with lr = -adv_lr(t) and
   wd = -adv_wd: p <- p + adv_lr * m_hat / (sqrt(v_hat) + 1e-8) - adv_lr * adv_wd * p,
-  then projects.  Bias-corrected moments, betas as the model's.
+  then projects.  Bias-corrected moments, betas as the model's.  Use it on the adversary
+  tree: `updates, s = tx.update(grads, s, adversary)`; `optax.apply_updates`.
   """
   return optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
@@ -96,7 +93,12 @@ def ascent(schedule: Callable, b1: float, b2: float, weight_decay: float, norm: 
   )
 
 
-def adversary_norms(params) -> dict[str, jax.Array]:
+def named_leaves(adversary) -> dict[str, jax.Array]:
+  """{'path/to/tensor': array} of an adversary tree."""
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(adversary).items()}
+
+
+def adversary_norms(adversary) -> dict[str, jax.Array]:
   """{'adv_norm/<path>': L2 norm} for every adversary tensor (for metrics)."""
   return {f"adv_norm/{k}": jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
-          for k, v in adversary_leaves(params).items()}
+          for k, v in named_leaves(adversary).items()}

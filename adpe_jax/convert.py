@@ -1,4 +1,8 @@
-"""PyTorch (official AdPE / MAE) pretraining state dicts <-> Flax variables.
+"""PyTorch (official AdPE / MAE) pretraining state dicts -> Flax variables (one direction).
+
+`from_torch` returns both collections: `params` (the model) and `adversary` (the
+original's `*adv*` tensors, our "adversary" collection); a pretrained encoder for k-NN,
+probing and export is `params` alone.
 
 Layout rules (tests/data/README.md):
   * Conv patch embedding (D, 3, p, p) -> Dense kernel over (row, col, channel) patch
@@ -20,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from adpe_jax import posembed
+from adpe_jax.rpe import ADVERSARY
 
 FROZEN_SUFFIXES = ("pos_embed", "no_shift")
 
@@ -67,13 +72,19 @@ def convert_tensor(name: str, value: np.ndarray, is_layernorm: bool) -> tuple[tu
   return tuple(path), value
 
 
+def collection_of(name: str) -> str:
+  """The Flax collection of an original tensor: "adversary" for its `*adv*` names."""
+  return ADVERSARY if "adv" in name.split(".")[-1] else "params"
+
+
 def _is_layernorm(name: str) -> bool:
   leaf = name.split(".")[-2] if "." in name else ""
   return leaf in ("norm", "norm1", "norm2", "decoder_norm", "fc_norm")
 
 
 def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
-  """Official AdPE pretraining state dict -> Flax `{'params': ...}` for `MAEPlus`.
+  """Official AdPE pretraining state dict -> Flax `{'params': ..., 'adversary': ...}` for
+  `MAEPlus` (`adversary` is {} for a model without one).
 
   Args:
     state_dict: name -> array (torch tensors or numpy), e.g. `checkpoint['model']`.
@@ -82,14 +93,15 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
   Raises:
     ConversionError naming the keys or shapes that do not fit the config.
   """
-  from adpe_jax.train.state import build_model  # noqa: PLC0415 (avoid a cycle)
+  from adpe_jax.train.state import build_model, init_variables  # noqa: PLC0415 (a cycle)
   import jax  # noqa: PLC0415
 
   model = build_model(config)
-  expected = traverse_util.flatten_dict(
-      jax.eval_shape(lambda: model.init(
-          {"params": jax.random.key(0), "masking": jax.random.key(0)},
-          np.zeros((1, model.image_size, model.image_size, 3), np.float32)))["params"])
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  # One flat namespace (collection, *path): the original's names tell the collections
+  # apart -- its adversary tensors are the ones named `*adv*`.
+  expected = {(col,) + k: v for col in ("params", ADVERSARY)
+              for k, v in traverse_util.flatten_dict(shapes[col]).items()}
 
   flat = {}
   for name, value in state_dict.items():
@@ -109,7 +121,7 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
     path, arr = convert_tensor(name, value, _is_layernorm(name))
     if dtype is not None:
       arr = arr.astype(dtype)
-    flat[path] = arr
+    flat[(collection_of(name),) + path] = arr
 
   missing = sorted("/".join(k) for k in expected if k not in flat)
   unexpected = sorted("/".join(k) for k in flat if k not in expected)
@@ -122,4 +134,5 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
          for k in expected if flat[k].shape != expected[k].shape]
   if bad:
     raise ConversionError(f"state dict shapes do not fit the configured model: {bad[:4]}.")
-  return {"params": traverse_util.unflatten_dict(flat)}
+  return {col: traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items() if k[0] == col})
+          for col in ("params", ADVERSARY)}

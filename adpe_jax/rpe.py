@@ -24,9 +24,10 @@ Both R's are materialised and contracted with one einsum ('bhid,dij->bhij'); the
 integer R is built as a matmul with a constant one-hot (no gather / scatter in the
 backward pass), the continuous R as a matmul with constant-structure bilinear weights.
 
-Adversaries (param names contain "adv", zero-initialised like the original):
+Adversaries live in the Flax variable collection ``"adversary"`` (not ``"params"``),
+zero-initialised like the original; the names are the original's:
 
-* ``"embedding_faithful"`` -- the original's ``adv_token`` a (head_dim,): for masked
+* ``"embedding_faithful"`` -- ``adv_token`` a (head_dim,), the original's: for masked
   query rows the table becomes W + a 1^T (the same vector in EVERY bucket, cls too), so
   the bias gains q_i . a, a constant over keys j.  Softmax ignores a per-row constant:
   this is a mathematical NO-OP (spec 4.4 / 9.1); its gradient is pure round-off.
@@ -37,6 +38,9 @@ Adversaries (param names contain "adv", zero-initialised like the original):
 * ``"coordinate"`` -- ``adv_shift`` (2,) = (row shift, col shift) added to the relative
   offset of masked query rows; always uses the continuous lookup (visible rows and cls
   use the zero-shift continuous table).  Spec 4.5.
+
+The adversary is read only where masked query rows exist: a call with
+``query_mask=None`` (e.g. frozen-encoder features) needs no ``"adversary"`` collection.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ SIDE = 2 * BETA_INT + 1              # 7 buckets per axis
 NUM_BUCKETS = SIDE * SIDE + 1        # 50
 CLS_BUCKET = NUM_BUCKETS - 1         # 49
 
+ADVERSARY = "adversary"               # the Flax variable collection of the adversary
 LOOKUPS = ("integer", "continuous")
 ADVERSARIES = ("none", "embedding_faithful", "embedding", "coordinate")
 
@@ -209,8 +214,9 @@ class RelativePositionKey(nn.Module):
     param_dtype: dtype of the parameters; computation runs in q's dtype (the continuous
       lookup's geometry and sampling in at least float32, then cast to q's dtype).
 
-  Params: ``lookup_table`` (head_dim, 50) [torch ``rpe_k.lookup_table_weight`` (1, hd, 50)],
-  plus ``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) / ``adv_shift`` (2,).
+  Params: ``lookup_table`` (head_dim, 50) [torch ``rpe_k.lookup_table_weight`` (1, hd, 50)].
+  Collection "adversary": ``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) /
+  ``adv_shift`` (2,), read only when ``query_mask`` is given.
   """
 
   head_dim: int
@@ -253,14 +259,12 @@ class RelativePositionKey(nn.Module):
     r_plain = materialise(w)
     bias = contract(r_plain)
 
-    if self.adversary == "none":
+    if self.adversary == "none" or (query_mask is None and not self.is_initializing()):
       return bias
-    if self.adversary == "embedding_faithful":
-      adv = self.param("adv_token", zeros, (self.head_dim,), self.param_dtype)
-    elif self.adversary == "embedding":
-      adv = self.param("adv_table", zeros, (self.head_dim, NUM_BUCKETS), self.param_dtype)
-    else:
-      adv = self.param("adv_shift", zeros, (2,), self.param_dtype)
+    name, shape = {"embedding_faithful": ("adv_token", (self.head_dim,)),
+                   "embedding": ("adv_table", (self.head_dim, NUM_BUCKETS)),
+                   "coordinate": ("adv_shift", (2,))}[self.adversary]
+    adv = self.variable(ADVERSARY, name, jnp.zeros, shape, self.param_dtype).value
     if query_mask is None:
       return bias
 

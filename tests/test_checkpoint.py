@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from adpe_jax import defaults, parallel
 from adpe_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, abstract_of
 from adpe_jax.train import optimizer as optim
-from adpe_jax.train.pretrain import build_training
+from adpe_jax.train.pretrain import build_training, run_metadata
 from adpe_jax.train.state import TrainState, build_model, create_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,16 +32,10 @@ def smoke_config(**model):
   return c
 
 
-def run_metadata(c) -> dict:
-  return {"model": {"variant": c.model.variant, "pe": c.model.pe,
-                    "patch_size": c.model.patch_size},
-          "adversary": c.adversary.kind, "image_size": c.image_size}
-
-
 def abstract_for(c, mesh):
   """The abstract state of config `c`, replicated over `mesh` (what the loop restores into)."""
-  model, tx = build_model(c), optim.make_optimizer(c, 30, 32.0)
-  shapes = jax.eval_shape(lambda k: create_train_state(model, tx, k), jax.random.key(0))
+  model, (tx, adv_tx) = build_model(c), optim.make_optimizers(c, 30, 32.0)
+  shapes = jax.eval_shape(lambda k: create_train_state(model, tx, adv_tx, k), jax.random.key(0))
   repl = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
 
@@ -130,7 +124,9 @@ def test_round_trip_exact_with_requested_shardings(smoke, tmp_path):
 def tiny_state(step: int) -> TrainState:
   return TrainState(step=jnp.asarray(step, jnp.int32),
                     params={"w": jnp.full((4, 3), float(step))},
-                    opt_state=({"mu": jnp.zeros((4, 3))}, jnp.asarray(step, jnp.int32)))
+                    adversary={"adv_shift": jnp.full((2,), -float(step))},
+                    opt_state=({"mu": jnp.zeros((4, 3))}, jnp.asarray(step, jnp.int32)),
+                    adv_opt_state=({"mu": jnp.ones((2,))},))
 
 
 def test_keep_last_n_and_latest_step(tmp_path):
@@ -184,7 +180,7 @@ def test_incompatible_checkpoint_is_refused_and_kept(smoke, saved):
   adv = smoke_config()
   adv.adversary.kind = "embedding"
   refuse(saved, abstract_for(adv, smoke["mesh"]), run_metadata(adv),
-         "lacks params/adv_", "adversary ('none' there, 'embedding' now)")
+         "lacks adversary/adv_token", "adversary.kind ('none' there, 'embedding' now)")
   # The same tree but other run metadata.
   refuse(saved, smoke["abstract"], dict(meta, image_size=56), "image_size (28 there, 56 now)")
 
@@ -219,6 +215,32 @@ def test_corrupt_checkpoint_is_refused_and_kept(smoke, saved, tmp_path, damage):
   assert_trees_equal(ck.restore(smoke["abstract"], step=5), smoke["host"])
 
 
+def test_other_rpe_embedding_adversary_is_refused(smoke, tmp_path):
+  """A checkpoint of the per-bucket RPE embedding adversary does not resume a faithful run
+  (and vice versa), by tree and by metadata; where the field does not matter (no RPE
+  embedding adversary) it does not refuse."""
+  def config(emb, pe="rpe", kind="embedding"):
+    c = smoke_config(pe=pe)
+    c.adversary.kind, c.adversary.rpe_embedding = kind, emb
+    return c
+
+  per_bucket = config("per_bucket")
+  setup = build_training(per_bucket, smoke["mesh"], 30, 32.0)
+  with Checkpointer(str(tmp_path), every_steps=5, metadata=run_metadata(per_bucket)) as ck:
+    assert ck.maybe_save(10, setup["state"])
+  faithful = config("faithful")
+  refuse(tmp_path, abstract_for(faithful, smoke["mesh"]), run_metadata(faithful),
+         "adversary.rpe_embedding ('per_bucket' there, 'faithful' now)",
+         "adversary/blocks_0/attn/rpe_k/adv_t")
+  # Same tree, only the metadata field differs: still refused, naming it.
+  refuse(tmp_path, abstract_for(per_bucket, smoke["mesh"]), run_metadata(faithful),
+         "adversary.rpe_embedding ('per_bucket' there, 'faithful' now)")
+  # The field is recorded only where it matters: an APE run ignores it.
+  assert run_metadata(config("faithful", "ape", "coordinate")) == run_metadata(
+      config("per_bucket", "ape", "coordinate"))
+  assert run_metadata(faithful) != run_metadata(per_bucket)
+
+
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys, time
     import jax.numpy as jnp, numpy as np
@@ -229,7 +251,9 @@ KILLED_SAVE = textwrap.dedent("""
       r = np.random.default_rng(step)
       return TrainState(step=jnp.asarray(step, jnp.int32),
                         params={"w": jnp.asarray(r.standard_normal((rows, 1024), np.float32))},
-                        opt_state={"mu": jnp.asarray(r.standard_normal((rows, 1024), np.float32))})
+                        adversary={},
+                        opt_state={"mu": jnp.asarray(r.standard_normal((rows, 1024), np.float32))},
+                        adv_opt_state={})
 
     ck = Checkpointer(sys.argv[1], every_steps=1, metadata={"run": "killed"})
     assert ck.maybe_save(1, state(1, 64))
@@ -254,7 +278,9 @@ def test_sigkill_mid_save_resumes_from_last_complete(tmp_path):
 
   r = np.random.default_rng(1)  # step 1 exactly as the child made it
   want = TrainState(step=np.int32(1), params={"w": r.standard_normal((64, 1024), np.float32)},
-                    opt_state={"mu": r.standard_normal((64, 1024), np.float32)})
+                    adversary={},
+                    opt_state={"mu": r.standard_normal((64, 1024), np.float32)},
+                    adv_opt_state={})
   ck = Checkpointer(str(tmp_path), every_steps=1, metadata={"run": "killed"})
   assert ck.latest_step() == 1 and ck.all_steps() == [1]
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -59,20 +59,27 @@ def run_reference(name):
   images = ref["images"].transpose(0, 2, 3, 1).astype(dtype)
   noise = ref["noise"]
 
-  def loss_fn(params):
-    (loss, pred, mask), inter = model.apply({"params": params}, images, noise=noise,
-                                            mutable=["intermediates"])
+  def loss_fn(params, adversary):
+    (loss, pred, mask), inter = model.apply({"params": params, "adversary": adversary}, images,
+                                            noise=noise, mutable=["intermediates"])
     return loss, (pred, mask, inter["intermediates"]["latent"][0])
 
-  (loss, (pred, mask, latent)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      variables["params"])
+  # One value_and_grad for both collections, as the train step takes it.
+  (loss, (pred, mask, latent)), grads = jax.jit(
+      jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
+          variables["params"], variables["adversary"])
+  grads = {("params",) + k: v for k, v in traverse_util.flatten_dict(grads[0]).items()} | {
+      ("adversary",) + k: v for k, v in traverse_util.flatten_dict(grads[1]).items()}
   ref_grads = {}
   for k, v in ref.items():
     if k.startswith("grad/"):
       name_ = k[len("grad/"):]
       path, arr = convert.convert_tensor(name_, v, convert._is_layernorm(name_))
-      ref_grads[path] = arr
-  return ref, loss, pred, mask, latent, traverse_util.flatten_dict(grads), ref_grads
+      ref_grads[(convert.collection_of(name_),) + path] = arr
+  has_adversary = VARIANTS[name][1] != "none"
+  assert bool(variables["adversary"]) == has_adversary
+  assert all(("adv" in k[-1]) == (k[0] == "adversary") for k in grads)
+  return ref, loss, pred, mask, latent, grads, ref_grads
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,83 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(fmnist_images):
   l16, p16, _ = m16.apply({"params": params}, fmnist_images[:8], noise=noise)
   assert p16.dtype == jnp.bfloat16 and l16.dtype == jnp.float32
   assert abs(float(l16) - float(l32)) < 0.02 * float(l32)
+
+
+# -- the adversary as its own variable collection ------------------------------------------
+ADVERSARY_SHAPES = {
+    # (pe, kind, rpe_embedding): {path in "adversary": shape} at the smoke size (D 32, hd 8)
+    ("ape", "none", "per_bucket"): {},
+    ("ape", "embedding", "per_bucket"): {("adv_token",): (1, 1, 32)},
+    ("ape", "coordinate", "per_bucket"): {("adv_token",): (2,)},
+    ("rpe", "embedding", "faithful"): {("blocks_0", "attn", "rpe_k", "adv_token"): (8,)},
+    ("rpe", "embedding", "per_bucket"): {("blocks_0", "attn", "rpe_k", "adv_table"): (8, 50)},
+    ("rpe", "coordinate", "per_bucket"): {("blocks_0", "attn", "rpe_k", "adv_shift"): (2,)},
+}
+
+
+@pytest.mark.parametrize("pe,kind,emb", sorted(ADVERSARY_SHAPES))
+def test_init_returns_params_and_adversary_collections(pe, kind, emb):
+  from flax import traverse_util
+  from adpe_jax.train.state import init_variables
+  c = smoke_config(pe=pe)
+  c.adversary.kind, c.adversary.rpe_embedding = kind, emb
+  model = build_model(c)
+  raw = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "masking": jax.random.key(1)},
+      jnp.zeros((1, 28, 28, 3))))
+  assert set(raw) == ({"params"} if kind == "none" else {"params", "adversary"})
+  variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  adv = traverse_util.flatten_dict(variables["adversary"])
+  want = ADVERSARY_SHAPES[(pe, kind, emb)]
+  if pe == "rpe" and kind != "none":
+    # one per attention layer: 2 encoder + 1 decoder blocks at the smoke size
+    layers = {"blocks_0", "blocks_1", "decoder_blocks_0"}
+    assert {k[0] for k in adv} == layers
+    adv = {k: v for k, v in adv.items() if k[0] == "blocks_0"}
+  assert {k: v.shape for k, v in adv.items()} == want
+  # No adversary tensor among the params, whatever its name.
+  params = traverse_util.flatten_dict(variables["params"])
+  assert not any(k[-1] in ("adv_token", "adv_table", "adv_shift") for k in params)
+  assert ("mask_token",) in params or (pe, kind) == ("ape", "embedding")
+
+
+def test_features_need_params_only_and_masked_forward_needs_adversary(fmnist_images):
+  from adpe_jax.train.state import init_variables
+  for pe in ("ape", "rpe"):
+    c = smoke_config(pe=pe)
+    c.adversary.kind = "coordinate"
+    model = build_model(c)
+    variables = jax.jit(init_variables, static_argnums=0)(model, jax.random.key(0))
+    f = jax.jit(lambda p, x: model.apply({"params": p}, x, method=MAEPlus.features))(
+        variables["params"], fmnist_images[:2])
+    assert f.shape == (2, 32)
+    with pytest.raises(Exception, match="adversary"):
+      jax.eval_shape(lambda p, x: model.apply({"params": p}, x, rngs={"masking": jax.random.key(0)}),
+                     variables["params"], fmnist_images[:2])
+
+
+def test_ape_coordinate_shift_survives_bfloat16():
+  """A small shift of masked patches' coordinates must move their sin-cos PE in bf16 too.
+
+  Independent expectation: numpy float64 sin-cos of the shifted coordinates, cast to bf16.
+  bf16 coordinates near column 6 are spaced 1/32, so 6 + 0.01 would round back to 6.
+  """
+  from adpe_jax import posembed
+  from adpe_jax.models.mae import encoder_input_pe
+  grid, dim = 7, 32
+  mask = np.zeros((1, grid * grid), bool)
+  mask[0, 6] = mask[0, 48] = True                       # (row 0, col 6) and (row 6, col 6)
+  shift = jnp.asarray([0.01, -0.01], jnp.float32)
+  got = np.asarray(jax.jit(encoder_input_pe, static_argnums=(0, 1, 4))(
+      grid, dim, jnp.asarray(mask), shift, jnp.bfloat16).astype(jnp.float32), np.float64)
+  cols, rows = posembed.grid_coordinates(grid)
+  omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+  def emb(c, r):
+    return np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega),
+                           np.cos(r * omega)])
+  for n in range(grid * grid):
+    c, r = cols[n] + 0.01 * mask[0, n], rows[n] - 0.01 * mask[0, n]
+    want = np.asarray(jnp.asarray(emb(c, r), jnp.bfloat16).astype(jnp.float32), np.float64)
+    np.testing.assert_array_equal(got[0, n], want, err_msg=f"patch {n}")
+  unshifted = np.asarray(posembed.sincos_table(grid, dim)[1:])
+  assert np.max(np.abs(got[0, 6] - unshifted[6])) > 5e-3   # the shift is visible

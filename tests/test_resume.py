@@ -14,7 +14,8 @@ import pytest
 
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import defaults
-from adpe_jax.train.pretrain import train_and_evaluate
+from adpe_jax.train.pretrain import step_flops, train_and_evaluate
+from adpe_jax.train.state import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,19 +34,41 @@ def losses(workdir):
           if "loss" in r}
 
 
-def test_resumed_run_is_exact(tmp_path):
+def adversarial_config(**kw):
+  c = fmnist_config(**kw)
+  c.adversary.kind = "coordinate"  # the adversary and its optimizer state resume too
+  c.adversary.lr = 0.05
+  return c
+
+
+def test_resumed_run_is_exact_and_summaries_say_how_it_ended(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  out_a = train_and_evaluate(fmnist_config(), a)
-  first = train_and_evaluate(fmnist_config(max_steps_per_run=3), b)
+  out_a = train_and_evaluate(adversarial_config(), a)
+  first = train_and_evaluate(adversarial_config(max_steps_per_run=3), b)
   assert first["summary"]["steps"] == 3
-  out_b = train_and_evaluate(fmnist_config(), b)  # the same command again: resumes at 3
+  stopped = json.loads(open(os.path.join(b, "summary.json")).read())
+  assert stopped["status"] == "stopped" and stopped["steps"] == 3
+  assert stopped["final_loss"] == losses(b)[3]
+  c = adversarial_config()
+  assert stopped["step_flops"] == step_flops(c, build_model(c)) > 0   # analytic, any accum
+  out_b = train_and_evaluate(adversarial_config(), b)  # the same command again: resumes at 3
   la, lb = losses(a), losses(b)
   assert sorted(lb) == [1, 2, 3, 4, 5, 6]
   for s in (4, 5, 6):
     assert la[s] == lb[s], (s, la[s], lb[s])
-  for x, y in zip(jax.tree.leaves(jax.device_get(out_a["state"].params)),
-                  jax.tree.leaves(jax.device_get(out_b["state"].params))):
-    np.testing.assert_array_equal(x, y)
+  assert np.any(np.asarray(out_a["state"].adversary["adv_token"]) != 0)
+  for x, y in zip(jax.tree.leaves(jax.device_get(out_a["state"])),
+                  jax.tree.leaves(jax.device_get(out_b["state"]))):
+    np.testing.assert_array_equal(x, y)  # params, adversary and both optimizer states
+  # A finished run re-run: nothing is redone and its summary is kept as it was.
+  finished = open(os.path.join(b, "summary.json")).read()
+  metrics_before = open(os.path.join(b, "metrics.jsonl")).read()
+  assert json.loads(finished)["status"] == "finished"
+  assert json.loads(finished)["final_loss"] == lb[6]
+  again = train_and_evaluate(adversarial_config(), b)
+  assert again["summary"] == json.loads(finished) and again["history"] == []
+  assert open(os.path.join(b, "summary.json")).read() == finished
+  assert open(os.path.join(b, "metrics.jsonl")).read() == metrics_before
 
 
 def test_incompatible_checkpoint_names_path_and_keeps_files(tmp_path):

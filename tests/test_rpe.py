@@ -197,14 +197,17 @@ B, H, HD = 2, 2, 4
 
 
 def _params(module, q, mask, **overrides):
+  """Both collections ("params": the table, "adversary": adv_*), zero-initialised, with
+  `overrides` put where init placed them."""
   variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(q), None if mask is None else jnp.asarray(mask))
-  params = dict(variables["params"])
-  for name, val in params.items():
-    assert np.all(np.asarray(val) == 0), name   # zero init, like the original
+  out = {col: dict(variables.get(col, {})) for col in ("params", "adversary")}
+  for col in out.values():
+    for name, val in col.items():
+      assert np.all(np.asarray(val) == 0), name   # zero init, like the original
   for name, val in overrides.items():
-    assert name in params, name
-    params[name] = jnp.asarray(val)
-  return {"params": params}
+    col = next(c for c in out.values() if name in c)
+    col[name] = jnp.asarray(val)
+  return out
 
 
 @pytest.mark.parametrize("grid", [3, 4])
@@ -216,7 +219,7 @@ def test_integer_bias_vs_numpy(grid):
   mod = rpe.RelativePositionKey(head_dim=HD, grid=grid)
   with jax.enable_x64(True):
     variables = _params(mod, q, None, lookup_table=w)
-    assert set(variables["params"]) == {"lookup_table"}
+    assert set(variables["params"]) == {"lookup_table"} and not variables["adversary"]
     got = np.asarray(mod.apply(variables, jnp.asarray(q)))
   want = np.einsum("bhid,dij->bhij", q, w[:, ref_bucket_ids(grid)])
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -288,12 +291,12 @@ def test_faithful_embedding_is_noop_and_working_variant_is_not():
     faithful = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding_faithful")
     a = rng.standard_normal(HD)
     fv = _params(faithful, q, mask, lookup_table=w, adv_token=a)
-    assert fv["params"]["adv_token"].shape == (HD,)
+    assert fv["adversary"]["adv_token"].shape == (HD,)
 
-    def loss_f(p):
-      return jax_attention_loss(qj, kj, vj, faithful.apply({"params": p}, qj, mj), cj)
+    def loss_f(a):
+      return jax_attention_loss(qj, kj, vj, faithful.apply(dict(fv, adversary=a), qj, mj), cj)
 
-    gf = jax.jit(jax.grad(loss_f))(fv["params"])["adv_token"]
+    gf = jax.jit(jax.grad(loss_f))(fv["adversary"])["adv_token"]
     assert np.max(np.abs(np.asarray(gf))) < 1e-12
     # The bias itself is non-trivially changed (a per-row constant) ...
     bias = np.asarray(faithful.apply(fv, qj, mj))
@@ -302,15 +305,15 @@ def test_faithful_embedding_is_noop_and_working_variant_is_not():
     np.testing.assert_allclose(bias, want, rtol=1e-12, atol=1e-12)
     # ... but the attention loss is not.
     base = ref_attention_loss(q, k, v, np.einsum("bhid,dij->bhij", q, w[:, ref_bucket_ids(grid)]), c)
-    assert float(loss_f(fv["params"])) == pytest.approx(base, rel=1e-12)
+    assert float(loss_f(fv["adversary"])) == pytest.approx(base, rel=1e-12)
 
     working = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding")
     wv = _params(working, q, mask, lookup_table=w)   # adv_table left at zero
 
-    def loss_w(p):
-      return jax_attention_loss(qj, kj, vj, working.apply({"params": p}, qj, mj), cj)
+    def loss_w(a):
+      return jax_attention_loss(qj, kj, vj, working.apply(dict(wv, adversary=a), qj, mj), cj)
 
-    gw = np.asarray(jax.jit(jax.grad(loss_w))(wv["params"])["adv_table"])
+    gw = np.asarray(jax.jit(jax.grad(loss_w))(wv["adversary"])["adv_table"])
     assert gw.shape == (HD, 50) and np.max(np.abs(gw)) > 1e-3
 
 
@@ -321,11 +324,9 @@ def test_coordinate_gradient_matches_finite_difference():
   mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, lookup="continuous", adversary="coordinate")
   with jax.enable_x64(True):
     qj, kj, vj, cj, mj = map(jnp.asarray, (q, k, v, c, mask))
-    params = _params(mod, q, mask, lookup_table=w)["params"]
-
     def loss(s, table):
-      p = dict(params, adv_shift=s, lookup_table=table)
-      return jax_attention_loss(qj, kj, vj, mod.apply({"params": p}, qj, mj), cj)
+      v = {"params": {"lookup_table": table}, "adversary": {"adv_shift": s}}
+      return jax_attention_loss(qj, kj, vj, mod.apply(v, qj, mj), cj)
 
     loss = jax.jit(loss)
     g = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(shift), jnp.asarray(w)))
@@ -348,11 +349,18 @@ def test_param_names_and_validation():
                            ("embedding", "adv_table", (HD, 50)),
                            ("coordinate", "adv_shift", (2,))]:
     mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary=adv)
-    p = jax.eval_shape(mod.init, jax.random.PRNGKey(0), q, m)["params"]
-    assert set(p) == {"lookup_table", name} and p[name].shape == shape
-    # Params exist even when initialised without a mask.
-    p2 = jax.eval_shape(mod.init, jax.random.PRNGKey(0), q)["params"]
-    assert set(p2) == set(p)
+    v = jax.eval_shape(mod.init, jax.random.PRNGKey(0), q, m)
+    assert set(v) == {"params", "adversary"}
+    assert set(v["params"]) == {"lookup_table"}
+    assert set(v["adversary"]) == {name} and v["adversary"][name].shape == shape
+    # The adversary exists even when initialised without a mask ...
+    v2 = jax.eval_shape(mod.init, jax.random.PRNGKey(0), q)
+    assert jax.tree.map(lambda x: x.shape, v2) == jax.tree.map(lambda x: x.shape, v)
+    # ... and is neither needed nor read without one (frozen-encoder features).
+    zeros = {"lookup_table": jnp.zeros((HD, 50))}
+    assert mod.apply({"params": zeros}, q).shape == (1, 1, 5, 5)
+    with pytest.raises(Exception, match="adversary"):
+      mod.apply({"params": zeros}, q, m)
   for bad in [dict(grid=grid, adversary="bogus"), dict(grid=grid, lookup="bogus"), dict(grid=3)]:
     with pytest.raises(ValueError):
       jax.eval_shape(rpe.RelativePositionKey(head_dim=HD, **bad).init, jax.random.PRNGKey(0), q)
@@ -366,7 +374,8 @@ def test_bfloat16_queries_keep_dtype_and_accurate_geometry():
   w = rng.standard_normal((HD, 50))
   shift = np.array([0.43, -0.71])
   mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="coordinate")
-  p = {"params": {"lookup_table": jnp.asarray(w, jnp.float32), "adv_shift": jnp.asarray(shift, jnp.float32)}}
+  p = {"params": {"lookup_table": jnp.asarray(w, jnp.float32)},
+       "adversary": {"adv_shift": jnp.asarray(shift, jnp.float32)}}
   got = jax.jit(mod.apply)(p, jnp.asarray(q, jnp.bfloat16), jnp.asarray(mask))
   assert got.dtype == jnp.bfloat16
   qb = np.asarray(jnp.asarray(q, jnp.bfloat16).astype(jnp.float32), np.float64)

@@ -34,17 +34,19 @@ def fmnist_batches():
 
 def test_accumulation_equals_one_large_batch(fmnist_batches):
   c = smoke_config()
+  c.adversary.kind = "coordinate"   # the adversary's gradient is accumulated too
   model = build_model(c)
   # Plain SGD with lr 1 makes the update the gradient itself (Adam's normalisation would
   # amplify round-off of near-zero gradient entries into O(lr) differences).
   tx = optax.sgd(1.0)
+  adv_tx = optax.sgd(-100.0)       # ascent; large: the shift's gradient is small
   noise = np.random.default_rng(0).random((16, 49)).astype(np.float32)
   batch = dict(fmnist_batches[0], noise=noise)
   key = jax.random.key(0)
   results = []
   for accum in (1, 4):
-    state = create_train_state(model, tx, jax.random.key(1))
-    step = jax.jit(make_train_step(model, tx, accum))
+    state = create_train_state(model, tx, adv_tx, jax.random.key(1))
+    step = jax.jit(make_train_step(model, tx, adv_tx, accum))
     for _ in range(2):
       state, metrics = step(state, batch, key)
     results.append((state, metrics))
@@ -52,6 +54,9 @@ def test_accumulation_equals_one_large_batch(fmnist_batches):
   assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  shift1, shift4 = np.asarray(s1.adversary["adv_token"]), np.asarray(s4.adversary["adv_token"])
+  assert np.all(np.abs(shift1) > 1e-4)
+  np.testing.assert_allclose(shift1, shift4, rtol=1e-4, atol=1e-7)
 
 
 def _trajectory(config, mesh, batches):
@@ -118,16 +123,54 @@ def test_decay_mask_follows_original_groups():
   assert not mask["norm"]["scale"] and not mask["patch_embed"]["bias"]
 
 
-def test_adamw_matches_torch_formula():
-  """One AdamW step vs the torch AdamW update written out (decoupled decay first)."""
+def test_optimizers_match_torch_adamw_and_the_original_ascent():
+  """Two steps of `make_optimizers` vs the original's update written out: torch AdamW
+  (decoupled decay first, bias-corrected moments) with the schedule's lr and the decay
+  mask on the model; the original's adv_optimizer (lr -adv_lr, then L2 projection) on the
+  adversary."""
   c = smoke_config()
-  tx = optax.adamw(0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05)
-  p = {"w": np.array([1.0, -2.0], np.float32)}
-  g = {"w": np.array([0.5, 0.25], np.float32)}
-  upd, _ = tx.update(g, tx.init(p), p)
-  new = optax.apply_updates(p, upd)["w"]
-  m = 0.1 * g["w"] / (1 - 0.9)
-  v = 0.05 * g["w"] ** 2 / (1 - 0.95)
-  expect = p["w"] * (1 - 0.1 * 0.05) - 0.1 * m / (np.sqrt(v) + 1e-8)
-  np.testing.assert_allclose(np.asarray(new), expect, rtol=1e-6)
-  del c
+  c.warmup_epochs, c.blr, c.adversary.lr = 1.0, 0.4, 0.8   # peak lr 0.0125, adv 0.025
+  c.weight_decay, c.b1, c.b2 = 0.05, 0.9, 0.95
+  c.adversary.norm, c.adversary.eps = "l2", 0.02
+  tx, adv_tx = optim.make_optimizers(c, total_steps=20, steps_per_epoch=4)
+  lr_fn, adv_lr_fn = optim.schedules(c, 20, 4)
+  params = {"dense": {"kernel": np.array([[1.0, -2.0], [0.5, 3.0]], np.float32),
+                      "bias": np.array([0.3, -0.1], np.float32)}}
+  adv = {"adv_shift": np.array([0.01, 0.015], np.float32)}   # |a| 0.018: the ball binds
+  grads = [({"dense": {"kernel": np.array([[0.5, 0.25], [-1.0, 2.0]], np.float32),
+                       "bias": np.array([0.1, -0.2], np.float32)}},
+            {"adv_shift": np.array([0.3, 0.4], np.float32)}),
+           ({"dense": {"kernel": np.array([[-0.2, 0.7], [0.1, -0.4]], np.float32),
+                       "bias": np.array([0.05, 0.3], np.float32)}},
+            {"adv_shift": np.array([-0.1, 0.6], np.float32)})]
+  s, a = tx.init(params), adv_tx.init(adv)
+  p, q = params, adv
+  # the reference, in float64
+  ref_p = {k: np.asarray(v, np.float64) for k, v in params["dense"].items()}
+  ref_a = np.asarray(adv["adv_shift"], np.float64)
+  m = {k: 0.0 for k in ref_p}
+  v = {k: 0.0 for k in ref_p}
+  ma = va = 0.0
+  for t, (g, ga) in enumerate(grads, start=1):
+    u, s = tx.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    ua, a = adv_tx.update(ga, a, q)
+    q = optax.apply_updates(q, ua)
+    lr, alr = float(lr_fn(t - 1)), float(adv_lr_fn(t - 1))
+    assert lr > 0 and alr > 0
+    for k in ref_p:
+      gk = np.asarray(g["dense"][k], np.float64)
+      decay = 0.05 if k == "kernel" else 0.0              # biases are not decayed
+      ref_p[k] = ref_p[k] * (1 - lr * decay)
+      m[k] = 0.9 * m[k] + 0.1 * gk
+      v[k] = 0.95 * v[k] + 0.05 * gk ** 2
+      ref_p[k] = ref_p[k] - lr * (m[k] / (1 - 0.9 ** t)) / (
+          np.sqrt(v[k] / (1 - 0.95 ** t)) + 1e-8)
+      np.testing.assert_allclose(np.asarray(p["dense"][k]), ref_p[k], rtol=2e-6, atol=1e-7)
+    gk = np.asarray(ga["adv_shift"], np.float64)
+    ma = 0.9 * ma + 0.1 * gk
+    va = 0.95 * va + 0.05 * gk ** 2
+    ref_a = ref_a + alr * (ma / (1 - 0.9 ** t)) / (np.sqrt(va / (1 - 0.95 ** t)) + 1e-8)
+    ref_a = ref_a * min(0.02, np.linalg.norm(ref_a)) / np.linalg.norm(ref_a)
+    np.testing.assert_allclose(np.asarray(q["adv_shift"]), ref_a, rtol=2e-6, atol=1e-8)
+  assert np.linalg.norm(np.asarray(q["adv_shift"])) == pytest.approx(0.02, rel=1e-5)

@@ -1,6 +1,6 @@
 """The MAE+ pretraining model (spec 2.3) with the APE adversaries (spec 4.2, 4.3).
 
-`MAEPlus.apply(variables, images, noise=None, train=True, rngs={"masking": key})`
+`MAEPlus.apply({"params": p, "adversary": a}, images, noise=None, rngs={"masking": key})`
 returns `(loss, pred, mask)` like the original's `forward`:
   images: (N, H, W, 3), ImageNet-normalised, N = all crops;
   noise:  optional (N, L) -- the mask is exactly the original's `argsort(noise)` split;
@@ -8,6 +8,18 @@ returns `(loss, pred, mask)` like the original's `forward`:
   pred:   (N, L, p*p*3) without the cls row;  mask: (N, L), 1 = masked.
 The encoder output (after its final LayerNorm, (N, 1+L, D)) is sown as
 `intermediates/latent`.
+
+Two variable collections: "params" (the model, trained by AdamW) and "adversary" (the
+positional perturbation, ascended and projected; spec 4.1), each declared by the module
+that reads it.  `model.init` returns both; with `adversary="none"` the "adversary"
+collection is absent (use `variables.get("adversary", {})`).  The frozen-encoder
+`features` method reads "params" only.
+
+  APE + embedding   adversary/adv_token (1, 1, D)   the mask token itself (spec 4.2, 9.6)
+  APE + coordinate  adversary/adv_token (2,)        (column, row) shift of masked patches'
+                                                    sin-cos coordinates (spec 4.3)
+  RPE + embedding   adversary/*/rpe_k/adv_token | adv_table   (adpe_jax.rpe, spec 4.4)
+  RPE + coordinate  adversary/*/rpe_k/adv_shift             (adpe_jax.rpe, spec 4.5)
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adpe_jax import posembed
+from adpe_jax.rpe import ADVERSARY
 from adpe_jax.models.vit import LN_EPS, Block, _f32_or_wider, xavier_uniform
 
 Dtype = Any
@@ -66,6 +79,26 @@ def mask_from_noise(noise, keep: int):
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   return (ids_restore >= keep), ids_shuffle
+
+
+def encoder_input_pe(grid: int, dim: int, mask, shift=None, dtype=jnp.float32):
+  """(N, L, dim) sin-cos PE of the encoder input (spec 2.3 step 4, 4.3).
+
+  shift: None, or the APE coordinate adversary's (column shift, row shift), added to the
+  coordinates of masked patches (mask (N, L), True = masked).  Coordinates and their
+  sin-cos are computed in at least float32 (bfloat16 coordinates are spaced 1/32 near
+  column 6, so small shifts would round away) and cast to `dtype` after.
+  """
+  table = jnp.asarray(posembed.sincos_table(grid, dim)[1:], dtype)
+  if shift is None:
+    return jnp.broadcast_to(table[None], mask.shape + (dim,))
+  shift = jnp.asarray(shift)
+  cdt = jnp.promote_types(jnp.promote_types(dtype, shift.dtype), jnp.float32)
+  cols, rows = posembed.grid_coordinates(grid)
+  shift = shift.astype(cdt)
+  shifted = posembed.sincos_from_coords(jnp.asarray(cols, cdt) + shift[0],
+                                        jnp.asarray(rows, cdt) + shift[1], dim).astype(dtype)
+  return jnp.where(mask[..., None], shifted[None], table[None])
 
 
 class MAEPlus(nn.Module):
@@ -124,14 +157,20 @@ class MAEPlus(nn.Module):
     normal02 = nn.initializers.normal(0.02)
     self.cls_token = self.param("cls_token", normal02, (1, 1, d))
     ape_embed_adv = self.pe == "ape" and self.adversary == "embedding"
-    if ape_embed_adv:
-      # spec 4.2 / 9.6: the adversary IS the mask token; there is no learnable mask token.
-      self.adv_token = self.param("adv_token", normal02, (1, 1, d))
-    elif self.encoder_sees_mask_tokens:
+    if not ape_embed_adv and self.encoder_sees_mask_tokens:
       self.mask_token = self.param("mask_token", normal02, (1, 1, d))
-    if self.pe == "ape" and self.adversary == "coordinate":
-      # spec 4.3: (column shift, row shift) of the sin-cos coordinates of masked patches.
-      self.adv_token = self.param("adv_token", nn.initializers.zeros, (2,))
+    # The APE adversary (collection "adversary"), declared when initialising or when the
+    # caller provides it (`features` needs none).
+    self.adv_token = None
+    if self.pe == "ape" and self.adversary != "none" and (
+        self.is_initializing() or self.has_variable(ADVERSARY, "adv_token")):
+      if ape_embed_adv:
+        # spec 4.2 / 9.6: the adversary IS the mask token; there is no learnable one.
+        init = lambda: normal02(self.make_rng("params"), (1, 1, d))  # noqa: E731
+      else:
+        # spec 4.3: (column shift, row shift) of the sin-cos coordinates of masked patches.
+        init = lambda: jnp.zeros((2,), jnp.float32)  # noqa: E731
+      self.adv_token = self.variable(ADVERSARY, "adv_token", init)
     if not self.encoder_sees_mask_tokens:
       self.decoder_mask_token = self.param("decoder_mask_token", normal02,
                                            (1, 1, self.decoder_embed_dim))
@@ -158,20 +197,23 @@ class MAEPlus(nn.Module):
   def _pos_table(self, dim, dtype):
     return jnp.asarray(posembed.sincos_table(self.grid, dim), dtype)  # (1+L, dim), row 0 = 0
 
+  def _ape_adversary(self):
+    if self.adv_token is None:
+      raise ValueError(
+          f"MAEPlus(pe='ape', adversary={self.adversary!r}) needs the 'adversary' variable "
+          f"collection for a masked forward: apply({{'params': ..., 'adversary': ...}}).")
+    return self.adv_token.value
+
   def _encoder_input_pe(self, mask, dtype):
     """(N, L, D) sin-cos PE of the encoder input; masked patches shifted (APE coord)."""
-    table = self._pos_table(self.embed_dim, dtype)[1:]
+    shift = None
     if self.pe == "ape" and self.adversary == "coordinate":
-      cols, rows = posembed.grid_coordinates(self.grid)
-      shift = self.adv_token.astype(dtype)
-      shifted = posembed.sincos_from_coords(jnp.asarray(cols, dtype) + shift[0],
-                                            jnp.asarray(rows, dtype) + shift[1], self.embed_dim)
-      return jnp.where(mask[..., None], shifted[None], table[None])
-    return jnp.broadcast_to(table[None], mask.shape + (self.embed_dim,))
+      shift = self._ape_adversary()
+    return encoder_input_pe(self.grid, self.embed_dim, mask, shift, dtype)
 
   def _mask_vector(self):
     if self.pe == "ape" and self.adversary == "embedding":
-      return self.adv_token
+      return self._ape_adversary()
     return self.mask_token
 
   def _run_blocks(self, blocks, x, query_mask):
@@ -231,13 +273,13 @@ class MAEPlus(nn.Module):
   def features(self, images):
     """Frozen-encoder features for k-NN / probes: mean of patch tokens, no masking.
 
-    images: (N, H, W, 3) -> (N, D).  The RPE coordinate adversary is not applied
-    (no token is masked), so this is the encoder a downstream user gets.
+    images: (N, H, W, 3) -> (N, D).  No token is masked, so no adversary is applied and
+    only the "params" collection is read: this is the encoder a downstream user gets.
     """
     n = images.shape[0]
     x = self._embed_patches(images)
     x = x + self._pos_table(self.embed_dim, x.dtype)[None, 1:]
     x = jnp.concatenate([self._cls(n, x.dtype), x], axis=1)
-    query_mask = jnp.zeros((n, 1 + self.num_patches), bool) if self.pe == "rpe" else None
-    x = self.norm(self._run_blocks(self.blocks, x, query_mask))
+    # No masked query row: the RPE adversary is not read (nor needed).
+    x = self.norm(self._run_blocks(self.blocks, x, None))
     return _f32_or_wider(x[:, 1:]).mean(axis=1)

@@ -56,11 +56,21 @@ def schedules(config, total_steps: int, steps_per_epoch: float):
 
 def make_optimizer(config, total_steps: int, steps_per_epoch: float
                    ) -> optax.GradientTransformation:
-  """AdamW (0.9, 0.95) on the model, Adam ascent + projection on the adversary."""
-  lr, adv_lr = schedules(config, total_steps, steps_per_epoch)
-  model_tx = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=1e-8,
-                         weight_decay=config.weight_decay, mask=decay_mask)
-  adv_tx = adv_lib.ascent(adv_lr, config.b1, config.b2, config.adversary.weight_decay,
-                          config.adversary.norm, config.adversary.eps)
-  return optax.multi_transform({adv_lib.MODEL: model_tx, adv_lib.ADVERSARY: adv_tx},
-                               adv_lib.param_labels)
+  """AdamW (b1, b2, eps 1e-8, decoupled decay on `decay_mask`) on the model's params."""
+  lr, _ = schedules(config, total_steps, steps_per_epoch)
+  return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=1e-8,
+                     weight_decay=config.weight_decay, mask=decay_mask)
+
+
+def make_adversary_optimizer(config, total_steps: int, steps_per_epoch: float
+                             ) -> optax.GradientTransformation:
+  """Adam-normalised ascent + projection on the adversary tree (`adversary.ascent`)."""
+  _, adv_lr = schedules(config, total_steps, steps_per_epoch)
+  return adv_lib.ascent(adv_lr, config.b1, config.b2, config.adversary.weight_decay,
+                        config.adversary.norm, config.adversary.eps)
+
+
+def make_optimizers(config, total_steps: int, steps_per_epoch: float):
+  """(tx for params, adv_tx for the adversary)."""
+  return (make_optimizer(config, total_steps, steps_per_epoch),
+          make_adversary_optimizer(config, total_steps, steps_per_epoch))

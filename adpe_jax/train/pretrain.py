@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import defaults, parallel
+from adpe_jax import defaults, flops, parallel
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import MetricsLog, device_peak_flops
 from adpe_jax.train.state import build_model, create_train_state, init_params
@@ -39,17 +39,30 @@ def make_source(config, split=None, source=None):
   options = {}
   if name.startswith("synthetic"):
     options = dict(num_examples=config.data.num_examples or 1024, seed=config.seed)
-  return data.get_source(name, split or config.data.split, config.data.dir or None, **options)
+  # data.dir belongs to data.source; another source (eval.knn_source) uses its default.
+  data_dir = (config.data.dir or None) if name == config.data.source else None
+  return data.get_source(name, split or config.data.split, data_dir, **options)
 
 
 def run_metadata(config) -> dict:
-  """What a checkpoint must agree on with the run that resumes it."""
+  """What a checkpoint must agree on with the run that resumes it.
+
+  `adversary.rpe_embedding` only matters for an RPE embedding adversary; elsewhere it is
+  recorded as None, so changing the unused field does not refuse a checkpoint.
+  """
+  rpe_embedding = (config.adversary.rpe_embedding
+                   if (config.model.pe, config.adversary.kind) == ("rpe", "embedding") else None)
   return {"model": {"variant": config.model.variant, "patch_size": config.model.patch_size,
                     "pe": config.model.pe,
                     "encoder_sees_mask_tokens": config.model.encoder_sees_mask_tokens},
-          "adversary": {"kind": config.adversary.kind,
-                        "rpe_embedding": config.adversary.rpe_embedding},
+          "adversary": {"kind": config.adversary.kind, "rpe_embedding": rpe_embedding},
           "image_size": config.image_size}
+
+
+def step_flops(config, model) -> float:
+  """Analytic FLOPs of one optimizer step (all `accum_steps` micro-batches; `flops`)."""
+  return flops.train_step_flops(model, config.num_crops * config.batch_size,
+                                config.adversary.inner_steps)
 
 
 def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> dict:
@@ -59,22 +72,22 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
   is fold_in(step_key, step) inside the step.
   """
   model = build_model(config)
-  tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
+  tx, adv_tx = optim.make_optimizers(config, total_steps, steps_per_epoch)
   lr_fn, adv_lr_fn = optim.schedules(config, total_steps, steps_per_epoch)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   repl = parallel.replicated(mesh)
-  create = lambda k: create_train_state(model, tx, k)  # noqa: E731
+  create = lambda k: create_train_state(model, tx, adv_tx, k)  # noqa: E731
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(create, init_key))
   state = jax.jit(create, out_shardings=state_sharding)(init_key)
   train_step = jax.jit(
-      make_train_step(model, tx, config.accum_steps, lr_fn, adv_lr_fn,
+      make_train_step(model, tx, adv_tx, config.accum_steps, lr_fn, adv_lr_fn,
                       inner_steps=config.adversary.inner_steps, adv_norm=config.adversary.norm,
                       adv_eps=config.adversary.eps,
                       inner_step_size=config.adversary.inner_step_size),
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
       out_shardings=(state_sharding, repl),
       donate_argnums=(0,))
-  return dict(model=model, tx=tx, lr_fn=lr_fn, adv_lr_fn=adv_lr_fn, state=state,
+  return dict(model=model, tx=tx, adv_tx=adv_tx, lr_fn=lr_fn, adv_lr_fn=adv_lr_fn, state=state,
               state_sharding=state_sharding, train_step=train_step, step_key=step_key,
               init_key=init_key)
 
@@ -83,6 +96,33 @@ def _batch_spec(config, sharding):
   n = config.num_crops * config.batch_size
   return {"images": jax.ShapeDtypeStruct((n, config.image_size, config.image_size, 3),
                                          jnp.float32, sharding=sharding)}
+
+
+def _read_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
+  try:
+    with open(path) as f:
+      out = json.load(f)
+    return out if isinstance(out, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def _last_logged_loss(workdir: str):
+  """The loss of the newest metrics.jsonl record (a resumed run that had nothing to do)."""
+  last = None
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and "loss" in record:
+          last = record["loss"]
+  except OSError:
+    pass
+  return last
 
 
 class KnnEvaluator:
@@ -103,9 +143,10 @@ class KnnEvaluator:
                         batch_size=64 * self.mesh.size, mesh=self.mesh)["knn_top1"]
 
 
-def write_reconstructions(config, model, params, images, key, workdir, log, step):
+def write_reconstructions(config, model, state, images, key, workdir, log, step):
   from adpe_jax.train import reconstruction  # noqa: PLC0415
-  pred, mask = reconstruction.reconstruct(model, params, images, key)
+  pred, mask = reconstruction.reconstruct(model, state.params, images, key,
+                                          adversary=state.adversary)
   grid = reconstruction.reconstruction_grid(images, pred, mask, config.model.patch_size)
   if jax.process_index() == 0:
     zoom = max(1, 112 // config.image_size)  # small crops (28 px) enlarged for the eye
@@ -140,11 +181,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   t0 = time.time()
   lowered = setup["train_step"].lower(state, _batch_spec(config, batch_sharding), step_key)
-  step_flops = (lowered.cost_analysis() or {}).get("flops", 0.0)
+  # MFU counts the analytic FLOPs: XLA's cost analysis counts the accumulation scan's
+  # body once (a quarter of the work at accum_steps=4), see adpe_jax/flops.py.
+  flops_per_step = step_flops(config, model)
+  xla_flops = (lowered.cost_analysis() or {}).get("flops", 0.0)
   train_step = lowered.compile()
   compile_seconds = time.time() - t0
-  logging.info("compiled the train step in %.1f s (%.3g GFLOP per step)", compile_seconds,
-               step_flops / 1e9)
+  logging.info("compiled the train step in %.1f s (%.3g GFLOP per step analytic; XLA's "
+               "cost analysis: %.3g with the accumulation loop counted once)",
+               compile_seconds, flops_per_step / 1e9, xla_flops / 1e9)
   peak = device_peak_flops()
   knn_eval = KnnEvaluator(config, model, mesh) if config.eval.knn_source else None
   adv_gap = None
@@ -158,6 +203,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     state = restored
   start_step = int(state.step)
+  previous = _read_summary(workdir)
+  if start_step >= total_steps and previous.get("status") == "finished":
+    # Re-running a finished run changes nothing (no repeated k-NN, summary kept).
+    logging.info("run in %s already finished at step %d; summary.json kept", workdir,
+                 start_step)
+    ckpt.close()
+    pipeline.close()
+    return {"state": state, "history": [], "summary": previous}
   logging.info("training %d steps (%.1f per epoch) on %d devices from step %d",
                total_steps, steps_per_epoch, mesh.size, start_step)
 
@@ -192,12 +245,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           record.update({k: float(v) / acc_n for k, v in host.items() if k != "finite"})
           record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
           steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
-          if step_flops:
-            record["tflops_per_device"] = step_flops * steps_per_s / mesh.size / 1e12
-            if peak:
-              record["mfu"] = step_flops * steps_per_s / (mesh.size * peak)
+          record["tflops_per_device"] = flops_per_step * steps_per_s / mesh.size / 1e12
+          if peak:
+            record["mfu"] = flops_per_step * steps_per_s / (mesh.size * peak)
           if adv_gap is not None:
-            record["adv_loss_gap"] = float(adv_gap(state.params, batch,
+            record["adv_loss_gap"] = float(adv_gap(state.params, state.adversary, batch,
                                                    jax.random.fold_in(step_key, done)))
           if host["finite"] != acc_n:
             log.write(record)
@@ -222,7 +274,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             and done % config.eval.knn_every_steps == 0 and done != total_steps):
           log.write({"step": done, "knn_top1": knn_eval(state.params)})
         if config.eval.recon_every_steps and done % config.eval.recon_every_steps == 0:
-          write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
+          write_reconstructions(config, model, state, recon_images, step_key, workdir,
                                 log, done)
         if guard.requested:
           status = "preempted"
@@ -238,12 +290,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_seconds = time.time() - t_train
 
   # 6. End of run: k-NN, reconstructions, summary. ---------------------------------------
+  if status == "finished" and end_step < total_steps:
+    status = "stopped"  # by max_steps_per_run: re-running the command continues
   summary = {"status": status, "steps": end_step, "total_steps": total_steps,
              "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-             "final_loss": history[-1]["loss"] if history else None}
-  if status == "finished" and end_step == total_steps:
+             "step_flops": flops_per_step,
+             "final_loss": history[-1]["loss"] if history else _last_logged_loss(workdir)}
+  if status == "finished":
     if recon_images is not None:
-      write_reconstructions(config, model, state.params, recon_images, step_key, workdir,
+      write_reconstructions(config, model, state, recon_images, step_key, workdir,
                             log, end_step)
     if knn_eval is not None:
       t0 = time.time()

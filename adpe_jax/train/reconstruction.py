@@ -1,6 +1,6 @@
 """MAE-style reconstruction pictures: [original | masked | reconstruction] per row.
 
-  pred, mask = reconstruct(model, params, images, key)
+  pred, mask = reconstruct(model, params, images, key, adversary=state.adversary)
   grid = reconstruction_grid(images, pred, mask, patch)        # uint8 (rows*H, 3*W, 3)
   save_png(grid, "recon.png")
 
@@ -71,13 +71,19 @@ def save_png(array, path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _apply_fn(model: MAEPlus):
-  def f(params, images, key):
-    _, pred, mask = model.apply({"params": params}, images, rngs={"masking": key})
+  def f(params, adversary, images, key):
+    _, pred, mask = model.apply({"params": params, "adversary": adversary}, images,
+                                rngs={"masking": key})
     return pred, mask
   return jax.jit(f)
 
 
-def reconstruct(model: MAEPlus, params, images, key) -> tuple[np.ndarray, np.ndarray]:
-  """One masked forward pass: (pred (N, L, p*p*3) float32, mask (N, L) float32) as numpy."""
-  pred, mask = _apply_fn(model)(params, np.asarray(images, np.float32), key)
+def reconstruct(model: MAEPlus, params, images, key, adversary=None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """One masked forward pass: (pred (N, L, p*p*3) float32, mask (N, L) float32) as numpy.
+
+  `adversary`: the "adversary" collection the model trains with (the APE embedding
+  adversary is the mask token itself); None = the model has none.
+  """
+  pred, mask = _apply_fn(model)(params, adversary or {}, np.asarray(images, np.float32), key)
   return np.asarray(pred, np.float32), np.asarray(mask, np.float32)

@@ -7,14 +7,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adpe_jax import adversary as adv_lib
 from adpe_jax.models import MAEPlus, model_kwargs
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array            # optimizer steps taken, int32 scalar
-  params: dict               # model and adversary parameters (adversary leaves named adv_*)
-  opt_state: optax.OptState
+  params: dict               # the model's parameters (Flax collection "params")
+  adversary: dict            # the positional adversary (collection "adversary"; {} if none)
+  opt_state: optax.OptState  # AdamW state of params
+  adv_opt_state: optax.OptState  # ascent state of the adversary
 
 
 def build_model(config) -> MAEPlus:
@@ -31,14 +34,22 @@ def build_model(config) -> MAEPlus:
       **model_kwargs(m.variant))
 
 
-def init_params(model: MAEPlus, key: jax.Array) -> dict:
-  """Parameters (float32) from a key; shapes do not depend on the batch size."""
+def init_variables(model: MAEPlus, key: jax.Array) -> dict:
+  """{"params", "adversary"} (float32) from a key; shapes do not depend on the batch size."""
   pkey, mkey = jax.random.split(key)
   dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  return model.init({"params": pkey, "masking": mkey}, dummy)["params"]
+  params, adversary = adv_lib.split_variables(model.init({"params": pkey, "masking": mkey}, dummy))
+  return adv_lib.as_variables(params, adversary)
 
 
-def create_train_state(model: MAEPlus, tx: optax.GradientTransformation, key: jax.Array
-                       ) -> TrainState:
-  params = init_params(model, key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_params(model: MAEPlus, key: jax.Array) -> dict:
+  """The model's parameters alone (the encoder for k-NN, probes and export)."""
+  return init_variables(model, key)["params"]
+
+
+def create_train_state(model: MAEPlus, tx: optax.GradientTransformation,
+                       adv_tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  variables = init_variables(model, key)
+  params, adversary = variables["params"], variables[adv_lib.ADVERSARY]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, adversary=adversary,
+                    opt_state=tx.init(params), adv_opt_state=adv_tx.init(adversary))

@@ -1,11 +1,13 @@
 """The pure, compiled train step: train_step(state, batch, rng) -> (state, metrics).
 
-One `jax.value_and_grad` of the MAE+ loss gives gradients for the model AND the
-adversary (the original's simultaneous min-max step, spec 4.1); gradient accumulation is
-a `lax.scan` inside the step; the optimizer (`train.optimizer.make_optimizer`) descends
-on the model and ascends on the adversary.  With `inner_steps = k > 0`, a PGD-style
-inner ascent of k steps on a per-batch copy of the adversary comes first (not in the
-original; costs k extra forward/backward passes).
+One `jax.value_and_grad(loss, argnums=(0, 1))(params, adversary, ...)` gives the
+gradients of the MAE+ loss with respect to the model's parameters AND the positional
+adversary (the original's simultaneous min-max step, spec 4.1: one forward/backward for
+both); gradient accumulation is a `lax.scan` inside the step; AdamW (`tx`) descends on
+params, the adversary's ascent + projection (`adv_tx`, `adversary.ascent`) on the
+adversary tree.  With `inner_steps = k > 0`, a PGD-style inner ascent of k steps on a
+per-batch copy of the adversary comes first (not in the original; costs k extra
+forward/backward passes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from adpe_jax import adversary as adv_lib
 from adpe_jax.train.state import TrainState
@@ -33,53 +34,39 @@ def split_micro(batch: dict, accum: int) -> dict:
 
 
 def make_loss_fn(model) -> Callable:
-  def loss_fn(params, batch, key):
-    loss, _, _ = model.apply({"params": params}, batch["images"], noise=batch.get("noise"),
-                             rngs={"masking": key})
+  """loss(params, adversary, batch, key) -> the MAE+ loss (scalar)."""
+  def loss_fn(params, adversary, batch, key):
+    loss, _, _ = model.apply(adv_lib.as_variables(params, adversary), batch["images"],
+                             noise=batch.get("noise"), rngs={"masking": key})
     return loss
   return loss_fn
 
 
-def _split_adversary(params):
-  flat = traverse_util.flatten_dict(params)
-  adv = {k: v for k, v in flat.items() if adv_lib.is_adversary_path(k)}
-  return adv, flat
-
-
-def _with_adversary(flat, adv):
-  merged = dict(flat)
-  merged.update(adv)
-  return traverse_util.unflatten_dict(merged)
-
-
-def pgd_inner_ascent(loss_fn, params, batch, key, steps: int, norm: str, eps: float,
-                     step_size: float):
-  """k steps of projected ascent on a copy of the adversary (same batch and masks).
+def pgd_inner_ascent(loss_fn, params, adversary, batch, key, steps: int, norm: str,
+                     eps: float, step_size: float):
+  """k steps of projected ascent on a copy of the adversary tree (same batch and masks).
 
   The step direction is sign(g) for L-inf / no projection, g/|g| for L2 (per tensor),
-  i.e. classic PGD; returns params with the perturbed adversary copy.
+  i.e. classic PGD; returns the perturbed adversary tree.
   """
-  adv, flat = _split_adversary(params)
-  if not adv:
-    return params
-
-  def adv_loss(a):
-    return loss_fn(_with_adversary(flat, a), batch, key)
+  if not jax.tree.leaves(adversary):
+    return adversary
 
   def body(a, _):
-    g = jax.grad(adv_loss)(a)
+    g = jax.grad(loss_fn, argnums=1)(params, a, batch, key)
     if norm == "l2":
-      d = {k: v / jnp.maximum(jnp.linalg.norm(v), 1e-12) for k, v in g.items()}
+      d = jax.tree.map(lambda v: v / jnp.maximum(jnp.linalg.norm(v), 1e-12), g)
     else:
-      d = {k: jnp.sign(v) for k, v in g.items()}
-    a = {k: a[k] + step_size * d[k] for k in a}
+      d = jax.tree.map(jnp.sign, g)
+    a = jax.tree.map(lambda x, y: x + step_size * y, a, d)
     return adv_lib.project(a, norm, eps), None
 
-  adv, _ = jax.lax.scan(body, adv, None, length=steps)
-  return _with_adversary(flat, adv)
+  adversary, _ = jax.lax.scan(body, adversary, None, length=steps)
+  return adversary
 
 
-def make_train_step(model, tx: optax.GradientTransformation, accum_steps: int,
+def make_train_step(model, tx: optax.GradientTransformation,
+                    adv_tx: optax.GradientTransformation, accum_steps: int,
                     lr_fn: Callable | None = None, adv_lr_fn: Callable | None = None,
                     inner_steps: int = 0, adv_norm: str = "none", adv_eps: float = 1.0,
                     inner_step_size: float = 0.0):
@@ -89,27 +76,26 @@ def make_train_step(model, tx: optax.GradientTransformation, accum_steps: int,
   rng: the run's base key; the step key is fold_in(rng, state.step) (inside jit).
   """
   loss_fn = make_loss_fn(model)
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
   step_size = inner_step_size or 2.5 * adv_eps / max(inner_steps, 1)
 
-  def micro_grads(params, batch, key):
+  def micro_grads(params, adversary, batch, key):
     if inner_steps:
-      perturbed = pgd_inner_ascent(loss_fn, params, batch, key, inner_steps, adv_norm,
-                                   adv_eps, step_size)
-      return grad_fn(perturbed, batch, key)
-    return grad_fn(params, batch, key)
+      adversary = pgd_inner_ascent(loss_fn, params, adversary, batch, key, inner_steps,
+                                   adv_norm, adv_eps, step_size)
+    return grad_fn(params, adversary, batch, key)
 
-  def compute_grads(params, batch, key):
+  def compute_grads(params, adversary, batch, key):
     if accum_steps == 1:
-      return micro_grads(params, batch, jax.random.fold_in(key, 0))
+      return micro_grads(params, adversary, batch, jax.random.fold_in(key, 0))
     micro = split_micro(batch, accum_steps)
 
     def body(carry, inp):
       i, mb = inp
-      loss, grads = micro_grads(params, mb, jax.random.fold_in(key, i))
+      loss, grads = micro_grads(params, adversary, mb, jax.random.fold_in(key, i))
       return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, (params, adversary))
     loss_dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), loss_dtype), zeros),
                                     (jnp.arange(accum_steps), micro))
@@ -118,35 +104,40 @@ def make_train_step(model, tx: optax.GradientTransformation, accum_steps: int,
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     key = jax.random.fold_in(rng, state.step)
-    loss, grads = compute_grads(state.params, batch, key)
+    loss, (grads, adv_grads) = compute_grads(state.params, state.adversary, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    adv_updates, adv_opt_state = adv_tx.update(adv_grads, state.adv_opt_state,
+                                               state.adversary)
+    adversary = optax.apply_updates(state.adversary, adv_updates)
+    grad_norm = optax.global_norm(grads)
     metrics = {"loss": loss,
-               "grad_norm": optax.global_norm(adv_lib.model_leaves(grads)),
-               "finite": (jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-                          ).astype(jnp.float32)}
+               "grad_norm": grad_norm,
+               "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                          & jnp.isfinite(optax.global_norm(adv_grads))).astype(jnp.float32)}
     if lr_fn is not None:
       metrics["lr"] = lr_fn(state.step)
-    if adv_lr_fn is not None and adv_lib.adversary_leaves(params):
+    if adv_lr_fn is not None and jax.tree.leaves(adversary):
       metrics["adv_lr"] = adv_lr_fn(state.step)
-    metrics.update(adv_lib.adversary_norms(params))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics.update(adv_lib.adversary_norms(adversary))
+    new_state = state.replace(step=state.step + 1, params=params, adversary=adversary,
+                              opt_state=opt_state, adv_opt_state=adv_opt_state)
     return new_state, metrics
 
   return train_step
 
 
 def make_adversary_gap(model) -> Callable:
-  """gap(params, batch, key) -> loss(adversary) - loss(adversary at zero), same masks.
+  """gap(params, adversary, batch, key) -> loss(adversary) - loss(adversary at zero).
 
-  The loss gap the adversary creates (for metrics at log steps only: two forwards).
+  Same batch, same masks (the step's micro-batch-0 key); for metrics at log steps only
+  (two forwards).  For APE-embedding, "zero" is a zero mask vector.
   """
   loss_fn = make_loss_fn(model)
 
-  def gap(params, batch, key):
-    adv, flat = _split_adversary(params)
-    zero = {k: jnp.zeros_like(v) for k, v in adv.items()}
+  def gap(params, adversary, batch, key):
     key = jax.random.fold_in(key, 0)
-    return loss_fn(params, batch, key) - loss_fn(_with_adversary(flat, zero), batch, key)
+    return (loss_fn(params, adversary, batch, key)
+            - loss_fn(params, adv_lib.zeros_like(adversary), batch, key))
 
   return gap
