@@ -267,3 +267,24 @@ def test_every_seed_config_geometry_trains(name, fmnist_112):
   if has_adv:
     norms = [float(v) for k, v in metrics.items() if k.startswith("adv_norm/")]
     assert norms and max(norms) > 0, metrics
+
+
+def test_demo_smoke_runs_end_to_end_with_the_rpe_coordinate_adversary(tmp_path):
+  """`make demo`'s config at :smoke size through train_and_evaluate: RPE + coordinate
+  adversary, L2 projection, Fashion-MNIST, loss gap and per-layer norms logged,
+  reconstructions and k-NN at the end."""
+  import json
+  from adpe_jax.train.pretrain import train_and_evaluate
+  c = load_config("demo", "smoke")
+  c.log_every_steps = 5
+  out = train_and_evaluate(c, str(tmp_path))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "finished" and summary["steps"] == 10
+  assert 0.1 < summary["knn_top1"] <= 1.0 and "knn_top1_random_init" in summary
+  last = out["history"][-1]
+  shifts = {k: v for k, v in last.items() if k.startswith("adv_norm/") and k.endswith("adv_shift")}
+  model = build_model(c)
+  assert len(shifts) == model.depth + model.decoder_depth    # one per attention layer
+  assert all(0.0 <= v <= c.adversary.eps * (1 + 1e-5) for v in shifts.values())
+  assert "adv_loss_gap" in last and np.isfinite(last["adv_loss_gap"])
+  assert (tmp_path / "reconstructions.png").exists()
