@@ -24,8 +24,6 @@ whose arrays do not match the checksums written with them raises `CheckpointErro
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import threading
 from typing import Any
@@ -37,6 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from adpe_jax import storage
 
 try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
   from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX
@@ -217,7 +217,12 @@ class Checkpointer:
                metadata: dict | None = None):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1.")
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    # An epath.Path: a local workdir made absolute (orbax needs that), gs://... kept.
+    self.directory = storage.resolve(workdir) / "checkpoints"
+    try:
+      storage.require_checkpoint_support(self.directory)
+    except ImportError as e:
+      raise CheckpointError(str(e)) from e
     self.every_steps = int(every_steps)
     self.keep = int(keep)
     try:  # normalised as it will be read back (tuples -> lists ...)
@@ -243,8 +248,9 @@ class Checkpointer:
 
   # -- queries ---------------------------------------------------------------------------
 
-  def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_path(self, step: int):
+    """`directory/<step>` (an epath.Path; str() of it for messages)."""
+    return self.directory / str(step)
 
   def all_steps(self) -> list[int]:
     """Steps of the complete checkpoints (and of a save of this process still in flight)."""
@@ -269,7 +275,7 @@ class Checkpointer:
           **{_META: ocp.args.JsonRestore()}))[_META]
     except Exception as e:  # noqa: BLE001 (any read failure is a bad checkpoint)
       raise CheckpointError(
-          f"checkpoint {path} has no readable run metadata ({os.path.join(path, _META)}: "
+          f"checkpoint {path} has no readable run metadata ({path / _META}: "
           f"{_short(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
     if not isinstance(meta, dict):
       raise CheckpointError(f"checkpoint {path} holds run metadata of type "
@@ -307,7 +313,7 @@ class Checkpointer:
     tree = getattr(item, "tree", None)
     if tree is None:
       raise CheckpointError(
-          f"checkpoint {path} has no array metadata ({os.path.join(path, _STATE)}/_METADATA "
+          f"checkpoint {path} has no array metadata ({path / _STATE}/_METADATA "
           f"missing or unreadable); its files may be truncated or corrupt, {_UNCHANGED}.")
     problems = _tree_mismatches(dict(_flat(tree)), dict(_flat(abstract_state)))
     meta_diff = _metadata_mismatches(meta.get("run", {}), self.metadata)
@@ -355,13 +361,15 @@ class Checkpointer:
   def _cleanup_tmp(self) -> None:
     """Remove unfinished `<step>.orbax-checkpoint-tmp` dirs of a killed earlier run."""
     self._cleaned_tmp = True
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not self.directory.is_dir():
       return
-    for name in os.listdir(self.directory):
-      p = os.path.join(self.directory, name)
-      if _TMP_SUFFIX in name and os.path.isdir(p) and not os.path.islink(p):
+    for p in self.directory.iterdir():
+      if _TMP_SUFFIX in p.name and p.is_dir():
         logging.warning("removing unfinished checkpoint %s", p)
-        shutil.rmtree(p, ignore_errors=True)
+        try:  # a symlink is refused (shutil.rmtree locally) and left alone
+          storage.rmtree(p)
+        except Exception as e:  # noqa: BLE001 (as ignore_errors: the save goes on)
+          logging.warning("could not remove %s: %s", p, _short(e))
 
   def maybe_save(self, step: int, state, force: bool = False) -> bool:
     """Start an asynchronous save when step % every_steps == 0 (step > 0) or `force`.
@@ -458,3 +466,40 @@ class PreemptionGuard:
     for s, h in self._previous.items():
       signal.signal(s, h if h is not None else signal.SIG_DFL)
     self._previous = {}
+
+
+class AgreedStop:
+  """One stop step for every process: `agreed.should_stop(step)` on every host, every step.
+
+  One process: the `PreemptionGuard` flag (SIGTERM / SIGINT handled here).  Several
+  processes: JAX's preemption sync manager (started by `jax.distributed.initialize`) owns
+  SIGTERM -- a notice reaching any host is propagated to all and
+  `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at the same
+  step -- so no Python handler is installed (one would hide the signal from JAX), and a
+  SIGINT ends that process (its peers then stop after the heartbeat timeout).
+  """
+
+  def __init__(self, multi_process: bool | None = None):
+    self.multi = jax.process_count() > 1 if multi_process is None else multi_process
+    self.guard = PreemptionGuard(() if self.multi else (signal.SIGTERM, signal.SIGINT))
+    self.stopped_by: str | None = None
+
+  def should_stop(self, step: int) -> bool:
+    if self.multi:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      if multihost_utils.reached_preemption_sync_point(int(step)):
+        self.stopped_by = "SIGTERM (agreed by all processes)"
+        logging.warning("preemption: all processes stop at step %d; saving", step)
+        return True
+      return False
+    if self.guard.requested:
+      self.stopped_by = "signal"
+      return True
+    return False
+
+  def __enter__(self) -> "AgreedStop":
+    self.guard.__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.guard.__exit__(*exc)

@@ -15,6 +15,7 @@ ADVERSARY_KINDS = ("none", "embedding", "coordinate")
 ADVERSARY_NORMS = ("none", "l2", "linf")
 RPE_EMBEDDING = ("faithful", "per_bucket")
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "block")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +46,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pe = "ape"
   c.model.encoder_sees_mask_tokens = True   # MAE+; False = plain MAE, for comparison
   c.model.dtype = "float32"                 # compute dtype; params stay float32
+  c.model.remat = "none"                    # none | block: jax.checkpoint per transformer block
+
+  # Devices: a (data, fsdp) mesh; -1 = the rest of the devices.  fsdp > 1 shards the big
+  # kernels (and their optimizer state) over the fsdp axis; the batch is split over both.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2 ** 14   # tensors with fewer elements stay replicated
+
+  # Multi-process runs.  Empty / 0 / -1: auto-detected (SLURM, TPU pod slices, GKE) or
+  # taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""     # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.heartbeat_timeout_seconds = 100   # a dead peer stops the others after this
+  c.distributed.initialization_timeout_seconds = 300
 
   c.adversary = ml_collections.ConfigDict()
   c.adversary.kind = "none"        # none | embedding | coordinate  (--adv_type 0/1/2)
@@ -115,6 +133,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c, "model.variant", tuple(VARIANTS))
   _choice(c, "model.pe", PE_TYPES)
   _choice(c, "model.dtype", DTYPES)
+  _choice(c, "model.remat", REMAT)
   _choice(c, "adversary.kind", ADVERSARY_KINDS)
   _choice(c, "adversary.norm", ADVERSARY_NORMS)
   _choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)

@@ -84,6 +84,58 @@ def main(argv):
     # would print 'Event loop is closed' tracebacks after the one-sentence error.
     # Nothing is pending: the error happens before any save starts.
     os._exit(2)
+  except Exception as e:  # noqa: BLE001
+    import jax  # noqa: PLC0415
+    if jax.process_count() <= 1:
+      raise
+    _lost_peer_exit(e, _CONFIG.value.distributed.heartbeat_timeout_seconds)
+
+
+def _lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
+  """A failure in a multi-process run: name the process that is gone, exit non-zero.
+
+  A dead peer first shows up as a failed collective (e.g. gloo's 'Connection reset by
+  peer'); JAX's coordination service declares it dead after the heartbeat timeout.  Wait
+  (bounded) for that verdict and name it; if the service aborts this process first, its
+  own message names the task ('Task N heartbeat timeout').  Never hangs.
+  """
+  import time  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from jax._src import distributed  # noqa: PLC0415
+  n, me = jax.process_count(), jax.process_index()
+  first = " ".join(str(error).split())[:300]
+  print(f"error: process {me} of {n}: {type(error).__name__}: {first}", file=sys.stderr)
+  sys.stderr.flush()
+  if isinstance(error, FloatingPointError):  # agreed by all processes (a global value)
+    os._exit(1)
+  dead: list[int] = []
+  deadline = time.time() + float(heartbeat_timeout) + 15
+  client = distributed.global_state.client
+
+  def ask() -> None:  # get_live_nodes may block: asked from a daemon thread
+    while client is not None and time.time() < deadline and not dead:
+      try:
+        live = client.get_live_nodes(list(range(n)))
+        dead.extend(i for i in range(n) if i not in live)
+      except Exception:  # noqa: BLE001
+        pass
+      if not dead:
+        time.sleep(1.0)
+
+  asker = threading.Thread(target=ask, daemon=True)
+  asker.start()
+  asker.join(timeout=max(0.0, deadline - time.time()))
+  if dead:
+    who = ", ".join(f"process {i}" for i in dead)
+    print(f"error: lost peer: {who} of {n} stopped responding (no heartbeat for "
+          f"{heartbeat_timeout:g} s); process {me} stops too. Re-run the same command on "
+          f"every process to resume from the last complete checkpoint.", file=sys.stderr)
+  else:
+    print(f"error: process {me} of {n} stops after a failure shared with its peers (see the "
+          f"other processes' logs); re-run the same command on every process to resume.",
+          file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""A local folder of class sub-folders (ImageNet / torchvision ImageFolder layout), read lazily.
+"""A folder of class sub-folders (ImageNet / torchvision ImageFolder layout), read lazily.
+
+The folder may be local or remote (`gs://...`): it is read through `etils.epath`.
 
 Ordering follows torchvision's `ImageFolder`: classes are the sorted sub-folder names, label = rank;
 files are found recursively in sorted order and kept if their extension is an image extension.
@@ -6,11 +8,13 @@ files are found recursively in sorted order and kept if their extension is an im
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
+from adpe_jax import storage
 from adpe_jax.data.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -24,21 +28,23 @@ class FolderSource:
   """
 
   def __init__(self, root: str, split: str | None = None):
-    if split and os.path.isdir(os.path.join(root, split)):
-      root = os.path.join(root, split)
-    if not os.path.isdir(root):
+    root = storage.as_path(root)  # a local directory or gs://... (etils.epath)
+    if split and (root / split).is_dir():
+      root = root / split
+    if not root.is_dir():
       raise DataError(f"Image folder {root} does not exist; expected the layout "
                       f"{root}/<class>/<image>.JPEG.")
-    self.root = root
-    self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+    self.root = os.fspath(root)
+    self.class_names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     self.num_classes = len(self.class_names)
     paths, labels = [], []
     for label, name in enumerate(self.class_names):
-      class_dir = os.path.join(root, name)
-      for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+      walked = sorted(storage.walk(root / name), key=lambda t: os.fspath(t[0]))
+      for dirpath, _, filenames in walked:
+        prefix = os.fspath(dirpath).rstrip("/") + "/"  # one epath join per folder, not file
         for filename in sorted(filenames):
           if filename.lower().endswith(IMG_EXTENSIONS):
-            paths.append(os.path.join(dirpath, filename))
+            paths.append(prefix + filename)
             labels.append(label)
     if not paths:
       raise DataError(f"Image folder {root} holds no images in class sub-folders "
@@ -51,6 +57,6 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     # convert("RGB") as torchvision's default loader does (grey, palette and CMYK JPEGs become RGB).
-    with Image.open(self.paths[index]) as image:
+    with Image.open(io.BytesIO(storage.read_bytes(self.paths[index]))) as image:
       array = np.asarray(image.convert("RGB"))
     return array, int(self.labels[index])

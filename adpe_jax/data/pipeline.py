@@ -23,7 +23,10 @@ does.
 Batch layout: crop-major within the process, [crop 0 of the local examples, crop 1 of them, ...], as
 the original concatenates its crops (spec 3.3). Assembled into a global array process-major (e.g. by
 jax.make_array_from_process_local_data) the global order is process, then crop, then example; the
-MAE+ loss is a mean over all crops, so the order does not matter to it.
+MAE+ loss is a mean over all crops, so the order does not matter to it.  Each row also carries
+its id, the row it would have in a one-process batch (crop * global_batch + global example
+position); the train step draws each crop's mask from (step, id), so masks, losses and updates
+do not depend on the number of processes either.
 """
 
 from __future__ import annotations
@@ -142,8 +145,8 @@ class PretrainPipeline:
   # -- the batch --------------------------------------------------------------------------------
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
-    """{"images": float32 (num_crops * local_batch, size, size, 3)}, crop k of example i at
-    row k * local_batch + i."""
+    """{"images": float32 (num_crops * local_batch, size, size, 3), "ids": int32 (rows,)}: crop
+    k of example i at row k * local_batch + i, with id k * global_batch + global position."""
     indices = self.example_indices(step)
     batch, size, num_crops = self.local_batch_size, self.image_size, self.num_crops
 
@@ -172,7 +175,9 @@ class PretrainPipeline:
       multicrop.normalize(multicrop.resized_crops(images, example[sl], part, size), out[sl])
 
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
-    return {"images": out}
+    position = self.process_index * batch + np.arange(batch)
+    ids = (np.arange(num_crops)[:, None] * self.global_batch_size + position[None]).reshape(-1)
+    return {"images": out, "ids": ids.astype(np.int32)}
 
   def _map_chunks(self, fn, n: int, min_chunk: int) -> None:
     """fn(range) over up to 2 chunks per thread of range(n) in the pool; re-raises errors."""

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from adpe_jax import storage
 from adpe_jax.data.errors import DataError
 from adpe_jax.data.fashion_mnist import FashionMnistSource
 from adpe_jax.data.folder import FolderSource
@@ -77,8 +78,10 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
     if not (arg or data_dir):
       raise DataError("Dataset name 'folder' needs a root: use 'folder:<path>' or set the data "
                       "dir (config field data.dir).")
-    # os.path.join keeps an absolute <path> as it is.
-    root = os.path.join(data_dir, arg) if (data_dir and arg) else (arg or data_dir)
+    # A relative <path> is taken under data_dir; an absolute or gs://... one as it is.
+    root = arg or data_dir
+    if data_dir and arg and not storage.is_remote(arg):
+      root = os.fspath(storage.as_path(data_dir) / arg)
     return FolderSource(root, split=split, **options)
   if kind == "tfds" and arg:
     # Imported here: keeps tensorflow_datasets out of `import adpe_jax.data`.

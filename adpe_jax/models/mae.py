@@ -127,6 +127,7 @@ class MAEPlus(nn.Module):
   rpe_embedding: str = "per_bucket"
   encoder_sees_mask_tokens: bool = True
   dtype: Optional[Dtype] = None
+  remat: str = "none"   # "block": recompute each block's activations in the backward pass
 
   @property
   def grid(self) -> int:
@@ -175,13 +176,16 @@ class MAEPlus(nn.Module):
       self.decoder_mask_token = self.param("decoder_mask_token", normal02,
                                            (1, 1, self.decoder_embed_dim))
     rpe = self._rpe()
-    self.blocks = [Block(self.num_heads, self.mlp_ratio, self.dtype, rpe, name=f"blocks_{i}")
+    # jax.checkpoint per block: only block inputs are kept for the backward pass.
+    block_cls = nn.remat(Block) if self.remat == "block" else Block
+    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, self.dtype, rpe, name=f"blocks_{i}")
                    for i in range(self.depth)]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")
     self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
                                   kernel_init=xavier_uniform, name="decoder_embed")
     self.decoder_blocks = [
-        Block(self.decoder_num_heads, self.mlp_ratio, self.dtype, rpe, name=f"decoder_blocks_{i}")
+        block_cls(self.decoder_num_heads, self.mlp_ratio, self.dtype, rpe,
+                  name=f"decoder_blocks_{i}")
         for i in range(self.decoder_depth)]
     self.decoder_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="decoder_norm")
     self.decoder_pred = nn.Dense(p * p * 3, dtype=self.dtype, kernel_init=xavier_uniform,

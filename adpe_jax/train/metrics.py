@@ -7,12 +7,13 @@ model, step and kernels stay importable on machines without TensorFlow.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
+
+from adpe_jax import storage
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -38,17 +39,18 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
-    self.workdir = workdir
+    self.workdir = storage.resolve(workdir)  # local or gs://... (etils.epath)
     self.main = jax.process_index() == 0
-    self.jsonl = os.path.join(workdir, "metrics.jsonl")
-    self.text = os.path.join(workdir, "log.txt")
+    self.jsonl = self.workdir / "metrics.jsonl"
+    self.text = self.workdir / "log.txt"
     self.writer = None
     self.progress = None
     if tensorboard:
       try:
         from clu import metric_writers, periodic_actions  # noqa: PLC0415
+        # A string: TF's gfile (under clu's writer) takes local and gs:// paths itself.
         self.writer = metric_writers.create_default_writer(
-            workdir, just_logging=not self.main, asynchronous=True)
+            str(self.workdir), just_logging=not self.main, asynchronous=True)
         self.progress = periodic_actions.ReportProgress(
             num_train_steps=total_steps, writer=self.writer, every_secs=30.0)
       except ImportError as e:  # pragma: no cover - TF-free machines
@@ -62,12 +64,11 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     step = int(record["step"])
     if self.main:
-      with open(self.jsonl, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      with open(self.text, "a") as f:
-        fields = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in record.items() if k != "step")
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step={step} {fields}\n")
+      storage.append_text(self.jsonl, json.dumps(record) + "\n")
+      fields = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in record.items() if k != "step")
+      storage.append_text(self.text,
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')} step={step} {fields}\n")
     if self.writer is not None:
       self.writer.write_scalars(step, {k: v for k, v in record.items()
                                        if k != "step" and isinstance(v, (int, float))})

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import defaults, flops, parallel
+from adpe_jax import defaults, flops, parallel, storage
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import MetricsLog, device_peak_flops
 from adpe_jax.train.state import build_model, create_train_state, init_params
@@ -68,8 +68,10 @@ def step_flops(config, model) -> float:
 def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> dict:
   """Model, optimizer, the initial state (created already sharded) and the jitted step.
 
-  The state is replicated, the batch split over `data`, the state donated; the step RNG
-  is fold_in(step_key, step) inside the step.
+  The state is sharded by the FSDP rule (`parallel.state_shardings`: replicated when
+  mesh.fsdp is 1) and created already sharded (eval_shape -> shardings -> jit(init,
+  out_shardings)); the batch is split over (data, fsdp); the state is donated; the step
+  RNG is fold_in(step_key, step) inside the step.
   """
   model = build_model(config)
   tx, adv_tx = optim.make_optimizers(config, total_steps, steps_per_epoch)
@@ -77,7 +79,8 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   repl = parallel.replicated(mesh)
   create = lambda k: create_train_state(model, tx, adv_tx, k)  # noqa: E731
-  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(create, init_key))
+  state_sharding = parallel.state_shardings(mesh, jax.eval_shape(create, init_key),
+                                            config.mesh.fsdp_min_size)
   state = jax.jit(create, out_shardings=state_sharding)(init_key)
   train_step = jax.jit(
       make_train_step(model, tx, adv_tx, config.accum_steps, lr_fn, adv_lr_fn,
@@ -95,31 +98,29 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
 def _batch_spec(config, sharding):
   n = config.num_crops * config.batch_size
   return {"images": jax.ShapeDtypeStruct((n, config.image_size, config.image_size, 3),
-                                         jnp.float32, sharding=sharding)}
+                                         jnp.float32, sharding=sharding),
+          "ids": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)}
 
 
-def _read_summary(workdir: str) -> dict:
-  path = os.path.join(workdir, "summary.json")
+def _read_summary(workdir) -> dict:
   try:
-    with open(path) as f:
-      out = json.load(f)
+    out = json.loads(storage.read_text(workdir / "summary.json") or "{}")
     return out if isinstance(out, dict) else {}
   except (OSError, ValueError):
     return {}
 
 
-def _last_logged_loss(workdir: str):
+def _last_logged_loss(workdir):
   """The loss of the newest metrics.jsonl record (a resumed run that had nothing to do)."""
   last = None
   try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and "loss" in record:
-          last = record["loss"]
+    for line in (storage.read_text(workdir / "metrics.jsonl") or "").splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and "loss" in record:
+        last = record["loss"]
   except OSError:
     pass
   return last
@@ -151,20 +152,19 @@ def write_reconstructions(config, model, state, images, key, workdir, log, step)
   if jax.process_index() == 0:
     zoom = max(1, 112 // config.image_size)  # small crops (28 px) enlarged for the eye
     reconstruction.save_png(grid.repeat(zoom, 0).repeat(zoom, 1),
-                            os.path.join(workdir, "reconstructions.png"))
+                            storage.resolve(workdir) / "reconstructions.png")
   log.write_image(step, "reconstructions", grid)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Config and mesh. ----------------------------------------------------------------
-  parallel.maybe_initialize_distributed()
-  mesh = parallel.make_mesh()
+  parallel.initialize_distributed(config)
+  mesh = parallel.mesh_from_config(config)
   defaults.validate(config, num_devices=mesh.size)
-  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
-  os.makedirs(workdir, exist_ok=True)
+  # An epath.Path: local (made absolute: orbax needs that) or gs://... (see storage.py).
+  workdir = storage.makedirs(storage.resolve(workdir))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   # 2. Input: this process's part of every global batch, a pure function of the step.
   from adpe_jax import data  # noqa: PLC0415
@@ -178,6 +178,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # 3. Model, optimizer, shardings and the compiled step. -------------------------------
   setup = build_training(config, mesh, total_steps, steps_per_epoch)
   model, state, step_key = setup["model"], setup["state"], setup["step_key"]
+  if jax.process_index() == 0:
+    logging.info("mesh %s over %d processes\n%s", dict(mesh.shape), jax.process_count(),
+                 parallel.sharding_overview(state, setup["state_sharding"]))
   batch_sharding = parallel.batch_sharding(mesh)
   t0 = time.time()
   lowered = setup["train_step"].lower(state, _batch_spec(config, batch_sharding), step_key)
@@ -226,7 +229,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   status = "finished"
   batches = pipeline.iterate(start_step, stop_at - start_step)
   try:
-    with ckpt_lib.PreemptionGuard() as guard:
+    with ckpt_lib.AgreedStop() as agreed:
       for step in range(start_step, stop_at):
         host_batch = next(batches)
         if recon_images is None:
@@ -236,9 +239,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         acc = metrics if acc is None else accumulate(acc, metrics)
         acc_n += 1
         done = step + 1
+        stop = agreed.should_stop(done)  # every host, every step: one agreed stop step
         log.tick(done)
         due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or guard.requested:
+        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop:
           host = jax.device_get(acc)
           now = time.time()
           record = {"step": done}
@@ -276,9 +280,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if config.eval.recon_every_steps and done % config.eval.recon_every_steps == 0:
           write_reconstructions(config, model, state, recon_images, step_key, workdir,
                                 log, done)
-        if guard.requested:
+        if stop:
           status = "preempted"
-          logging.warning("stop requested by signal at step %d: saving and exiting", done)
+          logging.warning("stop requested by %s at step %d: saving and exiting",
+                          agreed.stopped_by, done)
           break
       end_step = int(state.step)
       ckpt.maybe_save(end_step, state, force=True)
@@ -310,7 +315,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log.close()
   ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))
   logging.info("summary: %s", summary)
   return {"state": state, "history": history, "summary": summary}

@@ -14,11 +14,13 @@ shows the original with masked patches a flat grey (uint8 128).
 from __future__ import annotations
 
 import functools
+import io
 
 import jax
 import numpy as np
 from PIL import Image
 
+from adpe_jax import storage
 from adpe_jax.models import MAEPlus, patchify, unpatchify
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -62,11 +64,13 @@ def reconstruction_grid(images, pred, mask, patch: int, max_images: int = 8) -> 
 
 
 def save_png(array, path) -> None:
-  """Writes a uint8 (H, W, 3) or (H, W) array as a PNG."""
+  """Writes a uint8 (H, W, 3) or (H, W) array as a PNG (local or gs://..., via epath)."""
   array = np.asarray(array)
   if array.dtype != np.uint8:
     raise ValueError(f"expected uint8, got {array.dtype}")
-  Image.fromarray(array).save(str(path), format="PNG")
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 @functools.lru_cache(maxsize=None)

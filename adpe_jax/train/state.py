@@ -31,6 +31,7 @@ def build_model(config) -> MAEPlus:
       rpe_embedding=config.adversary.rpe_embedding,
       encoder_sees_mask_tokens=m.encoder_sees_mask_tokens,
       dtype=None if m.dtype == "float32" else jnp.dtype(m.dtype),
+      remat=m.get("remat", "none"),
       **model_kwargs(m.variant))
 
 

@@ -33,6 +33,23 @@ def split_micro(batch: dict, accum: int) -> dict:
   return jax.tree.map(f, batch)
 
 
+MASK_STREAM = 0x6D61736B  # fold_in constant of the per-id mask noise ("mask"; micro keys are 0..accum-1)
+
+
+def with_mask_noise(batch: dict, key: jax.Array, num_patches: int) -> dict:
+  """Adds "noise" (N, L) drawn per row from (key, id) when the batch carries "ids".
+
+  A crop's mask then depends on the step and its id only -- not on its row, the number of
+  processes or the micro-batch it lands in -- so a run on 2 processes x 2 devices masks
+  exactly as one on 1 x 4.  Without ids (or with explicit noise) the batch is unchanged.
+  """
+  if "ids" not in batch or "noise" in batch:
+    return batch
+  noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_patches,)))(
+      batch["ids"])
+  return {k: v for k, v in batch.items() if k != "ids"} | {"noise": noise}
+
+
 def make_loss_fn(model) -> Callable:
   """loss(params, adversary, batch, key) -> the MAE+ loss (scalar)."""
   def loss_fn(params, adversary, batch, key):
@@ -104,6 +121,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     key = jax.random.fold_in(rng, state.step)
+    batch = with_mask_noise(batch, jax.random.fold_in(key, MASK_STREAM), model.num_patches)
     loss, (grads, adv_grads) = compute_grads(state.params, state.adversary, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -136,6 +154,7 @@ def make_adversary_gap(model) -> Callable:
   loss_fn = make_loss_fn(model)
 
   def gap(params, adversary, batch, key):
+    batch = with_mask_noise(batch, jax.random.fold_in(key, MASK_STREAM), model.num_patches)
     key = jax.random.fold_in(key, 0)
     return (loss_fn(params, adversary, batch, key)
             - loss_fn(params, adv_lib.zeros_like(adversary), batch, key))
