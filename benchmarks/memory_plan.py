@@ -15,6 +15,7 @@ For each variant x mesh.fsdp x model.remat it prints the bytes PER DEVICE of
              `compiled.memory_analysis()` of the step compiled for a mesh of fake CPU
              devices (see "How temp is obtained")
   total      params + opt + adv + batch + temp + (output - alias)
+  floor      params + opt + adv + batch + f32 gradient accumulator + resid
 
 then a table of which configurations fit one device of each accelerator (below).
 
@@ -33,10 +34,10 @@ How temp is obtained (all printed in the output):
     resid(block)): the compiled CPU temp minus the activations remat stops saving.
   * The CPU backend is a proxy: it fuses differently and computes bfloat16 dots and
     elementwise ops in float32 (so bf16 activations count up to twice), so temp is an
-    upper-leaning estimate for TPU/GPU.  XLA:CPU's peak_memory_in_bytes is not used (it
-    reports arguments only).
+    upper-leaning estimate for TPU/GPU.  XLA:CPU's peak_memory_in_bytes is not used
+    (there it reports about the argument bytes only).
 
-Accelerators (memory of ONE JAX device; public docs, checked 2025):
+Accelerators (memory of ONE JAX device; public docs):
   TPU v4 chip: 32 GiB HBM2, 2 TensorCores run as ONE JAX device (megacore)
     (cloud.google.com/tpu/docs/v4).  The issue's "16 GB TPU v4 core" is half a chip;
     both columns are shown.
@@ -46,19 +47,24 @@ Accelerators (memory of ONE JAX device; public docs, checked 2025):
   NVIDIA H100 (SXM5 / PCIe): 80 GB HBM3 / HBM2e.  JAX preallocates 75% of a GPU by
     default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to use it.
   Decimal GB are taken as 1e9 bytes, GiB as 2**30.  "ok": total <= 90% of the device;
-  "tight": <= 100%; "no": more.
+  "tight": <= 100%; "maybe": only the floor (params + opt + adv + batch + the float32
+  gradient accumulator + resid, no workspace) is <= 90%; "no": neither.
 
-Default run (about 8 minutes on a 2-core CPU): ViT-B/16, ViT-L/16, ViT-H/14 (the
+Default run (about 5 minutes on a 2-core CPU): ViT-B/16, ViT-L/16, ViT-H/14 (the
 configs/vit*_rpe_coord.py seed recipes: RPE + coordinate adversary, 112 px, 4 crops),
 global batch 4096 images (16384 crops), accum_steps 4, 32 devices -- 32 images = 128
 crops per device per micro-step (e.g. 4 nodes x 8 H100, a v5p-64 or a v4-64 slice;
 the seed's 8 x V100 ran 4x that per GPU: --devices 8) -- fsdp 1 and 8, remat none and
 block, bfloat16 compute.
 
-  python benchmarks/memory_plan.py                       # the default plan (~8 min)
+  python benchmarks/memory_plan.py                       # the default plan (~5 min)
   python benchmarks/memory_plan.py --quick               # depths 1,2, no validation (~3 min)
   python benchmarks/memory_plan.py --variants huge --fsdp 16 --devices 64 --batch 4096
   python benchmarks/memory_plan.py --dtype float32 --remat none --accum 8
+  # on a real accelerator (no fake devices; remat=block compiled, not corrected), e.g.
+  # one H100 at the default per-device micro-batch (128 crops):
+  python benchmarks/memory_plan.py --backend native --devices 1 --batch 128 --fsdp 1 \
+      --variants base --no-validate
 """
 
 from __future__ import annotations
@@ -133,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=4096, help="global images per optimizer step")
   p.add_argument("--accum", type=int, default=4, help="accum_steps (micro-batches per step)")
   p.add_argument("--devices", type=int, default=32, help="fake CPU devices = the mesh size")
+  p.add_argument("--backend", choices=("cpu", "native"), default="cpu",
+                 help="cpu: fake CPU devices (default); native: the machine's own devices "
+                      "(GPU/TPU), whose count must equal --devices")
   p.add_argument("--fsdp", type=_int_list, default=[1, 8], help="mesh.fsdp values, e.g. 1,8")
   p.add_argument("--remat", type=_choice_list(("none", "block")), default=["none", "block"])
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -167,16 +176,17 @@ def main(argv=None) -> int:
     print(f"memory_plan.py: error: {e}", file=sys.stderr)
     return 2
   # Fake CPU devices: must be set before jax is imported.
-  if "jax" in sys.modules:
+  if args.backend == "cpu" and "jax" in sys.modules:
     import jax  # noqa: PLC0415
     if jax.device_count() != args.devices or jax.default_backend() != "cpu":
       print(f"memory_plan.py: error: jax is already initialised with {jax.device_count()} "
             f"{jax.default_backend()} devices; run this script in its own process",
             file=sys.stderr)
       return 2
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={args.devices}")
+  if args.backend == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
     return Planner(args).run()
@@ -193,10 +203,13 @@ class Planner:
     self.jax, self.np, self.defaults, self.parallel = jax, np, defaults, parallel
     self.args = args
     self.t0 = time.time()
-    self.log_lines = []
     if jax.device_count() != args.devices:
-      raise PlanError(f"asked for {args.devices} fake CPU devices, jax sees "
-                      f"{jax.device_count()} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+      raise PlanError(f"--devices={args.devices} but the {jax.default_backend()} backend has "
+                      f"{jax.device_count()} devices (XLA_FLAGS="
+                      f"{os.environ.get('XLA_FLAGS', '')!r})")
+    self.backend = jax.default_backend()
+    self.cpu = self.backend == "cpu"
+    self.device_kind = jax.devices()[0].device_kind
 
   # -- config, abstract state, compiled step ------------------------------------------
   def config(self, variant, fsdp, remat, batch=None, devices=None):
@@ -363,15 +376,18 @@ class Planner:
              f"from depths {ds[0]},{ds[1]}: {extrap / GiB:.3f} GiB (error {err:+.2f}%)")
     self.say(f"  validation, compiled argument bytes {full['argument'] / GiB:.3f} GiB vs exact "
              f"state + batch shard {exact / GiB:.3f} GiB (+ the step key)")
-    self.say(f"  XLA:CPU remat=block full ViT-B temp {block['temp'] / GiB:.3f} GiB vs "
-             f"none {full['temp'] / GiB:.3f} GiB: the CPU compiler does not keep remat's "
-             f"savings, hence the resid-based correction for block rows")
+    if self.cpu:
+      self.say(f"  XLA:CPU remat=block full ViT-B temp {block['temp'] / GiB:.3f} GiB vs "
+               f"none {full['temp'] / GiB:.3f} GiB: the CPU compiler does not keep remat's "
+               f"savings, hence the resid-based correction for block rows")
+    else:
+      self.say(f"  XLA:{self.backend} remat=block full ViT-B temp {block['temp'] / GiB:.3f} "
+               f"GiB vs none {full['temp'] / GiB:.3f} GiB")
     return err
 
   def self_check(self):
     """The abstract step compiles to the same buffers as build_training's real one."""
     from adpe_jax.train import pretrain  # noqa: PLC0415
-    jax = self.jax
     c = self.defaults.seed_config(self.args.pe, self.args.adversary, "smoke")
     c.batch_size, c.accum_steps, c.model.dtype = 2 * self.args.devices, 2, self.args.dtype
     c.mesh.fsdp = max(f for f in self.args.fsdp)
@@ -393,19 +409,18 @@ class Planner:
                 f"DIFFERENT (real arg/temp {real.argument_size_in_bytes}/"
                 f"{real.temp_size_in_bytes}, plan {mine['argument']}/{mine['temp']}): "
                 f"build_training changed; update Planner.abstract"))
-    del jax
 
   def run(self) -> int:
     a = self.args
-    micro = a.batch // a.accum
-    crops = 4 * micro // a.devices
     for v in a.variants:   # fail fast on a bad batch / mesh before compiling anything
       for f in a.fsdp:
-        self.config(v, f, "none")
-    self.say(f"memory plan: pe={a.pe} adversary={a.adversary}, 112 px, 4 crops, global batch "
-             f"{a.batch} images ({4 * a.batch} crops), accum_steps {a.accum}, {a.devices} "
-             f"devices -> {crops} crops ({crops // 4} images) per device per micro-step; "
-             f"compute dtype {a.dtype}, params/optimizer float32")
+        c = self.config(v, f, "none")
+    k = c.num_crops
+    crops = k * a.batch // a.accum // a.devices
+    self.say(f"memory plan: pe={a.pe} adversary={a.adversary}, {c.image_size} px, {k} crops, "
+             f"global batch {a.batch} images ({k * a.batch} crops), accum_steps {a.accum}, "
+             f"{a.devices} devices -> {crops} crops ({crops // k} images) per device per "
+             f"micro-step; compute dtype {a.dtype}, params/optimizer float32")
     self.say("steps:")
     self.self_check()
     err = None
@@ -424,23 +439,35 @@ class Planner:
         _, state, shardings, _ = self.abstract(c, mesh)
         sb = self.state_bytes(state, shardings)
         bb = self.batch_bytes(c, mesh)
-        t = self.temp_for(v, f)
+        base = self.temp_for(v, f) if (self.cpu or "none" in a.remat) else None
         for r in a.remat:
-          temp = t["temp"] if r == "none" else max(
-              t["temp"] - (resid["none"] - resid["block"]), 0)
+          if r == "none":
+            t, how = base, base["how"]
+          elif self.cpu:   # XLA:CPU undoes remat: subtract what remat stops saving
+            t = dict(base, temp=max(base["temp"] - (resid["none"] - resid["block"]), 0))
+            how = base["how"] + " - dresid"
+          else:            # a real backend keeps remat: compile it
+            t = self.temp_for(v, f, "block")
+            how = t["how"]
+          temp = t["temp"]
           total = sum(sb.values()) + bb + temp + t["extra"]
+          # Must be live at the end of a micro-step's forward whatever the backend:
+          # state, batch shard, the float32 gradient accumulator (params-shaped, sharded
+          # like them) and the saved activations.
+          floor = sum(sb.values()) + bb + sb["params"] + resid[r]
           rows.append(dict(variant=v, fsdp=f, data=a.devices // f, remat=r, **sb, batch=bb,
-                           resid=resid[r], temp=temp, total=total, how=t["how"]))
+                           resid=resid[r], temp=temp, total=total, floor=floor, how=how))
     self.table(rows, err)
     self.say(f"\nrun time {time.time() - self.t0:.0f} s")
     return 0
 
   def table(self, rows, err):
     g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
-    self.say("\nper-device GiB (params/opt/adv exact; resid = JAX saved activations of one "
-             "micro-step; temp = XLA:CPU temp, see notes)")
+    self.say(f"\nper-device GiB (params/opt/adv exact; resid = JAX saved activations of one "
+             f"micro-step; temp = XLA:{self.backend} temp on {self.device_kind}, see notes)")
     head = (f"{'model':9s} {'mesh dxf':>8s} {'remat':5s} {'params':>7s} {'opt':>7s} "
-            f"{'adv':>7s} {'batch':>7s} {'resid':>7s} {'temp':>7s} {'total':>7s}  "
+            f"{'adv':>7s} {'batch':>7s} {'resid':>7s} {'temp':>7s} {'total':>7s} "
+            f"{'floor':>7s}  "
             + " ".join(f"{name:>11s}" for name, _, _ in DEVICES) + "  temp from")
     self.say(head)
     self.say("-" * len(head))
@@ -448,22 +475,32 @@ class Planner:
       fits = []
       for _, cap, _ in DEVICES:
         fits.append("ok" if r["total"] <= FIT_MARGIN * cap else
-                    "tight" if r["total"] <= cap else "no")
-      how = r["how"] + (" - dresid" if r["remat"] == "block" else "")
+                    "tight" if r["total"] <= cap else
+                    "maybe" if r["floor"] <= FIT_MARGIN * cap else "no")
+      how = r["how"]
       self.say(f"{SHORT[r['variant']]:9s} {str(r['data']) + 'x' + str(r['fsdp']):>8s} "
                f"{r['remat']:5s} {g(r['params'])} {g(r['opt'])} {g(r['adv'])} "
-               f"{g(r['batch'])} {g(r['resid'])} {g(r['temp'])} {g(r['total'])}  "
+               f"{g(r['batch'])} {g(r['resid'])} {g(r['temp'])} {g(r['total'])} "
+               f"{g(r['floor'])}  "
                + " ".join(f"{x:>11s}" for x in fits) + f"  {how}")
     self.say("\nnotes:")
     if err is not None:
       self.say(f"  * depth extrapolation checked on ViT-B against a full compile: "
                f"{err:+.2f}% error in temp.")
-    self.say("  * temp comes from XLA:CPU's memory_analysis(), a proxy for TPU/GPU: other "
-             "fusion, and bf16 math done in f32 on CPU, so it leans high for bf16.")
-    self.say("  * remat=block rows: temp(none) minus the activations remat stops saving "
-             "(resid none - resid block), since XLA:CPU undoes remat; TPU/GPU keep it.")
+    if self.cpu:
+      self.say("  * temp comes from XLA:CPU's memory_analysis(), a proxy for TPU/GPU: other "
+               "fusion, and bf16 math done in f32 on CPU, so it leans high for bf16.")
+      if "block" in self.args.remat:
+        self.say("  * remat=block rows: temp(none) minus the activations remat stops saving "
+                 "(resid none - resid block), since XLA:CPU undoes remat; TPU/GPU keep it.")
+    else:
+      self.say(f"  * temp comes from memory_analysis() of the step compiled for "
+               f"{self.device_kind} ({self.backend}); remat rows are compiled as such.")
+    self.say("  * floor = params + opt + adv + batch + f32 gradient accumulator + resid: "
+             "live whatever the backend (no workspace counted).")
     self.say(f"  * fit: ok = total <= {FIT_MARGIN:.0%} of one device, tight = <= 100%, "
-             "no = more.  Devices (one JAX device each):")
+             f"maybe = only floor <= {FIT_MARGIN:.0%} (measure on the device), no = "
+             "neither.  Devices (one JAX device each):")
     for name, cap, src in DEVICES:
       self.say(f"      {name:12s} {cap / GiB:6.1f} GiB  {src}")
     self.say("    The issue's '32 GB TPU v5p core' matches no v5p figure: a v5p chip (one JAX "
