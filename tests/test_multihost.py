@@ -96,8 +96,14 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(reference, tmp
            "--config.max_steps_per_run=4")
   assert steps_saved(w) == [4]
   assert json.loads((w / "summary.json").read_text())["status"] == "stopped"
-  # ... then the same command again: both restore step 4 and finish.
-  run_pair(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4")
+  # ... then the same command again: both restore step 4 and finish (with the end-of-run
+  # k-NN and reconstructions, which every process takes part in).
+  run_pair(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4",
+           "--config.eval.knn_source=fashion_mnist", "--config.eval.knn_train_examples=200",
+           "--config.eval.knn_test_examples=64")
+  summary = json.loads((w / "summary.json").read_text())
+  assert summary["status"] == "finished" and 0.0 < summary["knn_top1"] <= 1.0
+  assert (w / "reconstructions.png").exists()
   got = losses(w)
   assert sorted(got) == list(range(1, 9))  # only process 0 writes metrics: one record a step
   for step in range(1, 9):
