@@ -16,6 +16,7 @@ ADVERSARY_NORMS = ("none", "l2", "linf")
 RPE_EMBEDDING = ("faithful", "per_bucket")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.encoder_sees_mask_tokens = True   # MAE+; False = plain MAE, for comparison
   c.model.dtype = "float32"                 # compute dtype; params stay float32
   c.model.remat = "none"                    # none | block: jax.checkpoint per transformer block
+  c.model.attention_impl = "auto"           # auto | xla | pallas (auto: pallas on one CUDA GPU)
 
   # Devices: a (data, fsdp) mesh; -1 = the rest of the devices.  fsdp > 1 shards the big
   # kernels (and their optimizer state) over the fsdp axis; the batch is split over both.
@@ -134,6 +136,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c, "model.pe", PE_TYPES)
   _choice(c, "model.dtype", DTYPES)
   _choice(c, "model.remat", REMAT)
+  _choice(c, "model.attention_impl", ATTENTION_IMPLS)
   _choice(c, "adversary.kind", ADVERSARY_KINDS)
   _choice(c, "adversary.norm", ADVERSARY_NORMS)
   _choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)

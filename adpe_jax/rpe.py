@@ -23,6 +23,10 @@ Offsets are query minus key: d = pos_i - pos_j; patch n sits at (n // grid, n % 
 Both R's are materialised and contracted with one einsum ('bhid,dij->bhij'); the
 integer R is built as a matmul with a constant one-hot (no gather / scatter in the
 backward pass), the continuous R as a matmul with constant-structure bilinear weights.
+That is `rpe_bias`, the reference the `xla` attention uses.  `RelativePositionKey`
+declares the table and the adversary and hands them on as `RPEOperands`; the fused
+Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same term from
+QW = q W and bucket / corner ids without materialising anything of size T x T per query.
 
 Adversaries live in the Flax variable collection ``"adversary"`` (not ``"params"``),
 zero-initialised like the original; the names are the original's:
@@ -45,6 +49,7 @@ The adversary is read only where masked query rows exist: a call with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Optional
@@ -201,6 +206,69 @@ def continuous_table(table: jax.Array, grid: int, shift: jax.Array) -> jax.Array
 # Module
 # ----------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class RPEOperands:
+  """Everything the iRPE-K logit term needs besides the query: what an attention
+  implementation (`adpe_jax.kernels.attention`) receives from `RelativePositionKey`.
+
+  table: the raw ``lookup_table`` parameter (head_dim, 50), param dtype.
+  adv: the raw adversary (``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) /
+    ``adv_shift`` (2,)), or None when no adversary is applied.
+  query_mask: (B, T) bool, 1 = masked query row; None when no adversary is applied.
+  grid: patch grid side (T = 1 + grid**2).
+  lookup: the EFFECTIVE lookup ("continuous" for the coordinate adversary).
+  adversary: the EFFECTIVE adversary ("none" when no mask is given).
+  query: optional (B, T, H, hd) query for the RPE term when it is not the attention's
+    (scaled) query, e.g. the fine-tune model's unscaled query (spec 9.2).
+  """
+  table: jax.Array
+  adv: Optional[jax.Array]
+  query_mask: Optional[jax.Array]
+  grid: int
+  lookup: str
+  adversary: str
+  query: Optional[jax.Array] = None
+
+  def replace(self, **kw) -> "RPEOperands":
+    return dataclasses.replace(self, **kw)
+
+
+def rpe_bias(q_scaled: jax.Array, ops: RPEOperands) -> jax.Array:
+  """The logit term (B, H, T, T) from queries (B, H, T, hd): the reference computation
+  (materialised R, one einsum), used by the `xla` attention and by `RelativePositionKey`."""
+  dtype = q_scaled.dtype
+  lookup = ops.lookup
+  # Tables are built in q's dtype, except that the continuous geometry / bilinear
+  # weights never go below float32 (bf16 pixel positions would be far too coarse).
+  table_dtype = dtype if lookup == "integer" else jnp.promote_types(dtype, jnp.float32)
+
+  def materialise(table, shift=None):
+    if lookup == "integer":
+      return integer_table(table, ops.grid)
+    if shift is None:
+      shift = jnp.zeros((2,), table_dtype)
+    return continuous_table(table, ops.grid, shift)
+
+  def contract(r):
+    return jnp.einsum("bhid,dij->bhij", q_scaled, r.astype(dtype))
+
+  w = ops.table.astype(table_dtype)
+  r_plain = materialise(w)
+  bias = contract(r_plain)
+  if ops.adversary == "none":
+    return bias
+  adv = ops.adv
+  mask = jnp.asarray(ops.query_mask).astype(dtype)[:, None, :, None]  # (B, 1, T, 1)
+  if ops.adversary == "embedding_faithful":
+    # Same vector in every bucket: a per-row constant q_i . a (no-op under softmax).
+    delta = jnp.einsum("bhid,d->bhi", q_scaled, adv.astype(dtype))[..., None]
+  elif ops.adversary == "embedding":
+    delta = contract(materialise(adv.astype(table_dtype)))
+  else:
+    delta = contract(materialise(w, adv.astype(table_dtype)) - r_plain)
+  return bias + mask * delta
+
+
 class RelativePositionKey(nn.Module):
   """iRPE-K logit bias (B, H, T, T) from scaled queries (spec 4.4, 4.5, 5.3, 5.5).
 
@@ -217,6 +285,9 @@ class RelativePositionKey(nn.Module):
   Params: ``lookup_table`` (head_dim, 50) [torch ``rpe_k.lookup_table_weight`` (1, hd, 50)].
   Collection "adversary": ``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) /
   ``adv_shift`` (2,), read only when ``query_mask`` is given.
+
+  ``operands(q, mask)`` declares / reads the variables and returns `RPEOperands` (what
+  the fused attention kernels take); ``__call__`` is ``rpe_bias(q, operands(q, mask))``.
   """
 
   head_dim: int
@@ -226,7 +297,7 @@ class RelativePositionKey(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q_scaled: jax.Array, query_mask: Optional[jax.Array] = None) -> jax.Array:
+  def operands(self, q_scaled: jax.Array, query_mask: Optional[jax.Array] = None) -> RPEOperands:
     if self.lookup not in LOOKUPS:
       raise ValueError(f"lookup must be one of {LOOKUPS}, got {self.lookup!r}.")
     if self.adversary not in ADVERSARIES:
@@ -236,44 +307,20 @@ class RelativePositionKey(nn.Module):
       raise ValueError(f"q head dim {hd} != head_dim {self.head_dim}.")
     if t != 1 + self.grid * self.grid:
       raise ValueError(f"sequence length {t} != 1 + grid**2 = {1 + self.grid ** 2} (cls first).")
-
-    dtype = q_scaled.dtype
-    # Tables are built in q's dtype, except that the continuous geometry / bilinear
-    # weights never go below float32 (bf16 pixel positions would be far too coarse).
     lookup = "continuous" if self.adversary == "coordinate" else self.lookup
-    table_dtype = dtype if lookup == "integer" else jnp.promote_types(dtype, jnp.float32)
     zeros = nn.initializers.zeros
-
-    def materialise(table, shift=None):
-      if lookup == "integer":
-        return integer_table(table, self.grid)
-      if shift is None:
-        shift = jnp.zeros((2,), table_dtype)
-      return continuous_table(table, self.grid, shift)
-
-    def contract(r):
-      return jnp.einsum("bhid,dij->bhij", q_scaled, r.astype(dtype))
-
     w = self.param("lookup_table", zeros, (self.head_dim, NUM_BUCKETS), self.param_dtype)
-    w = w.astype(table_dtype)
-    r_plain = materialise(w)
-    bias = contract(r_plain)
-
+    plain = RPEOperands(table=w, adv=None, query_mask=None, grid=self.grid, lookup=lookup,
+                        adversary="none")
     if self.adversary == "none" or (query_mask is None and not self.is_initializing()):
-      return bias
+      return plain
     name, shape = {"embedding_faithful": ("adv_token", (self.head_dim,)),
                    "embedding": ("adv_table", (self.head_dim, NUM_BUCKETS)),
                    "coordinate": ("adv_shift", (2,))}[self.adversary]
     adv = self.variable(ADVERSARY, name, jnp.zeros, shape, self.param_dtype).value
     if query_mask is None:
-      return bias
+      return plain
+    return plain.replace(adv=adv, query_mask=jnp.asarray(query_mask), adversary=self.adversary)
 
-    mask = jnp.asarray(query_mask).astype(dtype)[:, None, :, None]      # (B, 1, T, 1)
-    if self.adversary == "embedding_faithful":
-      # Same vector in every bucket: a per-row constant q_i . a (no-op under softmax).
-      delta = jnp.einsum("bhid,d->bhi", q_scaled, adv.astype(dtype))[..., None]
-    elif self.adversary == "embedding":
-      delta = contract(materialise(adv.astype(table_dtype)))
-    else:
-      delta = contract(materialise(w, adv.astype(table_dtype)) - r_plain)
-    return bias + mask * delta
+  def __call__(self, q_scaled: jax.Array, query_mask: Optional[jax.Array] = None) -> jax.Array:
+    return rpe_bias(q_scaled, self.operands(q_scaled, query_mask))

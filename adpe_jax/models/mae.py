@@ -128,6 +128,7 @@ class MAEPlus(nn.Module):
   encoder_sees_mask_tokens: bool = True
   dtype: Optional[Dtype] = None
   remat: str = "none"   # "block": recompute each block's activations in the backward pass
+  attention_impl: str = "auto"   # "xla" | "pallas" | "auto" (adpe_jax.kernels.attention)
 
   @property
   def grid(self) -> int:
@@ -178,13 +179,15 @@ class MAEPlus(nn.Module):
     rpe = self._rpe()
     # jax.checkpoint per block: only block inputs are kept for the backward pass.
     block_cls = nn.remat(Block) if self.remat == "block" else Block
-    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, self.dtype, rpe, name=f"blocks_{i}")
+    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, self.dtype, rpe,
+                             attention_impl=self.attention_impl, name=f"blocks_{i}")
                    for i in range(self.depth)]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")
     self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
                                   kernel_init=xavier_uniform, name="decoder_embed")
     self.decoder_blocks = [
         block_cls(self.decoder_num_heads, self.mlp_ratio, self.dtype, rpe,
+                  attention_impl=self.attention_impl,
                   name=f"decoder_blocks_{i}")
         for i in range(self.decoder_depth)]
     self.decoder_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="decoder_norm")

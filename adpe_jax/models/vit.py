@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from adpe_jax.kernels.attention import attention
 
 Dtype = Any
 LN_EPS = 1e-6
@@ -48,11 +49,16 @@ class Attention(nn.Module):
   `rpe` is None (APE models) or a dict of `adpe_jax.rpe.RelativePositionKey` fields
   (grid, lookup, adversary).  Faithful to the pretraining model (spec 5.3): the RPE term
   uses the *scaled* query; fine-tune models set `rpe_unscaled_query` (spec 9.2).
+
+  The attention itself (logits, RPE term, softmax, times v) is `adpe_jax.kernels.attention`
+  with `attention_impl` ("auto" | "xla" | "pallas"); `RelativePositionKey` only declares
+  and reads the table and the adversary.
   """
   num_heads: int
   dtype: Optional[Dtype] = None
   rpe: Optional[dict] = None
   rpe_unscaled_query: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, query_mask=None):
@@ -64,14 +70,15 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
     scale = hd ** -0.5
     q_scaled = q * jnp.asarray(scale, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_scaled, k)
+    rpe_ops = None
     if self.rpe is not None:
       from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415 (keeps APE import light)
       q_rpe = q if self.rpe_unscaled_query else q_scaled
-      logits = logits + RelativePositionKey(head_dim=hd, name="rpe_k", **self.rpe)(
+      rpe_ops = RelativePositionKey(head_dim=hd, name="rpe_k", **self.rpe).operands(
           q_rpe.transpose(0, 2, 1, 3), query_mask)
-    probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+      if self.rpe_unscaled_query:
+        rpe_ops = rpe_ops.replace(query=q)
+    out = attention(q_scaled, k, v, rpe=rpe_ops, impl=self.attention_impl).reshape(b, t, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")(out)
 
 
@@ -82,12 +89,13 @@ class Block(nn.Module):
   dtype: Optional[Dtype] = None
   rpe: Optional[dict] = None
   rpe_unscaled_query: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, query_mask=None):
     d = x.shape[-1]
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")(x)
     x = x + Attention(self.num_heads, self.dtype, self.rpe, self.rpe_unscaled_query,
-                      name="attn")(y, query_mask)
+                      self.attention_impl, name="attn")(y, query_mask)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm2")(x)
     return x + Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(y)

@@ -32,6 +32,7 @@ def build_model(config) -> MAEPlus:
       encoder_sees_mask_tokens=m.encoder_sees_mask_tokens,
       dtype=None if m.dtype == "float32" else jnp.dtype(m.dtype),
       remat=m.get("remat", "none"),
+      attention_impl=m.get("attention_impl", "auto"),
       **model_kwargs(m.variant))
 
 
