@@ -298,3 +298,20 @@ def test_config_field_and_auto_resolution():
   assert attn_lib._auto_impl("tpu", 1, "") == "xla"
   with pytest.raises(ValueError):
     attn_lib.resolve_impl("bogus")
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_does_not_build(monkeypatch):
+  """Under `auto` the kernel is compiled once on tiny shapes first; a failure means xla."""
+  from adpe_jax.kernels import attention as attn_lib
+  from adpe_jax.kernels import rpe_attention
+  monkeypatch.setattr(attn_lib, "_auto_impl", lambda *a: "pallas")   # as on a CUDA GPU
+  attn_lib._pallas_builds.cache_clear()
+  assert attn_lib._pallas_builds() and attn_lib.resolve_impl("auto") == "pallas"
+
+  def broken(*a, **k):
+    raise RuntimeError("Triton lowering failed")
+  monkeypatch.setattr(rpe_attention, "pallas_attention", broken)
+  attn_lib._pallas_builds.cache_clear()
+  assert attn_lib.resolve_impl("auto") == "xla"
+  assert attn_lib.resolve_impl("pallas") == "pallas"   # an explicit choice is kept
+  attn_lib._pallas_builds.cache_clear()

@@ -61,7 +61,40 @@ def resolve_impl(impl: str) -> str:
   capability = ""
   if backend == "gpu":
     capability = getattr(jax.devices()[0], "compute_capability", "") or ""
-  return _auto_impl(backend, jax.device_count(), str(capability))
+  chosen = _auto_impl(backend, jax.device_count(), str(capability))
+  if chosen == "pallas" and not _pallas_builds():
+    return "xla"
+  return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas_builds() -> bool:
+  """Under `auto`: compile and run the kernel (forward and backward, with a coordinate
+  adversary) once on tiny shapes; if that fails on this device, warn and use `xla`, so a
+  kernel that does not build here never breaks default training."""
+  try:
+    import numpy as np  # noqa: PLC0415
+    from adpe_jax import rpe as rpe_lib  # noqa: PLC0415
+    from adpe_jax.kernels.rpe_attention import pallas_attention  # noqa: PLC0415
+    b, h, grid, hd = 1, 1, 3, 16
+    t = 1 + grid * grid
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, h, hd)), jnp.float32)
+    mask = jnp.asarray(np.arange(t)[None] % 2 == 1)
+
+    def loss(q, table, shift):
+      ops = rpe_lib.RPEOperands(table=table, adv=shift, query_mask=mask, grid=grid,
+                                lookup="continuous", adversary="coordinate")
+      return pallas_attention(q, x, x, ops).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+        x, jnp.full((hd, rpe_lib.NUM_BUCKETS), 0.1, jnp.float32), jnp.asarray([0.3, -0.2]))
+    jax.block_until_ready(grads)
+    return all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  except Exception as e:  # noqa: BLE001
+    from absl import logging  # noqa: PLC0415
+    logging.warning("attention_impl=auto: the Pallas kernel does not build on this device "
+                    "(%s: %s); using xla.", type(e).__name__, str(e).splitlines()[0][:200])
+    return False
 
 
 def xla_attention(q, k, v, rpe=None):
