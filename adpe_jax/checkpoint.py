@@ -503,3 +503,54 @@ class AgreedStop:
 
   def __exit__(self, *exc) -> None:
     self.guard.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def restore_params(path) -> tuple[dict, dict, str]:
+  """The `params` of a checkpoint of ours (e.g. to fine-tune a pretrained encoder).
+
+  `path`: a run's workdir (its newest checkpoint), its `checkpoints/` directory, or one
+  `checkpoints/<step>` directory.  Only `params` is read (orbax partial restore: no
+  optimizer state, no adversary), onto the default device as numpy-backed arrays, and
+  checked against the checksums written at save time.  Returns (params, the run metadata
+  the checkpoint was written with, the step directory).  Raises CheckpointError.
+  """
+  p = storage.resolve(path)
+  if not p.exists():
+    raise CheckpointError(f"checkpoint path {path} does not exist.")
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if not (p / _STATE).is_dir():
+    steps = sorted(int(d.name) for d in p.iterdir() if d.name.isdigit() and (d / _STATE).is_dir())
+    if not steps:
+      raise CheckpointError(f"{path} holds no checkpoint of ours (no checkpoints/<step>/"
+                            f"{_STATE} directory).")
+    p = p / str(steps[-1])
+  try:
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(p / _META)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(p / _STATE)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise CheckpointError(f"checkpoint {p} holds no 'params' tree.")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                            tree["params"])
+    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), tree["params"])
+    params = checkpointer.restore(p / _STATE, args=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": args},
+        partial_restore=True))["params"]
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"checkpoint {p} could not be read ({_short(e)}).") from e
+  want = {k: v for k, v in (meta.get("checksums") or {}).items() if k.startswith("params/")}
+  if want:
+    got = _checksums({"params": params})
+    bad = [k for k, v in want.items() if k in got and got[k] != v]
+    if bad:
+      raise CheckpointError(f"checkpoint {p} holds {bad[0]} whose data does not match the "
+                            f"checksum written at save time; its files are corrupt.")
+  return params, meta.get("run", {}), str(p)

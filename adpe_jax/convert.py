@@ -136,3 +136,61 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
     raise ConversionError(f"state dict shapes do not fit the configured model: {bad[:4]}.")
   return {col: traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items() if k[0] == col})
           for col in ("params", ADVERSARY)}
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+  """Inverse of `_flax_path` (and of the leaf renames in `convert_tensor`)."""
+  out: list[str] = []
+  for part in path:
+    head, _, idx = part.rpartition("_")
+    if head in ("blocks", "decoder_blocks") and idx.isdigit():
+      out += [head, idx]
+    else:
+      out.append(part)
+  if out[0] == "patch_embed":
+    out.insert(1, "proj")
+  last = out[-1]
+  if last in ("kernel", "scale"):
+    out[-1] = "weight"
+  elif last == "lookup_table":
+    out[-1] = "lookup_table_weight"
+  return ".".join(out)
+
+
+def tensor_to_torch(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.ndarray]:
+  """One Flax leaf -> (the original's name, array in torch layout); inverse of convert_tensor."""
+  value = np.asarray(value)
+  name = _torch_name(path)
+  last = path[-1]
+  if path[0] == "patch_embed" and last == "kernel":
+    d = value.shape[-1]
+    p = int(round(np.sqrt(value.shape[0] // 3)))
+    return name, np.ascontiguousarray(value.reshape(p, p, 3, d).transpose(3, 2, 0, 1))
+  if last == "kernel":
+    return name, np.ascontiguousarray(value.T)
+  if last == "lookup_table":
+    return name, value.reshape(1, *value.shape)
+  if last == "adv_token" and "rpe_k" in path:
+    return name, value.reshape(1, -1, 1)
+  return name, value
+
+
+def to_torch(variables: Mapping[str, Any], config=None, with_pos_embed: bool = True) -> dict:
+  """Flax `{'params', 'adversary'}` of `MAEPlus` -> the original's state dict (numpy arrays).
+
+  The inverse of `from_torch`: `from_torch(to_torch(v, config), config) == v` exactly.
+  With a config (and `with_pos_embed`), the fixed `pos_embed` / `decoder_pos_embed` sin-cos
+  tables (1, 1+L, D) are added as the original's checkpoints hold them.
+  """
+  out = {}
+  for col in ("params", ADVERSARY):
+    for path, value in traverse_util.flatten_dict(dict(variables.get(col, {}) or {})).items():
+      name, arr = tensor_to_torch(path, np.asarray(value))
+      out[name] = arr
+  if config is not None and with_pos_embed:
+    from adpe_jax.train.state import build_model  # noqa: PLC0415 (a cycle)
+    model = build_model(config)
+    out["pos_embed"] = posembed.sincos_table(model.grid, model.embed_dim)[None].astype(np.float32)
+    out["decoder_pos_embed"] = posembed.sincos_table(
+        model.grid, model.decoder_embed_dim)[None].astype(np.float32)
+  return out

@@ -71,9 +71,19 @@ def main(argv):
   from adpe_jax.checkpoint import CheckpointError  # noqa: PLC0415
   from adpe_jax.data.errors import DataError  # noqa: PLC0415
   from adpe_jax.defaults import ConfigError  # noqa: PLC0415
-  from adpe_jax.train.pretrain import train_and_evaluate  # noqa: PLC0415
   logging.set_verbosity(logging.INFO)
   _drop_closed_loop_noise()
+  # config.task: "pretrain" (default; the pretraining configs have no such field) or
+  # "finetune" (configs/finetune_*.py, adpe_jax/train/finetune.py).
+  task = _CONFIG.value.get("task", "pretrain")
+  if task == "finetune":
+    from adpe_jax.train.finetune import finetune as train_and_evaluate  # noqa: PLC0415
+  elif task == "pretrain":
+    from adpe_jax.train.pretrain import train_and_evaluate  # noqa: PLC0415
+  else:
+    print(f"error: config field task={task!r} is not allowed; allowed values: 'pretrain', "
+          f"'finetune'.", file=sys.stderr)
+    sys.exit(2)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError) as e:

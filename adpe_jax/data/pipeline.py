@@ -151,10 +151,11 @@ class PretrainPipeline:
     batch, size, num_crops = self.local_batch_size, self.image_size, self.num_crops
 
     images: list = [None] * batch
+    labels = np.zeros(batch, np.int64)
 
     def load(rows: range) -> None:
       for i in rows:
-        images[i] = self.source[int(indices[i])][0]
+        images[i], labels[i] = self.source[int(indices[i])]
 
     self._map_chunks(load, batch, min_chunk=8)
 
@@ -172,12 +173,27 @@ class PretrainPipeline:
       sl = slice(rows.start, rows.stop)
       part = multicrop.CropParams(params.top[sl], params.left[sl], params.height[sl],
                                   params.width[sl], params.flip[sl])
-      multicrop.normalize(multicrop.resized_crops(images, example[sl], part, size), out[sl])
+      crops = multicrop.resized_crops(images, example[sl], part, size)
+      crops = self._after_crop(crops, indices[example[sl]], self.epoch_of(step))
+      multicrop.normalize(crops, out[sl])
 
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
     position = self.process_index * batch + np.arange(batch)
     ids = (np.arange(num_crops)[:, None] * self.global_batch_size + position[None]).reshape(-1)
-    return {"images": out, "ids": ids.astype(np.int32)}
+    return self._finish_batch({"images": out, "ids": ids.astype(np.int32)}, labels, indices,
+                              step)
+
+  # Hooks for pipelines built on this one (the fine-tune pipeline, adpe_jax.data.finetune):
+  def _after_crop(self, crops: np.ndarray, indices: np.ndarray, epoch: int) -> np.ndarray:
+    """uint8 crops (n, size, size, C) of source examples `indices` -> uint8 crops."""
+    del indices, epoch
+    return crops
+
+  def _finish_batch(self, batch: dict, labels: np.ndarray, indices: np.ndarray,
+                    step: int) -> dict:
+    """The batch dict, given this process's labels and source indices (int64 (local,))."""
+    del labels, indices, step
+    return batch
 
   def _map_chunks(self, fn, n: int, min_chunk: int) -> None:
     """fn(range) over up to 2 chunks per thread of range(n) in the pool; re-raises errors."""

@@ -1,0 +1,107 @@
+"""Export a run's encoder as a timm `VisionTransformer` state dict.
+
+  python -m adpe_jax.export --workdir=DIR --out=FILE.safetensors   (or FILE.pth)
+
+DIR is a pretraining or fine-tuning workdir of ours (its newest checkpoint's `params`).
+Keys and layouts are timm's (and mmsegmentation's MAE backbone / detectron2's ViTDet
+after their own MAE-checkpoint conversion): cls_token, pos_embed (1, 1+L, D),
+patch_embed.proj.{weight,bias}, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+mlp.fc2}.{weight,bias}, and
+  * pretraining: norm.{weight,bias} (the encoder's final LayerNorm); pos_embed = the fixed
+    sin-cos table of the pretraining grid; decoder, mask token and adversary dropped;
+    load into timm.models.VisionTransformer(img_size, patch_size, embed_dim, depth,
+    num_heads, num_classes=0, global_pool='token') -- or 'avg' pooling over the same
+    tokens (what k-NN uses here);
+  * fine-tuning: the learned pos_embed, fc_norm.* and head.* (global pooling, timm
+    VisionTransformer(global_pool='avg', fc_norm=True, num_classes=K)), or norm.* with
+    cls pooling.
+iRPE models: timm's ViT has no relative-position term; the tables are written under the
+original's names (`blocks.i.attn.rpe_k.lookup_table_weight`, (1, head_dim, 50)), which a
+timm model loaded with strict=False ignores -- and then computes a different function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+
+from adpe_jax import convert, posembed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours.")
+_OUT = flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")
+
+_ENCODER_TOP = ("patch_embed", "cls_token", "pos_embed", "norm", "fc_norm", "head")
+
+
+def timm_state_dict(params: dict, run: dict) -> dict[str, np.ndarray]:
+  """Our params (MAEPlus or ViTClassifier) + the run metadata -> timm ViT state dict."""
+  flat = traverse_util.flatten_dict(dict(params))
+  out = {}
+  for path, value in flat.items():
+    if not (path[0] in _ENCODER_TOP or path[0].startswith("blocks_")):
+      continue  # decoder, mask token
+    name, arr = convert.tensor_to_torch(path, np.asarray(value))
+    out[name] = np.ascontiguousarray(arr, np.float32)
+  if "pos_embed" not in out:  # pretraining: the fixed table of the pretraining grid
+    grid = int(run["image_size"]) // int(run["model"]["patch_size"])
+    out["pos_embed"] = posembed.sincos_table(grid, out["cls_token"].shape[-1])[None].astype(
+        np.float32)
+  return out
+
+
+def save(state_dict: dict[str, np.ndarray], out: str) -> None:
+  if out.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import save_file  # noqa: PLC0415
+    except ImportError as e:
+      raise SystemExit("error: writing .safetensors needs the safetensors package "
+                       "(pip install safetensors), which is not installed.") from e
+    save_file(state_dict, out)
+  elif out.endswith((".pth", ".pt")):
+    try:
+      import torch  # noqa: PLC0415
+    except ImportError as e:
+      raise SystemExit("error: writing .pth needs torch (CPU is enough: pip install torch), "
+                       "which is not installed; write .safetensors instead.") from e
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, out)
+  else:
+    raise SystemExit(f"error: --out={out!r} must end in .safetensors or .pth.")
+
+
+def export(workdir: str, out: str) -> dict[str, np.ndarray]:
+  from adpe_jax import checkpoint  # noqa: PLC0415
+  params, run, _ = checkpoint.restore_params(workdir)
+  state_dict = timm_state_dict(params, run)
+  save(state_dict, out)
+  return state_dict
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value or not _OUT.value:
+    print("error: both --workdir and --out are required.", file=sys.stderr)
+    sys.exit(2)
+  from adpe_jax.checkpoint import CheckpointError  # noqa: PLC0415
+  try:
+    sd = export(_WORKDIR.value, _OUT.value)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    os._exit(2)
+  rpe = any("rpe_k" in k for k in sd)
+  print(json.dumps({"out": _OUT.value, "tensors": len(sd),
+                    "parameters": int(sum(np.size(v) for v in sd.values())),
+                    "irpe_tables": rpe}))
+  if rpe:
+    print("note: this encoder has iRPE tables, which timm's VisionTransformer does not "
+          "compute; load with strict=False only where that difference is intended.",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
