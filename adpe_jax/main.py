@@ -74,15 +74,20 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   _drop_closed_loop_noise()
   # config.task: "pretrain" (default; the pretraining configs have no such field) or
-  # "finetune" (configs/finetune_*.py, adpe_jax/train/finetune.py).
+  # "finetune" (configs/finetune_*.py, adpe_jax/train/finetune.py), "linprobe" / "knn"
+  # (frozen-encoder evaluations, adpe_jax/train/linprobe.py and evaluate.py).
   task = _CONFIG.value.get("task", "pretrain")
   if task == "finetune":
     from adpe_jax.train.finetune import finetune as train_and_evaluate  # noqa: PLC0415
+  elif task == "linprobe":  # configs/linprobe_*.py
+    from adpe_jax.train.linprobe import linprobe as train_and_evaluate  # noqa: PLC0415
+  elif task == "knn":  # configs/knn.py
+    from adpe_jax.train.evaluate import run_knn as train_and_evaluate  # noqa: PLC0415
   elif task == "pretrain":
     from adpe_jax.train.pretrain import train_and_evaluate  # noqa: PLC0415
   else:
     print(f"error: config field task={task!r} is not allowed; allowed values: 'pretrain', "
-          f"'finetune'.", file=sys.stderr)
+          f"'finetune', 'linprobe', 'knn'.", file=sys.stderr)
     sys.exit(2)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

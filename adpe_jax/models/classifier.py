@@ -97,7 +97,12 @@ class ViTClassifier(nn.Module):
     return dict(grid=self.grid, lookup=self.rpe_lookup, adversary="none")
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, features: str = ""):
+    """Logits; with `features` the frozen encoder's readout instead (no head; needs
+    global_pool=False, adpe_jax/train/evaluate.py): "cls" = norm(x)[:, 0] (MAE's linear
+    probe), "avg" = a LayerNorm without affine of the patch-token mean (MAE's linear probe
+    with --global_pool: its fresh, frozen fc_norm), "mean" = the mean of norm(x)'s patch
+    tokens (`MAEPlus.features`, the pretraining k-NN)."""
     p, d = self.patch_size, self.embed_dim
     n = images.shape[0]
     fan_in = p * p * 3
@@ -118,6 +123,15 @@ class ViTClassifier(nn.Module):
       x = FinetuneBlock(self.num_heads, self.mlp_ratio, self.dtype, self._rpe(),
                         self.rpe_unscaled_query, self.attention_impl, float(rates[i]),
                         name=f"blocks_{i}")(x, train)
+    if features:
+      if self.global_pool or features not in ("cls", "avg", "mean"):
+        raise ValueError(f"features={features!r} needs global_pool=False and one of "
+                         f"'cls', 'avg', 'mean'")
+      if features == "avg":
+        return _f32_or_wider(nn.LayerNorm(epsilon=LN_EPS, use_scale=False, use_bias=False,
+                                          name="fc_norm")(x[:, 1:].mean(axis=1)))
+      x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
+      return _f32_or_wider(x[:, 0]) if features == "cls" else _f32_or_wider(x[:, 1:]).mean(axis=1)
     if self.global_pool:
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
     else:

@@ -30,10 +30,17 @@ from adpe_jax.models import MAEPlus
 
 # -- features ------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _features_fn(model: MAEPlus, mesh):
-  """One jitted feature function per (model, mesh); it compiles once per batch shape."""
+def _features_fn(model, mesh):
+  """One jitted feature function per (model, mesh); it compiles once per batch shape.
+
+  model: an MAEPlus (its `features`) or any hashable callable (params, images) -> (N, D),
+  e.g. the frozen encoders of `adpe_jax.train.evaluate`.
+  """
   def f(params, images):
-    feats = model.apply({"params": params}, images, method=MAEPlus.features)
+    if isinstance(model, MAEPlus):
+      feats = model.apply({"params": params}, images, method=MAEPlus.features)
+    else:
+      feats = model(params, images)
     return feats.astype(jnp.float32)
   if mesh is None:
     return jax.jit(f)
@@ -41,11 +48,12 @@ def _features_fn(model: MAEPlus, mesh):
                  out_shardings=parallel.replicated(mesh))
 
 
-def extract_features(model: MAEPlus, params, images: np.ndarray, batch_size: int = 256,
+def extract_features(model, params, images: np.ndarray, batch_size: int = 256,
                      mesh=None) -> np.ndarray:
   """(N, H, W, 3) ImageNet-normalised images -> (N, D) float32 encoder features.
 
-  Runs `MAEPlus.features` (no masking) in batches of `batch_size`; the last batch is
+  Runs `MAEPlus.features` (no masking; or `model(params, images)` for another hashable
+  feature function, see `_features_fn`) in batches of `batch_size`; the last batch is
   zero-padded to `batch_size`, so the function compiles once. With `mesh` the batch is
   split over the mesh's `data` axis (batch_size must be divisible by the mesh size) and
   the parameters are replicated; `images` must then be the same on every process.

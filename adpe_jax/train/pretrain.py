@@ -139,9 +139,10 @@ class KnnEvaluator:
     self.model, self.mesh, self.k = model, mesh, config.eval.knn_k
 
   def __call__(self, params) -> float:
-    from adpe_jax.train import knn  # noqa: PLC0415
-    return knn.knn_eval(self.model, params, *self.train, *self.test, k=self.k,
-                        batch_size=64 * self.mesh.size, mesh=self.mesh)["knn_top1"]
+    from adpe_jax.train import evaluate  # noqa: PLC0415 (the evaluators' one interface)
+    metric = evaluate.KnnMetric(*self.train, *self.test, k=self.k,
+                                batch_size=64 * self.mesh.size, mesh=self.mesh)
+    return metric(evaluate.mae_encoder(self.model, params))["knn_top1"]
 
 
 def write_reconstructions(config, model, state, images, key, workdir, log, step):

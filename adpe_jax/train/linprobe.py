@@ -1,0 +1,303 @@
+"""MAE's linear probe (`main_linprobe.py`): `linprobe(config, workdir)`, task "linprobe".
+
+The frozen encoder (`evaluate.load_encoder`: config.init through the fine-tune code's
+loader, read out by model.pool, "cls" by default as MAE) feeds a probe
+BatchNorm(affine=False, eps 1e-6) -> Dense (kernel trunc-normal 0.01, bias 0), trained with
+MAE's LARS or SGD (momentum 0.9), lr = blr * batch / 256 with warmup + cosine set per
+iteration, plain cross-entropy; RandomResizedCrop + flip for training (`FinetunePipeline`
+with RandAugment and RandomErasing off), Resize -> CenterCrop for evaluation; top-1 / top-5
+every epoch, best and last in summary.json; resume and preemption through the same
+`Checkpointer` / `AgreedStop` as pretraining and fine-tuning.
+
+Features are computed on the fly inside the train step (encoder forward under
+`stop_gradient`, the gradient taken w.r.t. the probe only, so no encoder backward runs):
+every epoch sees new random crops, so precomputing once per epoch costs the same forward
+passes plus memory and an extra pass structure, and on-the-fly keeps a step a pure
+function of (step, checkpoint) for exact resumption.  The eval transform is deterministic,
+so the eval-set features ARE computed once per run (`evaluate.labelled_features`) and each
+evaluation only applies the probe.
+
+Differences from MAE, all negligible at its batch: BatchNorm statistics are over the
+global batch (MAE's BatchNorm1d is per GPU, 512 examples); flax keeps the biased batch
+variance in the running average (torch the unbiased one); flax's truncated normal cuts at
+2 std (timm's trunc_normal_ at +-2 absolute, i.e. not at all for std 0.01).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from adpe_jax import checkpoint as ckpt_lib
+from adpe_jax import parallel, probe_defaults, storage
+from adpe_jax.defaults import ConfigError
+from adpe_jax.train import evaluate
+from adpe_jax.train import optimizer as optim
+from adpe_jax.train.metrics import MetricsLog
+
+BN_EPS = 1e-6
+
+
+class LinearProbe(nn.Module):
+  """MAE: head = Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear(D, C))."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, feats, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
+                     use_scale=False, use_bias=False, name="bn")(feats)
+    return nn.Dense(self.num_classes, name="head",
+                    kernel_init=nn.initializers.truncated_normal(0.01))(x)
+
+
+@flax.struct.dataclass
+class ProbeState:
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+
+
+def lars(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """MAE's util/lars.py LARS from optax's parts: for tensors of > 1 dim, g + wd * p scaled
+  by trust_coefficient * |p| / |g + wd p| (1 where a norm is 0); then mu = m mu + g and
+  p -= lr mu.  (`optax.lars` scales by the lr before the momentum trace, which differs
+  from MAE whenever the lr changes, i.e. under warmup + cosine.)"""
+  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0),
+                   mask),
+      optax.trace(decay=momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def make_optimizer(config, total_steps: int, steps_per_epoch: float):
+  lr = optim.warmup_cosine(optim.scaled_lr(config.blr, config.batch_size), config.min_lr,
+                           config.warmup_epochs * steps_per_epoch, total_steps, 1)
+  if config.optimizer == "lars":
+    return lars(lr, config.weight_decay, config.momentum), lr
+  # torch SGD(momentum, weight_decay): g + wd p, mu = m mu + g, p -= lr mu.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.trace(decay=config.momentum),
+                     optax.scale_by_learning_rate(lr)), lr
+
+
+def probe_loss(probe, encoder_fn, params, batch_stats, encoder_params, images, labels):
+  """(mean cross-entropy, (new batch_stats, logits)); the encoder sees stop_gradient."""
+  feats = jax.lax.stop_gradient(encoder_fn(encoder_params, images).astype(jnp.float32))
+  logits, updates = probe.apply({"params": params, "batch_stats": batch_stats}, feats,
+                                train=True, mutable=["batch_stats"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, (updates["batch_stats"], logits)
+
+
+def make_train_step(probe, encoder_fn, tx, lr_fn):
+  """train_step(state, encoder_params, images, labels) -> (state, metrics); the encoder's
+  params are an input only (never donated, never returned)."""
+  grad_fn = jax.value_and_grad(probe_loss, argnums=2, has_aux=True)
+
+  def train_step(state, encoder_params, images, labels):
+    (loss, (stats, _)), grads = grad_fn(probe, encoder_fn, state.params, state.batch_stats,
+                                        encoder_params, images, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+               "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
+    return ProbeState(state.step + 1, params, stats, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_fn(probe):
+  """eval(params, batch_stats, feats, labels, valid) -> sums of (loss, top-1, top-5, count)."""
+  def eval_fn(params, batch_stats, feats, labels, valid):
+    logits = probe.apply({"params": params, "batch_stats": batch_stats}, feats, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit = topk == labels[:, None]
+    v = valid.astype(jnp.float32)
+    return {"loss": (loss * v).sum(), "top1": (hit[:, 0] * v).sum(),
+            "top5": (hit.any(axis=1) * v).sum(), "count": v.sum()}
+  return jax.jit(eval_fn)
+
+
+def evaluate_probe(eval_fn, state, feats, labels, batch: int = 4096) -> dict:
+  totals = None
+  n = len(labels)
+  for lo in range(0, n, batch):
+    f, y = feats[lo:lo + batch], labels[lo:lo + batch]
+    valid = np.ones(len(y), bool)
+    if len(y) < batch and n > batch:  # pad: one compile
+      pad = batch - len(y)
+      f = np.concatenate([f, np.zeros((pad, f.shape[1]), f.dtype)])
+      y, valid = np.concatenate([y, np.zeros(pad, y.dtype)]), np.concatenate(
+          [valid, np.zeros(pad, bool)])
+    out = eval_fn(state.params, state.batch_stats, f, y, valid)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  t = jax.device_get(totals)
+  c = max(float(t["count"]), 1.0)
+  return {"eval_loss": float(t["loss"]) / c, "top1": float(t["top1"]) / c,
+          "top5": float(t["top5"]) / c}
+
+
+def run_metadata(config, resolved) -> dict:
+  return {"task": "linprobe", "init": config.init,
+          "model": {"variant": resolved.model.variant, "patch_size": resolved.model.patch_size,
+                    "pe_type": resolved.model.pe_type, "pool": resolved.model.pool},
+          "image_size": resolved.image_size, "num_classes": config.data.num_classes,
+          "optimizer": config.optimizer}
+
+
+def linprobe(config, workdir: str) -> dict:
+  # 1. Config and mesh.
+  from adpe_jax.train.finetune import _previous_evals, _source  # noqa: PLC0415
+  parallel.initialize_distributed(config)
+  mesh = parallel.mesh_from_config(config)
+  probe_defaults.validate_linprobe(config, num_devices=mesh.size)
+  workdir = storage.makedirs(storage.resolve(workdir))
+  if jax.process_index() == 0:
+    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+
+  # 2. The frozen encoder (config.init), the eval-set features (once), the train input.
+  t0 = time.time()
+  encoder, info, resolved = evaluate.load_encoder(config)
+  repl = parallel.replicated(mesh)
+  encoder_params = jax.device_put(encoder.params, repl)
+  source = _source(config, config.data.train_split)
+  if getattr(source, "num_classes", None) and source.num_classes > config.data.num_classes:
+    raise ConfigError(f"config field data.num_classes={config.data.num_classes} is below the "
+                      f"{source.num_classes} classes of data.source={config.data.source!r}.")
+  steps_per_epoch = len(source) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f"config field batch_size={config.batch_size} exceeds the "
+                      f"{len(source)} examples of data.source={config.data.source!r}.")
+  total_steps = (config.total_steps if config.total_steps > 0
+                 else int(config.total_epochs * steps_per_epoch))
+  eval_feats, eval_labels = evaluate.labelled_features(
+      evaluate.FrozenEncoder(encoder.fn, encoder_params),
+      _source(config, config.data.eval_split), resolved.image_size,
+      max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
+      batch_size=config.eval.batch_size, mesh=mesh)
+  feature_seconds = time.time() - t0
+  from adpe_jax.data.finetune import FinetunePipeline  # noqa: PLC0415
+  pipeline = FinetunePipeline(
+      source, config.batch_size, resolved.image_size, seed=config.seed, randaug="", reprob=0.0,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads or None)
+
+  # 3. Probe, optimizer, compiled steps.
+  probe = LinearProbe(config.data.num_classes)
+  dim = eval_feats.shape[1]
+  variables = jax.jit(lambda k: probe.init(k, jnp.zeros((2, dim)), train=False))(
+      jax.random.key(config.seed + 1))
+  tx, lr_fn = make_optimizer(config, total_steps, float(steps_per_epoch))
+  state = jax.device_put(ProbeState(jnp.zeros((), jnp.int32), variables["params"],
+                                    variables["batch_stats"],
+                                    tx.init(variables["params"])), repl)
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(probe, encoder.fn, tx, lr_fn),
+                       in_shardings=(repl, repl, batch_sharding, batch_sharding),
+                       out_shardings=(repl, repl), donate_argnums=(0,))
+  eval_fn = make_eval_fn(probe)
+  eval_every = config.eval.every_steps or steps_per_epoch
+
+  # 4. Resume.
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
+                               config.keep_checkpoints,
+                               metadata=run_metadata(config, resolved))
+  restored = ckpt.restore(ckpt_lib.abstract_of(state))
+  evals = []
+  if restored is not None:
+    state = restored
+    evals = [e for e in _previous_evals(workdir) if e["step"] <= int(state.step)]
+  start_step = int(state.step)
+  logging.info("linear probe: %d steps (%d per epoch) from step %d, init %s, pool %s",
+               total_steps, steps_per_epoch, start_step, config.init or "random",
+               resolved.model.pool)
+
+  # 5. The loop.
+  log = MetricsLog(workdir, total_steps)
+  stop_at = total_steps if config.max_steps_per_run <= 0 else min(
+      total_steps, start_step + config.max_steps_per_run)
+  acc, acc_n, t_last, step_last, t_train = None, 0, time.time(), start_step, time.time()
+  status, end_step = "finished", start_step
+  accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))
+  batches = pipeline.iterate(start_step, stop_at - start_step)
+  try:
+    with ckpt_lib.AgreedStop() as agreed:
+      for step in range(start_step, stop_at):
+        host = next(batches)
+        batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]},
+                                      mesh)
+        state, metrics = train_step(state, encoder_params, batch["images"], batch["labels"])
+        acc = metrics if acc is None else accumulate(acc, metrics)
+        acc_n += 1
+        done = step + 1
+        stop = agreed.should_stop(done)
+        log.tick(done)
+        due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+        due_eval = done % eval_every == 0 or done == total_steps
+        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop or due_eval:
+          h = jax.device_get(acc)
+          now = time.time()
+          record = {"step": done, **{k: float(v) / acc_n for k, v in h.items() if k != "finite"}}
+          record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
+          log.write(record)
+          if h["finite"] != acc_n:
+            ckpt.wait()
+            last = ckpt.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss or gradients between steps {step_last + 1} and {done}; "
+                f"stopping; the last good checkpoint is kept at "
+                f"{ckpt.step_path(last) if last else '(none)'}.")
+          logging.info("step %d loss %.4f lr %.3g", done, record["loss"], record["lr"])
+          acc, acc_n, t_last, step_last = None, 0, now, done
+        if due_eval:
+          result = {"step": done, "epoch": done / steps_per_epoch,
+                    **evaluate_probe(eval_fn, state, eval_feats, eval_labels)}
+          log.write(result)
+          evals.append(result)
+          logging.info("step %d eval top-1 %.4f top-5 %.4f", done, result["top1"], result["top5"])
+        ckpt.maybe_save(done, state)
+        end_step = done
+        if stop:
+          status = "preempted"
+          break
+      end_step = int(state.step)
+      ckpt.maybe_save(end_step, state, force=True)
+      ckpt.wait()
+  finally:
+    batches.close()
+    pipeline.close()
+    ckpt.wait()
+  if status == "finished" and end_step < total_steps:
+    status = "stopped"
+
+  # 6. Summary.
+  summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
+                             "train_seconds": time.time() - t_train,
+                             "feature_seconds": feature_seconds, **info}
+  if evals:
+    best = max(evals, key=lambda r: r["top1"])
+    last = evals[-1]
+    summary.update(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
+                   last_top1=last["top1"], last_top5=last["top5"], last_step=last["step"])
+  log.close()
+  ckpt.close()
+  if jax.process_index() == 0:
+    storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))
+  logging.info("summary: %s", summary)
+  return {"state": state, "summary": summary, "evals": evals, "encoder": encoder,
+          "encoder_params": encoder_params}
