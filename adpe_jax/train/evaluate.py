@@ -33,9 +33,10 @@ import numpy as np
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, storage
+from adpe_jax import storage
 from adpe_jax.defaults import ConfigError
 from adpe_jax.train import knn
+from adpe_jax.train.common import start_run
 
 POOLS = ("cls", "avg", "mean")
 
@@ -223,16 +224,14 @@ def load_encoder(config) -> tuple[FrozenEncoder, dict, ml_collections.ConfigDict
 def run_knn(config, workdir: str) -> dict:
   """k-NN top-1 of config.init's encoder on data.source (train split -> test split)."""
   from adpe_jax import data  # noqa: PLC0415
-  parallel.initialize_distributed(config)
-  mesh = parallel.mesh_from_config(config)
-  if config.batch_size < 1 or config.batch_size % mesh.size:
-    raise ConfigError(f"config field batch_size={config.batch_size} must be a positive "
-                      f"multiple of the {mesh.size} devices.")
-  if config.k < 1:
-    raise ConfigError(f"config field k={config.k} must be a positive integer.")
-  workdir = storage.makedirs(storage.resolve(workdir))
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  def validate(config, num_devices):
+    if config.batch_size < 1 or config.batch_size % num_devices:
+      raise ConfigError(f"config field batch_size={config.batch_size} must be a positive "
+                        f"multiple of the {num_devices} devices.")
+    if config.k < 1:
+      raise ConfigError(f"config field k={config.k} must be a positive integer.")
+
+  mesh, workdir = start_run(config, workdir, validate)
   t0 = time.time()
   encoder, info, c = load_encoder(config)
   def src(split):

@@ -32,6 +32,7 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import finetune_defaults, parallel, posembed, storage
 from adpe_jax.defaults import ConfigError
 from adpe_jax.models.classifier import ViTClassifier
+from adpe_jax.train.common import eval_summary, start_run
 from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import MetricsLog
@@ -401,12 +402,7 @@ def _previous_evals(workdir) -> list[dict]:
 
 def finetune(config, workdir: str) -> dict:
   # 1. Config and mesh.
-  parallel.initialize_distributed(config)
-  mesh = parallel.mesh_from_config(config)
-  finetune_defaults.validate(config, num_devices=mesh.size)
-  workdir = storage.makedirs(storage.resolve(workdir))
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  mesh, workdir = start_run(config, workdir, finetune_defaults.validate)
 
   # 2. Input.
   from adpe_jax.data.finetune import FinetunePipeline, mixup_params  # noqa: PLC0415
@@ -535,11 +531,7 @@ def finetune(config, workdir: str) -> dict:
   # 6. Summary.
   summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
                              "train_seconds": time.time() - t0, **info}
-  if evals:
-    best = max(evals, key=lambda r: r["top1"])
-    last = evals[-1]
-    summary.update(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
-                   last_top1=last["top1"], last_top5=last["top5"], last_step=last["step"])
+  summary.update(eval_summary(evals))
   log.close()
   ckpt.close()
   if jax.process_index() == 0:

@@ -41,6 +41,7 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import parallel, probe_defaults, storage
 from adpe_jax.defaults import ConfigError
 from adpe_jax.train import evaluate
+from adpe_jax.train.common import eval_summary, start_run
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import MetricsLog
 
@@ -163,12 +164,7 @@ def run_metadata(config, resolved) -> dict:
 def linprobe(config, workdir: str) -> dict:
   # 1. Config and mesh.
   from adpe_jax.train.finetune import _previous_evals, _source  # noqa: PLC0415
-  parallel.initialize_distributed(config)
-  mesh = parallel.mesh_from_config(config)
-  probe_defaults.validate_linprobe(config, num_devices=mesh.size)
-  workdir = storage.makedirs(storage.resolve(workdir))
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  mesh, workdir = start_run(config, workdir, probe_defaults.validate_linprobe)
 
   # 2. The frozen encoder (config.init), the eval-set features (once), the train input.
   t0 = time.time()
@@ -289,11 +285,7 @@ def linprobe(config, workdir: str) -> dict:
   summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
                              "train_seconds": time.time() - t_train,
                              "feature_seconds": feature_seconds, **info}
-  if evals:
-    best = max(evals, key=lambda r: r["top1"])
-    last = evals[-1]
-    summary.update(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
-                   last_top1=last["top1"], last_top5=last["top5"], last_step=last["step"])
+  summary.update(eval_summary(evals))
   log.close()
   ckpt.close()
   if jax.process_index() == 0:

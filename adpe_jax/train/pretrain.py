@@ -8,7 +8,6 @@ the run: final checkpoint, k-NN, reconstructions and summary.json.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -18,6 +17,7 @@ from absl import logging
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import defaults, flops, parallel, storage
 from adpe_jax.train import optimizer as optim
+from adpe_jax.train.common import start_run
 from adpe_jax.train.metrics import MetricsLog, device_peak_flops
 from adpe_jax.train.state import build_model, create_train_state, init_params
 from adpe_jax.train.step import make_adversary_gap, make_train_step
@@ -159,13 +159,7 @@ def write_reconstructions(config, model, state, images, key, workdir, log, step)
 
 def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Config and mesh. ----------------------------------------------------------------
-  parallel.initialize_distributed(config)
-  mesh = parallel.mesh_from_config(config)
-  defaults.validate(config, num_devices=mesh.size)
-  # An epath.Path: local (made absolute: orbax needs that) or gs://... (see storage.py).
-  workdir = storage.makedirs(storage.resolve(workdir))
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  mesh, workdir = start_run(config, workdir, defaults.validate)
 
   # 2. Input: this process's part of every global batch, a pure function of the step.
   from adpe_jax import data  # noqa: PLC0415
