@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.max_steps_per_run = 0     # > 0: stop (with a checkpoint) after this many steps; re-run resumes
+  c.compilation_cache = "auto"  # XLA's persistent cache: auto = $JAX_COMPILATION_CACHE_DIR
+                                # or <workdir>/jax_cache; none = off; else a directory
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"

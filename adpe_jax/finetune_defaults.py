@@ -22,6 +22,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.task = "finetune"
   c.init = ""                 # --finetune: pretraining workdir / checkpoint dir / .pth; "" = random init
   c.seed = 0
+  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
   c.image_size = 224          # --input_size
   c.batch_size = 1024         # images per optimizer step, global (--batch_size x GPUs x accum)
   c.accum_steps = 1           # --accum_iter

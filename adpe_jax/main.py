@@ -65,6 +65,27 @@ def _drop_closed_loop_noise() -> None:
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else prev_unraisable(u)
 
 
+def _enable_compilation_cache(config, workdir: str) -> str | None:
+  """XLA's persistent compilation cache (config field compilation_cache): a re-run, a
+  resumed run or another run of the same program loads the compiled step instead of
+  compiling it again.  Returns the directory used (None = off)."""
+  import jax  # noqa: PLC0415
+  from adpe_jax.defaults import ConfigError  # noqa: PLC0415
+  setting = str(config.get("compilation_cache", "auto"))
+  if setting == "none":
+    return None
+  if setting == "auto":
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # jax has read it already
+      return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    setting = (workdir.rstrip("/") + "/jax_cache" if "://" in workdir
+               else os.path.join(os.path.abspath(workdir), "jax_cache"))
+  elif not setting:
+    raise ConfigError("config field compilation_cache='' is not allowed; use auto, none or "
+                      "a directory.")
+  jax.config.update("jax_compilation_cache_dir", setting)
+  return setting
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -90,6 +111,7 @@ def main(argv):
           f"'finetune', 'linprobe', 'knn'.", file=sys.stderr)
     sys.exit(2)
   try:
+    _enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ def knn_config() -> ml_collections.ConfigDict:
   k-NN (mean of the normalised patch tokens)."""
   c = ml_collections.ConfigDict()
   c.task = "knn"
+  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
   _encoder_fields(c, "mean")
   c.k = 20
   c.temperature = 0.0         # > 0: DINO's exp(sim / T) weighted vote (DINO: 0.07)
@@ -63,6 +64,7 @@ def linprobe_config() -> ml_collections.ConfigDict:
   flip train, Resize(256) -> CenterCrop(224) eval."""
   c = ml_collections.ConfigDict()
   c.task = "linprobe"
+  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
   _encoder_fields(c, "cls")
   c.image_size = 224
   c.batch_size = 16384

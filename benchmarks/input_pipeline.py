@@ -8,6 +8,8 @@ Cases:
   fmnist28_pil   the same through Pillow per crop (what the vectorised path replaces)
   synth112       4 crops of 112 px from 256x256 RGB images held in memory (Pillow per crop)
   synth112_lazy  the same with the images generated on access (like decoding on access)
+  jpeg112        the ImageNet case: 256x256 JPEG files (quality 90) in an ImageFolder tree,
+                 read and decoded on access (FolderSource), 4 crops of 112 px
 
 `get_batch` is timed in a loop after one warm-up batch; `iterate` adds the prefetch thread. The CPU
 time per image (all threads) does not depend on other load on the machine: a host with C free cores
@@ -56,12 +58,29 @@ def _synthetic(num_examples: int, lazy: bool):
   return data.ArraySource(np.stack([source[i][0] for i in range(num_examples)]))
 
 
+def _jpeg_folder(num_examples: int) -> str:
+  """num_examples 256x256 RGB JPEGs (smooth random content, quality 90) in 2 class folders."""
+  import tempfile  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+  root = tempfile.mkdtemp(prefix="adpe_jpeg256_")
+  rng = np.random.default_rng(0)
+  for i in range(num_examples):
+    folder = os.path.join(root, f"class{i % 2}")
+    os.makedirs(folder, exist_ok=True)
+    low = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(low).resize((256, 256), Image.BICUBIC)
+    noise = rng.integers(-20, 21, size=(256, 256, 3))
+    image = Image.fromarray(np.clip(np.asarray(image, np.int16) + noise, 0, 255).astype(np.uint8))
+    image.save(os.path.join(folder, f"{i:05d}.JPEG"), quality=90)
+  return root
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--threads", default=f"1,{data.pipeline.default_num_threads()}")
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--cases", default="fmnist28,fmnist28_pil,synth112,synth112_lazy")
+  parser.add_argument("--cases", default="fmnist28,fmnist28_pil,synth112,synth112_lazy,jpeg112")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--batch112", type=int, default=128)
   args = parser.parse_args()
@@ -71,6 +90,10 @@ def main() -> None:
   for case in args.cases.split(","):
     if case.startswith("fmnist28"):
       source, size, batch = data.get_source("fashion_mnist", "train"), 28, args.batch
+    elif case == "jpeg112":
+      from adpe_jax.data.folder import FolderSource  # noqa: PLC0415
+      source = FolderSource(_jpeg_folder(max(2 * args.batch112, 512)))
+      size, batch = 112, args.batch112
     else:
       source = _synthetic(max(2 * args.batch112, 512), lazy=case.endswith("lazy"))
       size, batch = 112, args.batch112

@@ -50,6 +50,8 @@ def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["15", "30"]
   assert (tmp_path / "reconstructions.png").exists() and (tmp_path / "log.txt").exists()
   assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+  # The persistent compilation cache (compilation_cache=auto): the compiled step is kept.
+  assert len(list((tmp_path / "jax_cache").iterdir())) >= 1
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -10,6 +10,9 @@ VARIANTS = {
     "reference": (64, 2, 4, 32, 1, 4),
     # Demo / laptop size.
     "tiny": (192, 4, 3, 128, 2, 4),
+    # The tiny widths at depth 12: the size of the side-by-side CPU benchmarks against the
+    # original (benchmarks/peer_pytorch.py, benchmarks/train_step.py).
+    "tiny12": (192, 12, 3, 128, 2, 4),
     "small": (384, 12, 6, 256, 4, 8),
     # The original's factories adpe_vit_{base,large}_patch16, adpe_vit_huge_patch14.
     "base": (768, 12, 12, 512, 8, 16),

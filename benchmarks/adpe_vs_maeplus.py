@@ -1,0 +1,215 @@
+"""Does AdPE pretraining beat MAE+ at equal compute?  Measured at demo scale, 3 seeds per arm.
+
+    python benchmarks/adpe_vs_maeplus.py                    # 3 arms x 3 seeds (about 75 min, 2 cores)
+    python benchmarks/adpe_vs_maeplus.py --table-only       # the table from finished runs
+    python benchmarks/adpe_vs_maeplus.py --smoke            # the whole path in a few minutes
+
+Arms (each pretrains `configs/demo.py` for the same number of steps on Fashion-MNIST):
+  mae_plus_rpe     MAE+ with iRPE, no adversary (`configs/demo.py:mae_plus`)
+  adpe_rpe_coord   AdPE, iRPE + adversarial coordinates (`configs/demo.py`, the demo)
+  adpe_ape_coord   AdPE, sin-cos APE + adversarial coordinates (`--config.model.pe=ape`)
+  random_init      no pretraining: the same encoder at initialisation (--baseline-seeds)
+
+Each pretrained encoder is then judged three ways, all through the project's CLI
+(`python -m adpe_jax.main`), so the numbers are what a user gets:
+  k-NN       k=20 cosine on 5000 train / 1000 test images (the pretraining run's own
+             end-of-run evaluator; it also gives the random-init number)
+  linprobe   `configs/linprobe_demo.py:avg`, 1 epoch (MAE's BN + linear head, LARS)
+  finetune   `configs/demo_finetune.py`, --finetune-steps steps (the original's recipe;
+             pe_type 2 after RPE-coordinate, 1 after MAE+ RPE, 0 after APE)
+The adversary's measured effect at the end of pretraining (adv_loss_gap: the loss increase
+of the ascent step on the last batch, and the L2 norms of the adversarial shifts) comes from
+the last record of the run's metrics.jsonl.
+
+Runs go to OUT/<arm>/seed<S>/{pretrain,linprobe,finetune}; a finished run (summary.json says
+finished) is not repeated, so an interrupted benchmark resumes.  All runs share one
+persistent compilation cache (OUT/jax_cache), so seeds 1 and 2 reuse seed 0's programs.
+Results: OUT/results.json and a Markdown table (mean +- std over seeds) on stdout and in
+OUT/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARMS = {
+    "mae_plus_rpe": {"pretrain": ["--config=configs/demo.py:mae_plus"], "pe_type": 1},
+    "adpe_rpe_coord": {"pretrain": ["--config=configs/demo.py"], "pe_type": 2},
+    "adpe_ape_coord": {"pretrain": ["--config=configs/demo.py", "--config.model.pe=ape"],
+                       "pe_type": 0},
+    "random_init": {"pretrain": None, "pe_type": 2},
+}
+METRICS = [("knn_top1", "k-NN top-1"), ("linprobe_top1", "linear probe top-1"),
+           ("finetune_top1", "fine-tune top-1"), ("final_loss", "final pretrain loss"),
+           ("adv_loss_gap", "adv_loss_gap (end)"), ("adv_shift_norm", "mean adv shift L2 (end)"),
+           ("pretrain_s", "pretrain wall s"), ("total_s", "all stages wall s")]
+
+
+def _summary(workdir: pathlib.Path) -> dict:
+  try:
+    return json.loads((workdir / "summary.json").read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def _run(workdir: pathlib.Path, args: list[str], env: dict) -> tuple[dict, float]:
+  """Runs one CLI job unless it already finished; returns (summary, wall seconds)."""
+  done = _summary(workdir)
+  if done.get("status") == "finished":
+    return done, float(done.get("wall_seconds", 0.0))
+  cmd = [sys.executable, "-m", "adpe_jax.main", f"--workdir={workdir}", *args]
+  print("+", " ".join(cmd), flush=True)
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+  wall = time.perf_counter() - t0
+  (workdir.parent / f"{workdir.name}.log").write_text(proc.stdout)
+  if proc.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output is in "
+                     f"{workdir.parent / (workdir.name + '.log')}.")
+  summary = _summary(workdir)
+  summary["wall_seconds"] = wall
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary, wall
+
+
+def _last_adversary_record(workdir: pathlib.Path) -> dict:
+  last = {}
+  path = workdir / "metrics.jsonl"
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if "adv_loss_gap" in record:
+        last = record
+  return last
+
+
+def run_one(arm: str, seed: int, out: pathlib.Path, opts, env: dict) -> dict:
+  spec = ARMS[arm]
+  base = out / arm / f"seed{seed}"
+  base.mkdir(parents=True, exist_ok=True)
+  seed_arg = [f"--config.seed={seed}"]
+  result = {"arm": arm, "seed": seed}
+  total = 0.0
+  pretrain = base / "pretrain"
+  if spec["pretrain"] is not None:
+    s, wall = _run(pretrain, spec["pretrain"] + seed_arg + [
+        f"--config.total_steps={opts.pretrain_steps}", *opts.pretrain_extra], env)
+    total += wall
+    result.update(knn_top1=s.get("knn_top1"), knn_top1_random_init=s.get("knn_top1_random_init"),
+                  final_loss=s.get("final_loss"), pretrain_s=wall)
+    adv = _last_adversary_record(pretrain)
+    if adv:
+      shifts = [v for k, v in adv.items() if k.startswith("adv_norm/")]
+      result["adv_loss_gap"] = adv["adv_loss_gap"]
+      result["adv_shift_norm"] = sum(shifts) / len(shifts) if shifts else None
+    init = [f"--config.init={pretrain}"]
+  else:  # random init: the k-NN number is the pretraining runs' random-init evaluation
+    init = ["--config.init="]
+  probe_args = ["--config=configs/linprobe_demo.py:avg" + (",random" if not spec["pretrain"] else ""),
+                *([] if not spec["pretrain"] else init), *seed_arg,
+                f"--config.total_epochs={opts.linprobe_epochs}", *opts.probe_extra]
+  s, wall = _run(base / "linprobe", probe_args, env)
+  total += wall
+  result["linprobe_top1"] = s.get("last_top1")
+  ft_args = ["--config=configs/demo_finetune.py" + (":random" if not spec["pretrain"] else ""),
+             *([] if not spec["pretrain"] else init), *seed_arg,
+             f"--config.model.pe_type={spec['pe_type']}",
+             f"--config.total_steps={opts.finetune_steps}",
+             f"--config.warmup_epochs={max(opts.finetune_steps // 10, 1) / (60000 // 64)}",
+             f"--config.eval.every_steps={opts.finetune_steps}",
+             f"--config.checkpoint_every_steps={opts.finetune_steps}", *opts.finetune_extra]
+  s, wall = _run(base / "finetune", ft_args, env)
+  total += wall
+  result["finetune_top1"] = s.get("last_top1")
+  result["total_s"] = total
+  return result
+
+
+def _fmt(values: list) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  mean = statistics.fmean(values)
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  digits = 0 if abs(mean) >= 100 else (4 if abs(mean) < 0.01 else 3)
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def table(results: list[dict]) -> str:
+  arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+  rows = ["| metric | " + " | ".join(
+      f"{a} (n={sum(r['arm'] == a for r in results)})" for a in arms) + " |",
+          "|---|" + "---|" * len(arms)]
+  for key, label in METRICS:
+    cells = []
+    for a in arms:
+      vals = [r.get(key) for r in results if r["arm"] == a]
+      if a == "random_init" and key == "knn_top1":  # the pretraining runs' init evaluation
+        vals = list({r["seed"]: r["knn_top1_random_init"] for r in results
+                     if r.get("knn_top1_random_init") is not None}.values())
+      cells.append(_fmt(vals))
+    rows.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default=str(ROOT / "runs" / "adpe_vs_maeplus"))
+  p.add_argument("--arms", default="mae_plus_rpe,adpe_rpe_coord,adpe_ape_coord")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--baseline-seeds", default="0", help="seeds of the random_init arm ('' = none)")
+  p.add_argument("--pretrain-steps", type=int, default=300)
+  p.add_argument("--linprobe-epochs", type=int, default=1)
+  p.add_argument("--finetune-steps", type=int, default=300)
+  p.add_argument("--smoke", action="store_true", help="test-size model, a few steps: checks the path")
+  p.add_argument("--table-only", action="store_true")
+  opts = p.parse_args()
+  opts.pretrain_extra, opts.probe_extra, opts.finetune_extra = [], [], []
+  if opts.smoke:
+    opts.pretrain_steps, opts.finetune_steps = 10, 10
+    opts.pretrain_extra = ["--config.model.variant=test", "--config.batch_size=16",
+                           "--config.eval.knn_train_examples=500",
+                           "--config.eval.knn_test_examples=200", "--config.eval.recon_every_steps=0"]
+    opts.probe_extra = ["--config.total_steps=10", "--config.eval.max_examples=200",
+                         "--config.checkpoint_every_steps=10"]
+    opts.finetune_extra = ["--config.model.variant=test", "--config.batch_size=16",
+                           "--config.eval.max_examples=200"]
+    if opts.out == p.get_default("out"):
+      opts.out += "_smoke"
+  out = pathlib.Path(opts.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  plan = [(a, int(s)) for a in opts.arms.split(",") if a != "random_init"
+          for s in opts.seeds.split(",") if s]
+  if "random_init" in opts.arms.split(",") or opts.baseline_seeds:
+    plan += [("random_init", int(s)) for s in opts.baseline_seeds.split(",") if s]
+  unknown = sorted({a for a, _ in plan} - set(ARMS))
+  if unknown:
+    raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {sorted(ARMS)}.")
+  results_path = out / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.exists() else []
+  if not opts.table_only:
+    t0 = time.perf_counter()
+    for arm, seed in plan:
+      r = run_one(arm, seed, out, opts, env)
+      results = [x for x in results if (x["arm"], x["seed"]) != (arm, seed)] + [r]
+      results_path.write_text(json.dumps(results, indent=2))
+      print(json.dumps(r), flush=True)
+    print(f"benchmark wall time {time.perf_counter() - t0:.0f} s", flush=True)
+  md = table(results)
+  (out / "table.md").write_text(md + "\n")
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
