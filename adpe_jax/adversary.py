@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from adpe_jax.models import layout
 from adpe_jax.rpe import ADVERSARY  # noqa: F401  (the collection's name, re-exported)
 
 NORMS = ("none", "l2", "linf")
@@ -46,15 +47,19 @@ def zeros_like(adversary):
 
 
 def project(tree, norm: str, eps: float):
-  """Per-tensor projection: L2 ball (never NaN, spec 9.4) or L-inf box of radius eps."""
+  """Per-tensor projection: L2 ball (never NaN, spec 9.4) or L-inf box of radius eps.
+
+  A scanned model's adversary stacks the blocks' tensors (`layout`): each block's slice
+  is projected on its own, exactly as the unrolled model's tensors are.
+  """
   if norm == "none":
     return tree
   if norm == "l2":
     # optax's factor eps / sqrt(max(|p|^2, eps^2)) equals the original's
     # min(eps, |p|)/|p| for p != 0 and leaves p = 0 at 0 instead of 0/0 = NaN.
-    return jax.tree.map(lambda p: optax.projections.projection_l2_ball(p, eps), tree)
+    return layout.per_block(lambda p: optax.projections.projection_l2_ball(p, eps), tree)
   if norm == "linf":
-    return jax.tree.map(lambda p: optax.projections.projection_linf_ball(p, eps), tree)
+    return layout.per_block(lambda p: optax.projections.projection_linf_ball(p, eps), tree)
   raise ValueError(f"config field adversary.norm={norm!r}; allowed: 'none', 'l2', 'linf'.")
 
 
@@ -99,6 +104,10 @@ def named_leaves(adversary) -> dict[str, jax.Array]:
 
 
 def adversary_norms(adversary) -> dict[str, jax.Array]:
-  """{'adv_norm/<path>': L2 norm} for every adversary tensor (for metrics)."""
+  """{'adv_norm/<path>': L2 norm} for every adversary tensor (for metrics).
+
+  Per block, under the unrolled names (`adv_norm/blocks_3/attn/rpe_k/adv_shift`) whatever
+  the layout, so the metrics of scanned and unrolled runs compare directly.
+  """
   return {f"adv_norm/{k}": jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
-          for k, v in named_leaves(adversary).items()}
+          for k, v in named_leaves(layout.to_unrolled(adversary)).items()}

@@ -19,6 +19,9 @@ older ones are removed after a newer one is complete.
 `restore` never changes anything on disk: a checkpoint whose tree, shapes or dtypes differ
 from the configured state, whose run metadata differs, whose files cannot be read, or
 whose arrays do not match the checksums written with them raises `CheckpointError`.
+A checkpoint of the other block layout (model.scan_blocks) is refused in one sentence
+naming that field; `restore_params` returns the params in the layout they were saved in
+(`adpe_jax.models.layout.to_unrolled` / `to_scanned` convert).
 """
 
 from __future__ import annotations
@@ -158,6 +161,15 @@ def _tree_mismatches(saved: dict, wanted: dict) -> list[str]:
     if p not in wanted:
       out.append(f"holds {p} (shape {_shape(s)}), which the configured state does not have")
   return out
+
+
+def _block_layout(flat: dict) -> str | None:
+  """"scanned" (params/blocks/..., model.scan_blocks) or "unrolled" (params/blocks_0/...)."""
+  if any(k.startswith(("params/blocks/", "params/decoder_blocks/")) for k in flat):
+    return "scanned"
+  if any(k.startswith(("params/blocks_", "params/decoder_blocks_")) for k in flat):
+    return "unrolled"
+  return None
 
 
 def _flat_dict(d: dict, prefix: str = "") -> dict:
@@ -315,7 +327,16 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {path} has no array metadata ({path / _STATE}/_METADATA "
           f"missing or unreadable); its files may be truncated or corrupt, {_UNCHANGED}.")
-    problems = _tree_mismatches(dict(_flat(tree)), dict(_flat(abstract_state)))
+    saved_flat, wanted_flat = dict(_flat(tree)), dict(_flat(abstract_state))
+    saved_layout, wanted_layout = _block_layout(saved_flat), _block_layout(wanted_flat)
+    if None not in (saved_layout, wanted_layout) and saved_layout != wanted_layout:
+      raise CheckpointError(
+          f"checkpoint {path} holds the {saved_layout} block layout (model.scan_blocks="
+          f"{saved_layout == 'scanned'}) but this run is configured with config field "
+          f"model.scan_blocks={wanted_layout == 'scanned'}; set model.scan_blocks="
+          f"{saved_layout == 'scanned'} to resume it (or convert the checkpoint with "
+          f"adpe_jax.models.layout), {_UNCHANGED}.")
+    problems = _tree_mismatches(saved_flat, wanted_flat)
     meta_diff = _metadata_mismatches(meta.get("run", {}), self.metadata)
     if problems or meta_diff:
       parts = []

@@ -14,6 +14,8 @@ Layout rules (tests/data/README.md):
   * The frozen `pos_embed`, `decoder_pos_embed` (fixed sin-cos, recomputed by the model)
     and `*.rpe_k.no_shift` are not parameters here; `pos_embed` is checked against our
     table so a checkpoint of another geometry is refused.
+  * A scanned model (config model.scan_blocks, `adpe_jax.models.layout`): `from_torch`
+    returns its layout (`blocks/...` with a leading depth axis); `to_torch` takes either.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from adpe_jax import posembed
+from adpe_jax.models import layout
 from adpe_jax.rpe import ADVERSARY
 
 FROZEN_SUFFIXES = ("pos_embed", "no_shift")
@@ -97,7 +100,9 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
   import jax  # noqa: PLC0415
 
   model = build_model(config)
-  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  # Names are matched block by block (unrolled); a scanned model's tree is stacked at the end.
+  shapes = jax.eval_shape(lambda: init_variables(model.clone(scan_blocks=False),
+                                                 jax.random.key(0)))
   # One flat namespace (collection, *path): the original's names tell the collections
   # apart -- its adversary tensors are the ones named `*adv*`.
   expected = {(col,) + k: v for col in ("params", ADVERSARY)
@@ -134,8 +139,9 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
          for k in expected if flat[k].shape != expected[k].shape]
   if bad:
     raise ConversionError(f"state dict shapes do not fit the configured model: {bad[:4]}.")
-  return {col: traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items() if k[0] == col})
-          for col in ("params", ADVERSARY)}
+  out = {col: traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items() if k[0] == col})
+         for col in ("params", ADVERSARY)}
+  return layout.to_scanned(out) if model.scan_blocks else out
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -179,12 +185,14 @@ def to_torch(variables: Mapping[str, Any], config=None, with_pos_embed: bool = T
   """Flax `{'params', 'adversary'}` of `MAEPlus` -> the original's state dict (numpy arrays).
 
   The inverse of `from_torch`: `from_torch(to_torch(v, config), config) == v` exactly.
-  With a config (and `with_pos_embed`), the fixed `pos_embed` / `decoder_pos_embed` sin-cos
+  `variables` may have either block layout (a scanned one is unrolled first).  With a
+  config (and `with_pos_embed`), the fixed `pos_embed` / `decoder_pos_embed` sin-cos
   tables (1, 1+L, D) are added as the original's checkpoints hold them.
   """
   out = {}
   for col in ("params", ADVERSARY):
-    for path, value in traverse_util.flatten_dict(dict(variables.get(col, {}) or {})).items():
+    tree = layout.to_unrolled(dict(variables.get(col, {}) or {}))
+    for path, value in traverse_util.flatten_dict(tree).items():
       name, arr = tensor_to_torch(path, np.asarray(value))
       out[name] = arr
   if config is not None and with_pos_embed:

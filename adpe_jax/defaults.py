@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                 # compute dtype; params stay float32
   c.model.remat = "none"                    # none | block: jax.checkpoint per transformer block
   c.model.attention_impl = "auto"           # auto | xla | pallas (auto: pallas on one CUDA GPU)
+  # True: encoder and decoder blocks as one nn.scan each -- params blocks/... with a leading
+  # depth axis, compile time flat in depth (adpe_jax.models.layout converts checkpoints).
+  c.model.scan_blocks = False
 
   # Devices: a (data, fsdp) mesh; -1 = the rest of the devices.  fsdp > 1 shards the big
   # kernels (and their optimizer state) over the fsdp axis; the batch is split over both.
@@ -139,6 +142,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c, "model.dtype", DTYPES)
   _choice(c, "model.remat", REMAT)
   _choice(c, "model.attention_impl", ATTENTION_IMPLS)
+  _choice(c, "model.scan_blocks", (False, True))
   _choice(c, "adversary.kind", ADVERSARY_KINDS)
   _choice(c, "adversary.norm", ADVERSARY_NORMS)
   _choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)
@@ -182,10 +186,13 @@ def seed_config(pe: str, adversary: str, arg: str | None, variant: str = "base",
 
   Arguments (comma-separated): `1600ep` (1600 epochs, warmup 40), `faithful` (RPE
   embedding adversary as the original's no-op), `smoke` (seconds on a CPU).
+  The blocks are scanned (model.scan_blocks; `smoke` keeps that layout), so the train
+  step's compile time does not grow with the depth of ViT-B/L/H.
   """
   c = base_config()
   c.model.variant = variant
   c.model.patch_size = patch_size
+  c.model.scan_blocks = True
   c.model.pe = pe
   c.adversary.kind = adversary
   args = parse_arg(arg)

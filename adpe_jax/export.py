@@ -31,6 +31,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from adpe_jax import convert, posembed
+from adpe_jax.models import layout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours.")
 _OUT = flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")
@@ -39,8 +40,9 @@ _ENCODER_TOP = ("patch_embed", "cls_token", "pos_embed", "norm", "fc_norm", "hea
 
 
 def timm_state_dict(params: dict, run: dict) -> dict[str, np.ndarray]:
-  """Our params (MAEPlus or ViTClassifier) + the run metadata -> timm ViT state dict."""
-  flat = traverse_util.flatten_dict(dict(params))
+  """Our params (MAEPlus, scanned or not, or ViTClassifier) + the run metadata -> timm ViT
+  state dict."""
+  flat = traverse_util.flatten_dict(layout.to_unrolled(dict(params)))
   out = {}
   for path, value in flat.items():
     if not (path[0] in _ENCODER_TOP or path[0].startswith("blocks_")):

@@ -10,6 +10,8 @@
 * `state_shardings(mesh, tree)`: FSDP -- the largest axis (divisible by the fsdp size) of
   every tensor of at least `min_size` elements and 2 dimensions over `fsdp`, everything
   else replicated; the rule is shape-based, so optimizer moments follow their params.
+  A scanned model's stacked block tensors (`adpe_jax.models.layout`) get the rule of one
+  block's tensor, with the leading depth axis never sharded.
 """
 
 from __future__ import annotations
@@ -152,11 +154,21 @@ def leaf_spec(shape, fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> P:
 
 
 def state_shardings(mesh: Mesh, tree, min_size: int = FSDP_MIN_SIZE):
-  """NamedShardings for every leaf of `tree` (shapes: arrays or ShapeDtypeStructs)."""
+  """NamedShardings for every leaf of `tree` (shapes: arrays or ShapeDtypeStructs).
+
+  Leaves under a scanned `blocks` / `decoder_blocks` entry are (depth, *block shape): the
+  block shape decides as unrolled, and the depth axis stays unsharded.
+  """
+  from adpe_jax.models import layout  # noqa: PLC0415 (keeps this module free of flax)
   size = mesh.shape[FSDP]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, leaf_spec(tuple(getattr(x, "shape", ())), size, min_size)),
-      tree)
+
+  def one(path, x):
+    shape = tuple(getattr(x, "shape", ()))
+    if shape and layout.is_stacked(path):
+      return NamedSharding(mesh, P(None, *leaf_spec(shape[1:], size, min_size)))
+    return NamedSharding(mesh, leaf_spec(shape, size, min_size))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from adpe_jax import convert, defaults
+from adpe_jax.models import layout
 from adpe_jax.train.state import build_model
 from conftest import DATA
 
@@ -46,11 +47,12 @@ def _rel_err(a, b):
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
 
 
-def run_reference(name):
+def run_reference(name, scan_blocks=False):
   ref = dict(np.load(DATA / f"{name}.npz"))
   f64 = VARIANTS[name][3]
   dtype = np.float64 if f64 else np.float32
   c = reference_config(name)
+  c.model.scan_blocks = scan_blocks   # from_torch stacks the blocks for a scanned model
   model = build_model(c)
   state_dict = {k: v for k, v in ref.items()
                 if not k.startswith("grad/") and k not in
@@ -68,6 +70,8 @@ def run_reference(name):
   (loss, (pred, mask, latent)), grads = jax.jit(
       jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
           variables["params"], variables["adversary"])
+  assert layout.is_scanned(grads[0]) == scan_blocks
+  grads = layout.to_unrolled(grads)   # compared block by block with the original's names
   grads = {("params",) + k: v for k, v in traverse_util.flatten_dict(grads[0]).items()} | {
       ("adversary",) + k: v for k, v in traverse_util.flatten_dict(grads[1]).items()}
   ref_grads = {}
@@ -90,9 +94,19 @@ def x64():
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_original(name, x64):
+  check_matches_original(name)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_matches_original_with_scanned_blocks(name, x64):
+  """The same vectors through model.scan_blocks (one nn.scan per block stack)."""
+  check_matches_original(name, scan_blocks=True)
+
+
+def check_matches_original(name, scan_blocks=False):
   f64 = VARIANTS[name][3]
   tol = 1e-10 if f64 else 2e-5
-  ref, loss, pred, mask, latent, grads, ref_grads = run_reference(name)
+  ref, loss, pred, mask, latent, grads, ref_grads = run_reference(name, scan_blocks)
   assert np.array_equal(np.asarray(mask), ref["mask"])
   assert abs(float(loss) - float(ref["loss"])) <= (1e-12 if f64 else 1e-6) * abs(float(ref["loss"]))
   assert _rel_err(latent, ref["latent"]) < tol

@@ -26,15 +26,25 @@ def _run(args, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A pretraining smoke run of ours (RPE + coordinate adversary, 28 px, patch 4)."""
-  workdir = tmp_path_factory.mktemp("pre")
+def _pretrain(workdir, *extra):
   r = _run(["--config=configs/vitb_rpe_coord.py:smoke", f"--workdir={workdir}",
             "--config.total_steps=4", "--config.checkpoint_every_steps=4",
-            "--config.eval.knn_source="])
+            "--config.eval.knn_source=", *extra])
   assert r.returncode == 0, r.stderr[-2000:]
   return workdir
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A pretraining smoke run of ours (RPE + coordinate adversary, 28 px, patch 4), with
+  the seed configs' scanned blocks (model.scan_blocks)."""
+  return _pretrain(tmp_path_factory.mktemp("pre"))
+
+
+@pytest.fixture(scope="module")
+def pretrained_unrolled(tmp_path_factory):
+  """The same run with unrolled blocks (blocks_i, as `make demo` writes)."""
+  return _pretrain(tmp_path_factory.mktemp("pre_unrolled"), "--config.model.scan_blocks=False")
 
 
 # -- k-NN entry --------------------------------------------------------------------------------
@@ -84,7 +94,8 @@ def _probe_params(workdir):
 
 
 @needs_fmnist
-def test_linprobe_cli_trains_evaluates_resumes(pretrained, tmp_path):
+def test_linprobe_cli_trains_evaluates_resumes(pretrained_unrolled, tmp_path):
+  pretrained = pretrained_unrolled
   full, split = tmp_path / "full", tmp_path / "split"
   r = _run([*LP, f"--workdir={full}", f"--config.init={pretrained}"])
   assert r.returncode == 0, r.stderr[-3000:]

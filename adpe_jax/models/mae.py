@@ -20,6 +20,11 @@ collection is absent (use `variables.get("adversary", {})`).  The frozen-encoder
                                                     sin-cos coordinates (spec 4.3)
   RPE + embedding   adversary/*/rpe_k/adv_token | adv_table   (adpe_jax.rpe, spec 4.4)
   RPE + coordinate  adversary/*/rpe_k/adv_shift             (adpe_jax.rpe, spec 4.5)
+
+Block layout: `blocks_i/...`, `decoder_blocks_i/...` per block (the default), or with
+`scan_blocks=True` one `nn.scan` per stack, `blocks/...` and `decoder_blocks/...` with a
+leading depth axis in both collections (the same function; compile time flat in depth).
+`adpe_jax.models.layout` converts between the two exactly.
 """
 
 from __future__ import annotations
@@ -101,6 +106,13 @@ def encoder_input_pe(grid: int, dim: int, mask, shift=None, dtype=jnp.float32):
   return jnp.where(mask[..., None], shifted[None], table[None])
 
 
+class _ScanBlock(Block):
+  """A Block as an `nn.scan` body: (x, query_mask) -> (x, None)."""
+
+  def __call__(self, x, query_mask=None):
+    return Block.__call__(self, x, query_mask), None
+
+
 class MAEPlus(nn.Module):
   """MAE+ (mask tokens enter the encoder) with optional AdPE adversaries.
 
@@ -129,6 +141,7 @@ class MAEPlus(nn.Module):
   dtype: Optional[Dtype] = None
   remat: str = "none"   # "block": recompute each block's activations in the backward pass
   attention_impl: str = "auto"   # "xla" | "pallas" | "auto" (adpe_jax.kernels.attention)
+  scan_blocks: bool = False   # True: encoder / decoder blocks as one nn.scan each (layout.py)
 
   @property
   def grid(self) -> int:
@@ -176,20 +189,12 @@ class MAEPlus(nn.Module):
     if not self.encoder_sees_mask_tokens:
       self.decoder_mask_token = self.param("decoder_mask_token", normal02,
                                            (1, 1, self.decoder_embed_dim))
-    rpe = self._rpe()
-    # jax.checkpoint per block: only block inputs are kept for the backward pass.
-    block_cls = nn.remat(Block) if self.remat == "block" else Block
-    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, self.dtype, rpe,
-                             attention_impl=self.attention_impl, name=f"blocks_{i}")
-                   for i in range(self.depth)]
+    self.blocks = self._block_stack("blocks", self.depth, self.num_heads)
     self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")
     self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
                                   kernel_init=xavier_uniform, name="decoder_embed")
-    self.decoder_blocks = [
-        block_cls(self.decoder_num_heads, self.mlp_ratio, self.dtype, rpe,
-                  attention_impl=self.attention_impl,
-                  name=f"decoder_blocks_{i}")
-        for i in range(self.decoder_depth)]
+    self.decoder_blocks = self._block_stack("decoder_blocks", self.decoder_depth,
+                                            self.decoder_num_heads)
     self.decoder_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="decoder_norm")
     self.decoder_pred = nn.Dense(p * p * 3, dtype=self.dtype, kernel_init=xavier_uniform,
                                  name="decoder_pred")
@@ -223,7 +228,24 @@ class MAEPlus(nn.Module):
       return self._ape_adversary()
     return self.mask_token
 
+  def _block_stack(self, name: str, depth: int, num_heads: int):
+    """`depth` Blocks named `{name}_i` (unrolled), or with `scan_blocks` ONE `nn.scan` over
+    a Block named `name` whose variables ("params" and the RPE "adversary") carry a
+    leading depth axis (`adpe_jax.models.layout`); query_mask is broadcast to every step.
+    Either way remat="block" checkpoints each block (only block inputs are kept)."""
+    kw = dict(num_heads=num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+              rpe=self._rpe(), attention_impl=self.attention_impl)
+    if not self.scan_blocks:
+      block_cls = nn.remat(Block) if self.remat == "block" else Block
+      return [block_cls(**kw, name=f"{name}_{i}") for i in range(depth)]
+    block_cls = nn.remat(_ScanBlock, prevent_cse=False) if self.remat == "block" else _ScanBlock
+    scanned = nn.scan(block_cls, variable_axes={"params": 0, ADVERSARY: 0},
+                      split_rngs={"params": True}, in_axes=nn.broadcast, length=depth)
+    return scanned(**kw, name=name)
+
   def _run_blocks(self, blocks, x, query_mask):
+    if self.scan_blocks:
+      return blocks(x, query_mask)[0]
     for blk in blocks:
       x = blk(x, query_mask)
     return x

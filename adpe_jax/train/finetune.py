@@ -31,6 +31,7 @@ from flax import traverse_util
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import finetune_defaults, parallel, posembed, storage
 from adpe_jax.defaults import ConfigError
+from adpe_jax.models import layout
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.common import eval_summary, start_run
 from adpe_jax.models.variants import model_kwargs
@@ -259,6 +260,9 @@ def load_init(config, model: ViTClassifier, fresh: dict) -> tuple[dict, dict]:
       params, run, step_dir = ckpt_lib.restore_params(path)
     except ckpt_lib.CheckpointError as e:
       raise InitError(f"config field init={path!r} cannot be used: {e}") from e
+    # A scanned pretraining model's blocks/... (leading depth axis) -> blocks_i: the
+    # classifier stays unrolled (per-layer drop path, layer-wise lr decay by name).
+    params = layout.to_unrolled(dict(params))
     info["init_checkpoint"] = step_dir
     if run.get("model", {}).get("patch_size") not in (None, config.model.patch_size):
       raise InitError(

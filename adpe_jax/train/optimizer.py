@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
+from adpe_jax.models import layout
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -40,9 +41,11 @@ def decay_mask(params) -> dict:
   """Weight decay for every tensor except 1-D ones and biases (spec 3 group table).
 
   cls_token, mask_token and the RPE tables (>= 2-D) ARE decayed, as in the original.
+  Scanned blocks (`layout`): the dimensions of one block's tensor count, not the depth axis.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, v: not (v.ndim <= 1 or getattr(path[-1], "key", None) == "bias"), params)
+      lambda path, v: not (layout.per_block_ndim(path, v) <= 1
+                           or getattr(path[-1], "key", None) == "bias"), params)
 
 
 def schedules(config, total_steps: int, steps_per_epoch: float):

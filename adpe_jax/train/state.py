@@ -33,6 +33,7 @@ def build_model(config) -> MAEPlus:
       dtype=None if m.dtype == "float32" else jnp.dtype(m.dtype),
       remat=m.get("remat", "none"),
       attention_impl=m.get("attention_impl", "auto"),
+      scan_blocks=bool(m.get("scan_blocks", False)),
       **model_kwargs(m.variant))
 
 

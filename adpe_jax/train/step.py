@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
+from adpe_jax.models import layout
 from adpe_jax.train.state import TrainState
 
 
@@ -63,8 +64,9 @@ def pgd_inner_ascent(loss_fn, params, adversary, batch, key, steps: int, norm: s
                      eps: float, step_size: float):
   """k steps of projected ascent on a copy of the adversary tree (same batch and masks).
 
-  The step direction is sign(g) for L-inf / no projection, g/|g| for L2 (per tensor),
-  i.e. classic PGD; returns the perturbed adversary tree.
+  The step direction is sign(g) for L-inf / no projection, g/|g| for L2 (per tensor; per
+  block's slice of a scanned model's stacked tensors), i.e. classic PGD; returns the
+  perturbed adversary tree.
   """
   if not jax.tree.leaves(adversary):
     return adversary
@@ -72,7 +74,7 @@ def pgd_inner_ascent(loss_fn, params, adversary, batch, key, steps: int, norm: s
   def body(a, _):
     g = jax.grad(loss_fn, argnums=1)(params, a, batch, key)
     if norm == "l2":
-      d = jax.tree.map(lambda v: v / jnp.maximum(jnp.linalg.norm(v), 1e-12), g)
+      d = layout.per_block(lambda v: v / jnp.maximum(jnp.linalg.norm(v), 1e-12), g)
     else:
       d = jax.tree.map(jnp.sign, g)
     a = jax.tree.map(lambda x, y: x + step_size * y, a, d)
