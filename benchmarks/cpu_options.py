@@ -10,7 +10,8 @@ ratio to the first (the reference).
     python benchmarks/cpu_options.py --rounds 10 --common "--cases ape --crops 32" \\
         --option "default=" --option "two devices=--host-devices 2"
 
-An option is NAME=ARGS, ARGS being train_step.py arguments (e.g. --xla-flags=...).
+An option is NAME=ARGS, ARGS being train_step.py arguments (e.g. --xla-flags=...) and
+--env=KEY=VALUE for the worker's environment.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ def main() -> None:
   workers = {}
   for option in options:
     name, _, extra = option.partition("=")
+    tokens = shlex.split(extra)
+    env = dict(os.environ)
+    env.update(t[len("--env="):].split("=", 1) for t in tokens if t.startswith("--env="))
     cmd = [sys.executable, os.path.join(HERE, "train_step.py"), "--serve",
-           *shlex.split(args.common), *shlex.split(extra)]
+           *shlex.split(args.common), *(t for t in tokens if not t.startswith("--env="))]
     print(f"starting {name}: {' '.join(cmd[1:])}", flush=True)
     workers[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=env)
   info = {}
   for name, proc in workers.items():  # compile one after the other (each uses all cores)
     for line in proc.stdout:

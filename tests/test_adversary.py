@@ -189,7 +189,8 @@ def test_adversary_gap_equals_two_explicit_forwards(images):
   gap = float(jax.jit(make_adversary_gap(model))(params, adv, {"images": images}, key))
   want = float(explicit(adv)) - float(explicit(zero))
   assert gap > 1e-5
-  assert gap == pytest.approx(want, rel=1e-5, abs=1e-7)
+  # Two float32 losses near 1 differ in rounding by a few 1e-8 between programs.
+  assert gap == pytest.approx(want, rel=1e-5, abs=5e-7)
   # An adversary on the other side lowers the loss: the gap changes sign.
   down = {"adv_token": -adv["adv_token"]}
   assert float(jax.jit(make_adversary_gap(model))(params, down, {"images": images}, key)) < 0

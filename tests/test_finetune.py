@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -369,3 +372,45 @@ def test_load_init_from_the_originals_pth(pretrained, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ft.InitError, match="needs torch"):
     ft.load_init(c, model, fresh)
+
+
+# -- preemption and the non-finite stop: the pretraining machinery, reached from fine-tuning --
+
+def test_cli_finetune_sigterm_saves_the_current_step(tmp_path):
+  cmd = [sys.executable, "-m", "adpe_jax.main", *FT, f"--workdir={tmp_path}",
+         "--config.init=", "--config.data.source=synthetic", "--config.total_steps=100000",
+         "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
+         "--config.eval.every_steps=100000"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.5)
+  assert metrics.exists(), "the fine-tune did not start logging"
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "preempted", summary
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] == summary["steps"] >= 3
+
+
+def test_cli_finetune_non_finite_stops_and_keeps_the_good_checkpoint(tmp_path):
+  # Negative weight decay at a large lr grows the weights geometrically: float32 overflows
+  # after a few steps, deterministically; checkpoints every 2 steps precede it.
+  r = _run([*FT, f"--workdir={tmp_path}", "--config.init=", "--config.data.source=synthetic",
+            "--config.total_steps=200", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=2", "--config.eval.every_steps=1000",
+            "--config.blr=500.0", "--config.weight_decay=-10.0"])
+  assert r.returncode != 0
+  message = [l for l in r.stderr.splitlines() if "non-finite loss or gradients" in l]
+  assert message, r.stderr[-3000:]
+  bad = int(re.search(r"between steps (\d+) and", message[-1]).group(1))
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < bad
+  assert f"checkpoints/{saved[-1]}" in message[-1]
+  params = _final_params(tmp_path)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))

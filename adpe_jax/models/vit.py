@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from adpe_jax.kernels.attention import attention
+from adpe_jax.kernels.attention import attention, resolve_impl
 
 Dtype = Any
 LN_EPS = 1e-6
@@ -40,6 +41,39 @@ class Mlp(nn.Module):
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(x)
 
 
+class _HeadMajorQKV(nn.Module):
+  """nn.Dense(3 D)'s parameters (kernel (D, 3 D), bias (3 D): the torch layout, the same
+  names, shapes and initialisation) applied head-major: (B, T, D) -> q, k, v, each
+  (B, H, T, hd), the matmul writing the attention's layout (no activation transposes)."""
+  num_heads: int
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    h = self.num_heads
+    kernel = self.param("kernel", xavier_uniform, (d, 3 * d), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (3 * d,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    qkv = jnp.einsum("btd,dshe->sbhte", x, kernel.reshape(d, 3, h, d // h))
+    qkv = qkv + bias.reshape(3, 1, h, 1, d // h)
+    return qkv[0], qkv[1], qkv[2]
+
+
+class _HeadMajorProj(nn.Module):
+  """nn.Dense(D)'s parameters applied to head-major input (B, H, T, hd) -> (B, T, D)."""
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, _, hd = x.shape
+    d = h * hd
+    kernel = self.param("kernel", xavier_uniform, (d, d), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum("bhte,hed->btd", x, kernel.reshape(h, hd, d)) + bias
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection and an optional iRPE-K term.
 
@@ -52,7 +86,10 @@ class Attention(nn.Module):
 
   The attention itself (logits, RPE term, softmax, times v) is `adpe_jax.kernels.attention`
   with `attention_impl` ("auto" | "xla" | "pallas"); `RelativePositionKey` only declares
-  and reads the table and the adversary.
+  and reads the table and the adversary.  Under `xla` the same function runs head-major
+  (`_head_major`: the qkv matmul writes (B, H, T, hd), the output projection contracts
+  (h, hd)), which saves the activation transposes XLA:CPU otherwise materialises
+  (benchmarks/README.md: +5-12% per APE step on a 2-core CPU); the parameters are the same.
   """
   num_heads: int
   dtype: Optional[Dtype] = None
@@ -65,6 +102,8 @@ class Attention(nn.Module):
     b, t, d = x.shape
     h = self.num_heads
     hd = d // h
+    if resolve_impl(self.attention_impl) == "xla":
+      return self._head_major(x, query_mask)
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=xavier_uniform, name="qkv")(x)
     qkv = qkv.reshape(b, t, 3, h, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
@@ -80,6 +119,22 @@ class Attention(nn.Module):
         rpe_ops = rpe_ops.replace(query=q)
     out = attention(q_scaled, k, v, rpe=rpe_ops, impl=self.attention_impl).reshape(b, t, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")(out)
+
+  def _head_major(self, x, query_mask):
+    """The `xla` attention in (B, H, T, hd) from the qkv matmul to the output projection:
+    the same function and parameters; no (B, T, H, hd) <-> (B, H, T, hd) copies."""
+    q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
+    q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_scaled, k)
+    if self.rpe is not None:
+      from adpe_jax.rpe import RelativePositionKey, rpe_bias  # noqa: PLC0415
+      q_rpe = q if self.rpe_unscaled_query else q_scaled
+      ops = RelativePositionKey(head_dim=q.shape[-1], name="rpe_k", **self.rpe).operands(
+          q_rpe, query_mask)
+      logits = logits + rpe_bias(q_rpe, ops)
+    probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return _HeadMajorProj(self.dtype, name="proj")(out)
 
 
 class Block(nn.Module):
