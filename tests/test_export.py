@@ -197,6 +197,40 @@ def test_finetuned_classifier_equals_timm_vit(timm_vit):
   assert _rel_err(logits, want) < 1e-5
 
 
+def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
+  """A facebookresearch/mae fine-tune checkpoint (timm's VisionTransformer with global
+  pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
+  the same function: with the same fc_norm and head, the logits equal timm's."""
+  from adpe_jax import finetune_defaults  # noqa: PLC0415
+  from adpe_jax.train import finetune as ft  # noqa: PLC0415
+  torch.manual_seed(0)
+  ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10,
+                 global_pool="avg", fc_norm=True)
+  with torch.no_grad():  # MAE-trained-like weights: no zero biases, a non-trivial pos_embed
+    for v in ref.parameters():
+      v.add_(0.05 * torch.randn_like(v))
+  path = tmp_path / "mae_finetuned_vit_test.pth"
+  torch.save({"model": ref.state_dict()}, path)
+  c = finetune_defaults.recipe("base", 0, "smoke")
+  c.init = str(path)
+  model = ft.build_classifier(c)
+  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  params, info = ft.load_init(c, model, fresh)
+  assert info["init"] == str(path)
+  # fc_norm and head start fresh in a fine-tune (as the original): give timm ours.
+  ours_sd = export.timm_state_dict(params, {})
+  heads = {k: torch.from_numpy(np.array(v)) for k, v in ours_sd.items()
+           if k.startswith(("fc_norm.", "head."))}
+  assert sorted(heads) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+  ref.load_state_dict(heads, strict=False)
+  ref.eval()
+  x = _real_images()
+  logits = jax.jit(lambda q, im: model.apply({"params": q}, im))(params, x)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  assert _rel_err(logits, want) < 1e-5
+
+
 def test_export_cli_writes_safetensors_and_pth(tmp_path):
   config = _config("ape", "coordinate", "per_bucket")
   v = init_variables(build_model(config), jax.random.key(4))
