@@ -140,7 +140,7 @@ def _fmt(values: list) -> str:
     return "-"
   mean = statistics.fmean(values)
   std = statistics.stdev(values) if len(values) > 1 else 0.0
-  digits = 0 if abs(mean) >= 100 else (4 if abs(mean) < 0.01 else 3)
+  digits = 0 if abs(mean) >= 100 else (4 if abs(mean) < 0.01 and mean else 3)
   return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
@@ -158,6 +158,16 @@ def table(results: list[dict]) -> str:
                      if r.get("knn_top1_random_init") is not None}.values())
       cells.append(_fmt(vals))
     rows.append(f"| {label} | " + " | ".join(cells) + " |")
+  # Paired by seed (same data order, masks and initialisation): the arm minus MAE+.
+  base = {r["seed"]: r for r in results if r["arm"] == "mae_plus_rpe"}
+  for key, label in METRICS[:3]:
+    cells = []
+    for a in arms:
+      diffs = [r[key] - base[r["seed"]][key] for r in results
+               if r["arm"] == a and a != "mae_plus_rpe" and r["seed"] in base
+               and r.get(key) is not None and base[r["seed"]].get(key) is not None]
+      cells.append(_fmt(diffs) if diffs else "-")
+    rows.append(f"| {label}, minus MAE+ (same seed) | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
 
