@@ -97,15 +97,25 @@ def _pallas_builds() -> bool:
     return False
 
 
-def xla_attention(q, k, v, rpe=None):
-  """The reference: (B, T, H, hd) x3 -> (B, T, H, hd); the model's original math."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+def xla_attention_heads_first(q, k, v, rpe=None):
+  """The reference math head-major: (B, H, T, hd) x3 -> (B, H, T, hd); `rpe.query`, if
+  given, is head-major too.  `models.vit.Attention` calls this directly under `xla`."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
   if rpe is not None:
     from adpe_jax.rpe import rpe_bias  # noqa: PLC0415 (keeps APE import light)
-    q_rpe = q if rpe.query is None else rpe.query
-    logits = logits + rpe_bias(q_rpe.transpose(0, 2, 1, 3), rpe)
+    logits = logits + rpe_bias(q if rpe.query is None else rpe.query, rpe)
   probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def xla_attention(q, k, v, rpe=None):
+  """The reference: (B, T, H, hd) x3 -> (B, T, H, hd); the model's original math."""
+  def heads_first(x):
+    return x.transpose(0, 2, 1, 3)
+  if rpe is not None and rpe.query is not None:
+    rpe = rpe.replace(query=heads_first(rpe.query))
+  return heads_first(xla_attention_heads_first(heads_first(q), heads_first(k), heads_first(v),
+                                               rpe))
 
 
 def attention(q, k, v, rpe=None, *, impl: str = "auto", block_q: Optional[int] = None):

@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from adpe_jax.kernels.attention import attention, resolve_impl
+from adpe_jax.kernels.attention import attention, resolve_impl, xla_attention_heads_first
 
 Dtype = Any
 LN_EPS = 1e-6
@@ -125,15 +124,15 @@ class Attention(nn.Module):
     the same function and parameters; no (B, T, H, hd) <-> (B, H, T, hd) copies."""
     q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
     q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_scaled, k)
+    rpe_ops = None
     if self.rpe is not None:
-      from adpe_jax.rpe import RelativePositionKey, rpe_bias  # noqa: PLC0415
+      from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415
       q_rpe = q if self.rpe_unscaled_query else q_scaled
-      ops = RelativePositionKey(head_dim=q.shape[-1], name="rpe_k", **self.rpe).operands(
+      rpe_ops = RelativePositionKey(head_dim=q.shape[-1], name="rpe_k", **self.rpe).operands(
           q_rpe, query_mask)
-      logits = logits + rpe_bias(q_rpe, ops)
-    probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+      if self.rpe_unscaled_query:
+        rpe_ops = rpe_ops.replace(query=q)
+    out = xla_attention_heads_first(q_scaled, k, v, rpe_ops)
     return _HeadMajorProj(self.dtype, name="proj")(out)
 
 
