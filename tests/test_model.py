@@ -243,3 +243,27 @@ def test_ape_coordinate_shift_survives_bfloat16():
     np.testing.assert_array_equal(got[0, n], want, err_msg=f"patch {n}")
   unshifted = np.asarray(posembed.sincos_table(grid, dim)[1:])
   assert np.max(np.abs(got[0, 6] - unshifted[6])) > 5e-3   # the shift is visible
+
+
+def test_gelu_exact_is_the_erf_gelu_in_each_dtype():
+  """vit.gelu_exact: float64 = x/2 erfc(-x/sqrt 2) to round-off (the fidelity contract);
+  float32 = x/2 (1 + erf(x/sqrt 2)), torch's float32 formula, within its float32 rounding of
+  the exact value, and torch's float32 GELU (not the tanh approximation)."""
+  import math  # noqa: PLC0415
+  from adpe_jax.models.vit import gelu_exact  # noqa: PLC0415
+  x = np.linspace(-9.0, 9.0, 3601)
+  want = np.array([v / 2 * math.erfc(-v / math.sqrt(2)) for v in x])
+  with jax.enable_x64(True):
+    got64 = np.asarray(jax.jit(gelu_exact)(jnp.asarray(x, jnp.float64)))
+  np.testing.assert_allclose(got64, want, rtol=1e-13, atol=1e-300)
+  got32 = np.asarray(jax.jit(gelu_exact)(jnp.asarray(x, jnp.float32)), np.float64)
+  x32 = x.astype(np.float32).astype(np.float64)
+  want32 = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in x32])
+  # float32 rounding of x/2 (1 + erf): a few ulps of 1 times |x| (1 + erf cancels for x < 0)
+  assert np.all(np.abs(got32 - want32) <= 4e-7 * np.maximum(1.0, np.abs(x32)))
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    return
+  t = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32))).numpy()
+  np.testing.assert_allclose(got32, t, rtol=0, atol=2e-6)
