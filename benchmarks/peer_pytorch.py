@@ -29,8 +29,12 @@ Each round starts with --round-warmup untimed steps per side (an idle worker's p
 have been reclaimed meanwhile).
 
 Output: per round the s/step of each side; then a table per case (median s/step,
-images/s, compile / first-step seconds, memory per image) and one line per case:
+images/s, compile / first-step seconds, peak RSS over the timed steps and per image) and
+one line per case:
   ratio ours/original images_per_s <case>: <x.xx>
+With two or more --crops values, also the peak RSS per added image (the slope between the
+smallest and the largest batch, in which the fixed costs cancel) and
+  ratio ours/original peak_rss_per_image <case>: <x.xx>
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,8 +99,26 @@ def _images(spec):
   return images, noise
 
 
-def _maxrss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status_mib() -> dict:
+  """VmRSS and VmHWM (peak RSS) of this process in MiB, from /proc/self/status ({} off Linux)."""
+  out = {}
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key in ("VmRSS", "VmHWM"):
+        out[key] = int(value.split()[0]) / 1024.0
+  except OSError:
+    pass
+  return out
+
+
+def _reset_peak_rss() -> bool:
+  """Set the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+  try:
+    Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
 
 
 def original_worker(spec) -> None:
@@ -185,14 +206,12 @@ def original_worker(spec) -> None:
     optimizer.zero_grad()
     return loss_value
 
-  rss0 = _maxrss_mib()
   t0 = time.perf_counter()
   first_loss = step()
   warm_s = time.perf_counter() - t0
-  rss1 = _maxrss_mib()
   out.write(json.dumps({
       "ready": True, "warmup_s": warm_s, "first_loss": first_loss, "check_loss": check_loss,
-      "weights": weights, "mem_mib": rss1 - rss0, "mem_kind": "ru_maxrss growth, first step",
+      "weights": weights,
       "n_adv": n_adv, "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                    "threads": torch.get_num_threads()},
       "shims": shims,
@@ -259,16 +278,9 @@ def ours_worker(spec) -> None:
   n_adv = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.adversary))
   key = setup["step_key"]
 
-  rss0 = _maxrss_mib()
   t0 = time.perf_counter()
   compiled = setup["train_step"].lower(state, batch, key).compile()
   compile_s = time.perf_counter() - t0
-  mem = None
-  try:
-    ma = compiled.memory_analysis()
-    mem = ma.temp_size_in_bytes / 2**20
-  except Exception:  # noqa: BLE001 (not every backend has it)
-    pass
   holder = {"state": state}
 
   def step():
@@ -281,8 +293,7 @@ def ours_worker(spec) -> None:
   out.write(json.dumps({
       "ready": True, "compile_s": compile_s, "warmup_s": warm_s, "first_loss": first_loss,
       "check_loss": check_loss, "same_weights": same_weights,
-      "mem_mib": mem, "mem_kind": "XLA temp buffers of the compiled step",
-      "rss_growth_mib": _maxrss_mib() - rss0, "n_adv": n_adv, "variant": name,
+      "n_adv": n_adv, "variant": name,
       "versions": {"jax": jax.__version__, "devices": mesh.size,
                    "backend": jax.default_backend()}}) + "\n")
   _serve(out, step)
@@ -294,11 +305,16 @@ def _serve(out, step) -> None:
     if cmd.get("cmd") != "run":
       break
     times, losses = [], []
+    # The same memory measure on both sides: the process's peak RSS over these steps
+    # (the mark reset just before them, so start-up, compilation and the first step's
+    # one-off allocations are not in it).
+    reset = _reset_peak_rss()
     for _ in range(cmd["n"]):
       t = time.perf_counter()
       losses.append(step())
       times.append(time.perf_counter() - t)
-    out.write(json.dumps({"times": times, "losses": losses}) + "\n")
+    peak = _status_mib().get("VmHWM") if reset else None
+    out.write(json.dumps({"times": times, "losses": losses, "peak_rss_mib": peak}) + "\n")
 
 
 class Worker:
@@ -315,6 +331,7 @@ class Worker:
         cwd=str(REPO))
     self.times: list[float] = []
     self.losses: list[float] = []
+    self.peak_rss_mib: float | None = None  # max over rounds of the steps' peak RSS
     self.info: dict = {}
 
   def _read(self) -> dict:
@@ -338,6 +355,8 @@ class Worker:
     r = self._read()
     self.times += r["times"][untimed:]
     self.losses += r["losses"]
+    if r.get("peak_rss_mib") is not None:
+      self.peak_rss_mib = max(self.peak_rss_mib or 0.0, r["peak_rss_mib"])
     return r["times"]
 
   def close(self) -> None:
@@ -530,10 +549,12 @@ def main(argv=None) -> int:
 
   print()
   hdr = (f"{'case':16s} {'side':9s} {'s/step':>8s} {'img/s':>8s} {'crops/s':>8s} "
-         f"{'compile s':>9s} {'1st step s':>10s} {'MiB/img':>8s}  loss first->last")
+         f"{'compile s':>9s} {'1st step s':>10s} {'peak MiB':>8s} {'MiB/img':>8s}  "
+         f"loss first->last")
   print(hdr)
   print("-" * len(hdr))
   ratios = []
+  peaks = {}  # (case, side) -> [(images, peak RSS MiB)]
   for label, w in runs:
     ips = {}
     for side in ("original", "ours"):
@@ -541,21 +562,44 @@ def main(argv=None) -> int:
       med = _median(x.times)
       images = x.spec["crops"] / 4
       ips[side] = images / med
-      mem = x.info.get("mem_mib")
       comp = x.info.get("compile_s")
+      peak = x.peak_rss_mib
+      if peak is not None:
+        peaks.setdefault((x.spec["case"], side), []).append((images, peak))
       print(f"{label:16s} {side:9s} {med:8.3f} {ips[side]:8.2f} {4 * ips[side]:8.2f} "
             f"{(f'{comp:9.1f}' if comp is not None else '        -')} "
             f"{x.info['warmup_s']:10.2f} "
-            f"{(f'{mem / images:8.2f}' if mem is not None else '       -')}  "
+            f"{(f'{peak:8.0f}' if peak is not None else '       -')} "
+            f"{(f'{peak / images:8.2f}' if peak is not None else '       -')}  "
             f"{x.info['first_loss']:.4f}->{x.losses[-1]:.4f}")
     ratios.append((label, ips["ours"] / ips["original"]))
-  print("MiB/img: ours = XLA temp buffers of the compiled step / images; original = growth of "
-        "the process's peak RSS over its first step / images (not the same measure).")
+  print("peak MiB: the process's peak RSS over the timed steps, on both sides (the kernel's "
+        "peak mark reset before each round: start-up, compilation and the first step are "
+        "not in it); MiB/img = peak MiB / images, so fixed costs (the framework, the "
+        "weights and optimizer state) are in it.")
+  slopes = []
+  for case in cases:
+    row = {}
+    for side in ("original", "ours"):
+      pts = sorted(peaks.get((case, side), []))
+      if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+        row[side] = (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+    if len(row) == 2:
+      slopes.append((case, row))
+  if slopes:
+    lo, hi = min(crops_list) // 4, max(crops_list) // 4
+    print(f"\npeak RSS per added image, between {lo} and {hi} images (fixed costs cancel):")
+    for case, row in slopes:
+      print(f"  {case:12s} original {row['original']:7.2f} MiB/img | ours {row['ours']:7.2f} "
+            f"MiB/img")
   print(f"load average at the end {os.getloadavg()[0]:.2f} (1 min), "
         f"{os.getloadavg()[1]:.2f} (5 min)")
   print()
   for label, r in ratios:
     print(f"ratio ours/original images_per_s {label}: {r:.2f}")
+  for case, row in slopes:
+    ratio = row["ours"] / row["original"] if row["original"] > 0 else float("nan")
+    print(f"ratio ours/original peak_rss_per_image {case}: {ratio:.2f}")
   return 0
 
 

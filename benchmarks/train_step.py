@@ -29,6 +29,13 @@ Columns:
               temporaries (XLA's memory_analysis)
   vs base     ms/step over the same-PE no-adversary case's ms/step (adversary overhead);
               also with the fastest step of each case (min ms), less sensitive to steal time
+
+`--profile N` then traces N steps of each case and sums the time of XLA's ops from the
+trace: matmuls (XLA:CPU's `ynn_fusion`s, i.e. dots handed to YNNPACK with their fused
+element-wise work, and plain dots), layout copies / transposes, everything else; the MFU
+over the matmuls' share of the time is the rate of the matmuls themselves, and bounds the MFU:
+the step cannot reach more even if nothing but its matmuls took time.  Shares are taken
+from the trace; the MFU and its bound from the untraced steps (tracing slows ops alike).
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ sys.path.insert(0, ROOT)
 CASES = {  # name: (pe, adversary.kind, adversary.rpe_embedding)
     "ape": ("ape", "none", "per_bucket"), "ape_embed": ("ape", "embedding", "per_bucket"),
     "ape_coord": ("ape", "coordinate", "per_bucket"), "rpe": ("rpe", "none", "per_bucket"),
-    "rpe_embed": ("rpe", "embedding", "faithful"),
+    "rpe_embed": ("rpe", "embedding", "faithful"),          # the original's adv_token
+    "rpe_embed_bucket": ("rpe", "embedding", "per_bucket"),  # our per-bucket adv_table
     "rpe_coord": ("rpe", "coordinate", "per_bucket"),
 }
 
@@ -74,6 +82,10 @@ def _args():
   ap.add_argument("--serve", action="store_true",
                   help="worker mode (benchmarks/cpu_options.py): compile, print 'ready', then "
                        "time one step of every case per line read on stdin")
+  ap.add_argument("--profile", type=int, default=0, metavar="N",
+                  help="after the table, trace N more steps of each case (jax.profiler) and "
+                       "print where the time goes: matmuls / layout copies / the rest, the "
+                       "in-step matmul rate and the MFU bound it sets, the top source ops")
   ap.add_argument("--set", action="append", default=[],
                   help="config override field=value (repeatable), e.g. model.scan_blocks=True")
   return ap.parse_args()
@@ -253,6 +265,66 @@ def main(args) -> None:
     print(f"| {label} | {run['compile_s']:.1f} | {ms:.1f} | {img_s:.2f} | "
           f"{run['flops'] / run['images'] / 1e9:.2f} | {100 * mfu:.1f}% | {mib:.1f} | "
           f"{vs:.3f} | {ms_min:.1f} | {vs_min:.3f} |", flush=True)
+  if args.profile:
+    for label, run in runs.items():
+      profile(label, run, args.profile, peak)
+
+
+def _op_class(name: str) -> str:
+  base = name.split(".")[0]
+  if "ynn_fusion" in base or base in ("dot", "dot_general", "convolution") or "dot_" in base:
+    return "matmul"
+  if "copy" in base or "transpose" in base:
+    return "copy/transpose"
+  return "other"
+
+
+def profile(label: str, run: dict, n: int, peak: float, top: int = 12) -> None:
+  """Trace n steps; print time by op class and source op (from the HLO metadata)."""
+  import collections  # noqa: PLC0415
+  import glob  # noqa: PLC0415
+  import gzip  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+  source = {}
+  for line in run["step"].as_text().splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+    if m:
+      source[m.group(1)] = re.sub(r"blocks_\d+", "blocks_N", m.group(2))
+  with tempfile.TemporaryDirectory() as d:
+    start = time.perf_counter()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      time_steps(run, n)
+    wall = (time.perf_counter() - start) / n
+    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not files:
+      print(f"[{label}] profile: no trace written", flush=True)
+      return
+    with gzip.open(files[0]) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  by_class, by_source = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in source:
+      us = e.get("dur", 0) / n
+      by_class[_op_class(e["name"])] += us
+      by_source[source[e["name"]].removeprefix("jit(train_step)/")] += us
+  total = sum(by_class.values())
+  if not total:
+    print(f"[{label}] profile: no XLA op events in the trace", flush=True)
+    return
+  ms = 1000 * float(np.median(run["times"][:-n] or run["times"]))  # untraced steps
+  mfu = run["flops"] / (ms / 1000) / peak if peak else float("nan")
+  share = by_class["matmul"] / total
+  print(f"\n[{label}] profile of {n} steps (traced {wall * 1000:.0f} ms/step, untraced "
+        f"{ms:.0f}): " + ", ".join(f"{k} {100 * v / total:.1f}%"
+                                   for k, v in by_class.most_common()), flush=True)
+  print(f"[{label}] MFU {100 * mfu:.1f}%; the matmuls alone run at {100 * mfu / share:.0f}% of "
+        f"the peak (MFU / matmul share): the bound if nothing else took time", flush=True)
+  for src, us in by_source.most_common(top):
+    if src.startswith("("):  # one fusion of many ops (e.g. the gradient reductions)
+      src = f"{src.count(':') + 1} ops fused, e.g. {src[1:].split(':')[0]}"
+    print(f"  {100 * us / total:5.1f}%  {src[:160]}", flush=True)
 
 
 if __name__ == "__main__":
