@@ -178,7 +178,9 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, str]:
 
 
 def prepare(config, num_devices: int = 0) -> dict:
-  mesh = parallel.make_mesh(jax.devices()[:num_devices or None])
+  devices = jax.devices()[:num_devices or None]
+  fsdp = config.mesh.fsdp if config.mesh.fsdp != -1 else len(devices)
+  mesh = parallel.make_mesh(devices, data=-1, fsdp=fsdp)  # --set mesh.fsdp=N shards the state
   setup = build_training(config, mesh, total_steps=1000, steps_per_epoch=100)
   n = config.num_crops * config.batch_size
   rng = np.random.default_rng(0)
