@@ -24,7 +24,8 @@ Offsets are query minus key: d = pos_i - pos_j; patch n sits at (n // grid, n % 
 QW = q W followed by a gather of bucket(i, j) (`integer_bias`), and the continuous one by
 materialising R (a matmul with constant-structure bilinear weights) and contracting it
 with one einsum ('bhid,dij->bhij').  `integer_table` materialises the integer R (a
-one-hot matmul) for tests and for the kernels' checks.  `RelativePositionKey`
+one-hot matmul), the form the integer term had before; `benchmarks/rpe_bias.py` times
+the two.  `RelativePositionKey`
 declares the table and the adversary and hands them on as `RPEOperands`; the fused
 Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same term from
 QW = q W and bucket / corner ids without materialising anything of size T x T per query.
@@ -247,8 +248,8 @@ def integer_bias(qw: jax.Array, grid: int) -> jax.Array:
   QW[..., i, bucket(i, j)], a gather on the small QW (its transpose a scatter-add).
 
   Equal to contracting q with `integer_table` (R[:, i, j] = W[:, bucket(i, j)]), but the
-  q W product is one (B*H*T, hd) x (hd, 50) matmul instead of T thin ones: 1.5-1.9x
-  faster forward + backward on CPU (`benchmarks/rpe_bias.py`).
+  q W product is one (B*H*T, hd) x (hd, 50) matmul instead of T thin ones: 1.2-1.7x
+  faster forward + backward on a 2-core CPU (`benchmarks/rpe_bias.py`).
   """
   *lead, t, k = qw.shape
   flat = jnp.asarray(_flat_bucket_ids_cached(int(grid)))

@@ -229,6 +229,24 @@ def test_integer_bias_vs_numpy(grid):
   np.testing.assert_allclose(np.asarray(got32), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("grid", [3, 7])
+def test_integer_table_and_gather_form_vs_numpy(grid):
+  """`integer_table` (R materialised by a one-hot matmul, the benchmark's reference form)
+  is W[:, bucket]; `integer_bias` (q W, then a gather) equals contracting q with it."""
+  rng = np.random.default_rng(2)
+  t = 1 + grid * grid
+  w = rng.standard_normal((HD, 50))
+  q = rng.standard_normal((2, 3, t, HD))
+  ids = ref_bucket_ids(grid)
+  with jax.enable_x64(True):
+    r = np.asarray(jax.jit(rpe.integer_table, static_argnums=1)(jnp.asarray(w), grid))
+    got = np.asarray(jax.jit(rpe.integer_bias, static_argnums=1)(
+        jnp.einsum("bhid,dk->bhik", jnp.asarray(q), jnp.asarray(w)), grid))
+  np.testing.assert_array_equal(r, w[:, ids])
+  np.testing.assert_allclose(got, np.einsum("bhid,dij->bhij", q, w[:, ids]), rtol=1e-12,
+                             atol=1e-12)
+
+
 def test_continuous_lookup_module_vs_numpy():
   rng = np.random.default_rng(2)
   grid = 4
