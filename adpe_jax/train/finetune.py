@@ -17,7 +17,6 @@ smoothing inside and a soft-target cross-entropy.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import flax
@@ -33,10 +32,9 @@ from adpe_jax import finetune_defaults, parallel, posembed, storage
 from adpe_jax.defaults import ConfigError
 from adpe_jax.models import layout
 from adpe_jax.models.classifier import ViTClassifier
-from adpe_jax.train.common import eval_summary, start_run
+from adpe_jax.train.common import eval_summary, start_run, supervised_loop
 from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train import optimizer as optim
-from adpe_jax.train.metrics import MetricsLog
 from adpe_jax.train.step import split_micro
 
 
@@ -471,72 +469,22 @@ def finetune(config, workdir: str) -> dict:
                total_steps, steps_per_epoch, start_step, config.init or "random")
 
   # 5. The loop.
-  log = MetricsLog(workdir, total_steps)
-  stop_at = total_steps if config.max_steps_per_run <= 0 else min(
-      total_steps, start_step + config.max_steps_per_run)
-  acc, acc_n, t_last, step_last, t0 = None, 0, time.time(), start_step, time.time()
-  status = "finished"
-  accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))
-  batches = pipeline.iterate(start_step, stop_at - start_step)
-  end_step = start_step
-  try:
-    with ckpt_lib.AgreedStop() as agreed:
-      for step in range(start_step, stop_at):
-        host = next(batches)
-        batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]},
-                                      mesh)
-        mix = mixup_params(config.seed, step, config.accum_steps, config.image_size,
-                           config.aug.mixup, config.aug.cutmix, config.aug.mixup_prob,
-                           config.aug.mixup_switch_prob)
-        state, metrics = train_step(state, batch, mix, step_key)
-        acc = metrics if acc is None else accumulate(acc, metrics)
-        acc_n += 1
-        done = step + 1
-        stop = agreed.should_stop(done)
-        log.tick(done)
-        due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-        due_eval = done % eval_every == 0 or done == total_steps
-        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop or due_eval:
-          h = jax.device_get(acc)
-          now = time.time()
-          record = {"step": done, **{k: float(v) / acc_n for k, v in h.items() if k != "finite"}}
-          record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
-          if h["finite"] != acc_n:
-            log.write(record)
-            ckpt.wait()
-            last = ckpt.latest_step()
-            raise FloatingPointError(
-                f"non-finite loss or gradients between steps {step_last + 1} and {done}; "
-                f"stopping; the last good checkpoint is kept at "
-                f"{ckpt.step_path(last) if last else '(none)'}.")
-          log.write(record)
-          logging.info("step %d loss %.4f lr %.3g", done, record["loss"], record["lr"])
-          acc, acc_n, t_last, step_last = None, 0, now, done
-        if due_eval:
-          result = {"step": done, "epoch": done / steps_per_epoch, **evaluator(state.params)}
-          log.write(result)
-          evals.append(result)
-          logging.info("step %d eval top-1 %.4f top-5 %.4f", done, result["top1"], result["top5"])
-        ckpt.maybe_save(done, state)
-        end_step = done
-        if stop:
-          status = "preempted"
-          break
-      end_step = int(state.step)
-      ckpt.maybe_save(end_step, state, force=True)
-      ckpt.wait()
-  finally:
-    batches.close()
-    pipeline.close()
-    ckpt.wait()
-  if status == "finished" and end_step < total_steps:
-    status = "stopped"
+  def step_fn(state, step, host):
+    batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]}, mesh)
+    mix = mixup_params(config.seed, step, config.accum_steps, config.image_size,
+                       config.aug.mixup, config.aug.cutmix, config.aug.mixup_prob,
+                       config.aug.mixup_switch_prob)
+    return train_step(state, batch, mix, step_key)
+
+  state, status, end_step, train_seconds = supervised_loop(
+      config, workdir=workdir, state=state, pipeline=pipeline, ckpt=ckpt, train_step=step_fn,
+      evaluate=lambda s: evaluator(s.params), evals=evals, start_step=start_step,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every)
 
   # 6. Summary.
   summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
-                             "train_seconds": time.time() - t0, **info}
+                             "train_seconds": train_seconds, **info}
   summary.update(eval_summary(evals))
-  log.close()
   ckpt.close()
   if jax.process_index() == 0:
     storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))

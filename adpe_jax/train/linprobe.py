@@ -41,9 +41,8 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import parallel, probe_defaults, storage
 from adpe_jax.defaults import ConfigError
 from adpe_jax.train import evaluate
-from adpe_jax.train.common import eval_summary, start_run
+from adpe_jax.train.common import eval_summary, start_run, supervised_loop
 from adpe_jax.train import optimizer as optim
-from adpe_jax.train.metrics import MetricsLog
 
 BN_EPS = 1e-6
 
@@ -224,69 +223,21 @@ def linprobe(config, workdir: str) -> dict:
                resolved.model.pool)
 
   # 5. The loop.
-  log = MetricsLog(workdir, total_steps)
-  stop_at = total_steps if config.max_steps_per_run <= 0 else min(
-      total_steps, start_step + config.max_steps_per_run)
-  acc, acc_n, t_last, step_last, t_train = None, 0, time.time(), start_step, time.time()
-  status, end_step = "finished", start_step
-  accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))
-  batches = pipeline.iterate(start_step, stop_at - start_step)
-  try:
-    with ckpt_lib.AgreedStop() as agreed:
-      for step in range(start_step, stop_at):
-        host = next(batches)
-        batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]},
-                                      mesh)
-        state, metrics = train_step(state, encoder_params, batch["images"], batch["labels"])
-        acc = metrics if acc is None else accumulate(acc, metrics)
-        acc_n += 1
-        done = step + 1
-        stop = agreed.should_stop(done)
-        log.tick(done)
-        due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-        due_eval = done % eval_every == 0 or done == total_steps
-        if done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop or due_eval:
-          h = jax.device_get(acc)
-          now = time.time()
-          record = {"step": done, **{k: float(v) / acc_n for k, v in h.items() if k != "finite"}}
-          record["img_per_s"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
-          log.write(record)
-          if h["finite"] != acc_n:
-            ckpt.wait()
-            last = ckpt.latest_step()
-            raise FloatingPointError(
-                f"non-finite loss or gradients between steps {step_last + 1} and {done}; "
-                f"stopping; the last good checkpoint is kept at "
-                f"{ckpt.step_path(last) if last else '(none)'}.")
-          logging.info("step %d loss %.4f lr %.3g", done, record["loss"], record["lr"])
-          acc, acc_n, t_last, step_last = None, 0, now, done
-        if due_eval:
-          result = {"step": done, "epoch": done / steps_per_epoch,
-                    **evaluate_probe(eval_fn, state, eval_feats, eval_labels)}
-          log.write(result)
-          evals.append(result)
-          logging.info("step %d eval top-1 %.4f top-5 %.4f", done, result["top1"], result["top5"])
-        ckpt.maybe_save(done, state)
-        end_step = done
-        if stop:
-          status = "preempted"
-          break
-      end_step = int(state.step)
-      ckpt.maybe_save(end_step, state, force=True)
-      ckpt.wait()
-  finally:
-    batches.close()
-    pipeline.close()
-    ckpt.wait()
-  if status == "finished" and end_step < total_steps:
-    status = "stopped"
+  def step_fn(state, step, host):
+    batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]}, mesh)
+    return train_step(state, encoder_params, batch["images"], batch["labels"])
+
+  state, status, end_step, train_seconds = supervised_loop(
+      config, workdir=workdir, state=state, pipeline=pipeline, ckpt=ckpt, train_step=step_fn,
+      evaluate=lambda s: evaluate_probe(eval_fn, s, eval_feats, eval_labels), evals=evals,
+      start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      eval_every=eval_every)
 
   # 6. Summary.
   summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
-                             "train_seconds": time.time() - t_train,
+                             "train_seconds": train_seconds,
                              "feature_seconds": feature_seconds, **info}
   summary.update(eval_summary(evals))
-  log.close()
   ckpt.close()
   if jax.process_index() == 0:
     storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))
