@@ -323,6 +323,11 @@ def profile(label: str, run: dict, n: int, peak: float, top: int = 12) -> None:
                                    for k, v in by_class.most_common()), flush=True)
   print(f"[{label}] MFU {100 * mfu:.1f}%; the matmuls alone run at {100 * mfu / share:.0f}% of "
         f"the peak (MFU / matmul share): the bound if nothing else took time", flush=True)
+  devices = len(run["batch"]["images"].sharding.device_set)
+  if devices > 1:
+    print(f"[{label}] note: {devices} devices: a device that waits for the other(s) at a "
+          f"cross-device reduction is timed inside that op, so the shares of the reductions "
+          f"(and the bound) are inflated; profile on 1 device for clean shares", flush=True)
   for src, us in by_source.most_common(top):
     if src.startswith("("):  # one fusion of many ops (e.g. the gradient reductions)
       src = f"{src.count(':') + 1} ops fused, e.g. {src[1:].split(':')[0]}"
