@@ -29,7 +29,7 @@ Each round starts with --round-warmup untimed steps per side (an idle worker's p
 have been reclaimed meanwhile).
 
 Output: per round the s/step of each side; then a table per case (median s/step,
-images/s, compile / first-step seconds, peak RSS over the timed steps and per image) and
+images/s, compile / first-step seconds, peak RSS over the rounds' steps and per image) and
 one line per case:
   ratio ours/original images_per_s <case>: <x.xx>
 With two or more --crops values, also the peak RSS per added image (the slope between the
@@ -573,10 +573,10 @@ def main(argv=None) -> int:
             f"{(f'{peak / images:8.2f}' if peak is not None else '       -')}  "
             f"{x.info['first_loss']:.4f}->{x.losses[-1]:.4f}")
     ratios.append((label, ips["ours"] / ips["original"]))
-  print("peak MiB: the process's peak RSS over the timed steps, on both sides (the kernel's "
-        "peak mark reset before each round: start-up, compilation and the first step are "
-        "not in it); MiB/img = peak MiB / images, so fixed costs (the framework, the "
-        "weights and optimizer state) are in it.")
+  print("peak MiB: the process's peak RSS over each round's steps (its untimed warm-up "
+        "included), on both sides (the kernel's peak mark reset before each round: start-up, "
+        "compilation and the first step are not in it); MiB/img = peak MiB / images, so fixed "
+        "costs (the framework, the weights and optimizer state) are in it.")
   slopes = []
   for case in cases:
     row = {}
