@@ -164,10 +164,12 @@ def _tree_mismatches(saved: dict, wanted: dict) -> list[str]:
 
 
 def _block_layout(flat: dict) -> str | None:
-  """"scanned" (params/blocks/..., model.scan_blocks) or "unrolled" (params/blocks_0/...)."""
-  if any(k.startswith(("params/blocks/", "params/decoder_blocks/")) for k in flat):
+  """"scanned" (params/blocks/..., model.scan_blocks) or "unrolled" (params/blocks_0/...),
+  from the flat keys of a state tree; the stack names are `layout.PREFIXES`."""
+  from adpe_jax.models.layout import PREFIXES  # noqa: PLC0415 (as parallel.py: no flax here)
+  if any(k.startswith(tuple(f"params/{p}/" for p in PREFIXES)) for k in flat):
     return "scanned"
-  if any(k.startswith(("params/blocks_", "params/decoder_blocks_")) for k in flat):
+  if any(k.startswith(tuple(f"params/{p}_" for p in PREFIXES)) for k in flat):
     return "unrolled"
   return None
 

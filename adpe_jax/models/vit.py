@@ -125,14 +125,7 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
     scale = hd ** -0.5
     q_scaled = q * jnp.asarray(scale, q.dtype)
-    rpe_ops = None
-    if self.rpe is not None:
-      from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415 (keeps APE import light)
-      q_rpe = q if self.rpe_unscaled_query else q_scaled
-      rpe_ops = RelativePositionKey(head_dim=hd, name="rpe_k", **self.rpe).operands(
-          q_rpe.transpose(0, 2, 1, 3), query_mask)
-      if self.rpe_unscaled_query:
-        rpe_ops = rpe_ops.replace(query=q)
+    rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=False)
     out = attention(q_scaled, k, v, rpe=rpe_ops, impl=self.attention_impl).reshape(b, t, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")(out)
 
@@ -141,16 +134,23 @@ class Attention(nn.Module):
     the same function and parameters; no (B, T, H, hd) <-> (B, H, T, hd) copies."""
     q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
     q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    rpe_ops = None
-    if self.rpe is not None:
-      from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415
-      q_rpe = q if self.rpe_unscaled_query else q_scaled
-      rpe_ops = RelativePositionKey(head_dim=q.shape[-1], name="rpe_k", **self.rpe).operands(
-          q_rpe, query_mask)
-      if self.rpe_unscaled_query:
-        rpe_ops = rpe_ops.replace(query=q)
+    rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=True)
     out = xla_attention_heads_first(q_scaled, k, v, rpe_ops)
     return _HeadMajorProj(self.dtype, name="proj")(out)
+
+  def _rpe_operands(self, q, q_scaled, query_mask, heads_first: bool):
+    """The iRPE operands (None for APE) from q / q_scaled, (B, H, T, hd) if heads_first
+    else (B, T, H, hd): the RPE term reads the scaled query, or the unscaled one (passed
+    on as `query`, in the attention call's layout) for `rpe_unscaled_query`."""
+    if self.rpe is None:
+      return None
+    from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415 (keeps APE import light)
+    q_rpe = q if self.rpe_unscaled_query else q_scaled
+    if not heads_first:
+      q_rpe = q_rpe.transpose(0, 2, 1, 3)
+    ops = RelativePositionKey(head_dim=q.shape[-1], name="rpe_k", **self.rpe).operands(
+        q_rpe, query_mask)
+    return ops.replace(query=q) if self.rpe_unscaled_query else ops
 
 
 class Block(nn.Module):
