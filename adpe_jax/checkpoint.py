@@ -40,6 +40,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adpe_jax import storage
+from adpe_jax.errors import CheckpointError
 
 try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
   from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX
@@ -49,10 +50,6 @@ except ImportError:  # pragma: no cover
 _STATE = "state"
 _META = "meta"
 _FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored into the configured run (nothing is changed)."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,14 +26,11 @@ import numpy as np
 from flax import traverse_util
 
 from adpe_jax import posembed
+from adpe_jax.errors import ConversionError
 from adpe_jax.models import layout
 from adpe_jax.rpe import ADVERSARY
 
 FROZEN_SUFFIXES = ("pos_embed", "no_shift")
-
-
-class ConversionError(ValueError):
-  pass
 
 
 def _flax_path(name: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from adpe_jax.errors import ConfigError
 from adpe_jax.models.variants import VARIANTS
 
 PE_TYPES = ("ape", "rpe")
@@ -120,10 +121,6 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def parse_arg(arg: str | None) -> set[str]:
   return set(a for a in (arg or "").split(",") if a)
-
-
-class ConfigError(ValueError):
-  """A config value a user must change; the message names the field."""
 
 
 def _choice(c, field: str, allowed) -> None:

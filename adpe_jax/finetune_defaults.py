@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from adpe_jax import defaults
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import ConfigError
 
 PE_TYPES = (0, 1, 2)   # 0 APE, 1 + integer iRPE, 2 + interpolated iRPE
 

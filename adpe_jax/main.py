@@ -8,6 +8,8 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from adpe_jax.errors import AdpeError, ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), e.g. configs/vitb_ape.py:smoke.",
     lock_config=True)
@@ -70,7 +72,6 @@ def _enable_compilation_cache(config, workdir: str) -> str | None:
   resumed run or another run of the same program loads the compiled step instead of
   compiling it again.  Returns the directory used (None = off)."""
   import jax  # noqa: PLC0415
-  from adpe_jax.defaults import ConfigError  # noqa: PLC0415
   setting = str(config.get("compilation_cache", "auto"))
   if setting == "none":
     return None
@@ -89,9 +90,6 @@ def _enable_compilation_cache(config, workdir: str) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from adpe_jax.checkpoint import CheckpointError  # noqa: PLC0415
-  from adpe_jax.data.errors import DataError  # noqa: PLC0415
-  from adpe_jax.defaults import ConfigError  # noqa: PLC0415
   logging.set_verbosity(logging.INFO)
   _drop_closed_loop_noise()
   # config.task: "pretrain" (default; the pretraining configs have no such field) or
@@ -113,7 +111,7 @@ def main(argv):
   try:
     _enable_compilation_cache(_CONFIG.value, _WORKDIR.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError) as e:
+  except AdpeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

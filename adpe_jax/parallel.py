@@ -24,15 +24,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import MeshError
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 FSDP_MIN_SIZE = 2 ** 14   # tensors smaller than this stay replicated
-
-
-class MeshError(ConfigError):
-  """A mesh / distributed setting a user must change; the message names the field."""
 
 
 def _distributed_initialized() -> bool:

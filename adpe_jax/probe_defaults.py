@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from adpe_jax import defaults
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import ConfigError
 
 OPTIMIZERS = ("lars", "sgd")
 

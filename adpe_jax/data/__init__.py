@@ -5,7 +5,7 @@ Importing this package does not import TensorFlow or tensorflow_datasets; only
 does.
 """
 
-from adpe_jax.data.errors import DataError
+from adpe_jax.errors import DataError
 from adpe_jax.data.eval_arrays import center_resize, labelled_arrays
 from adpe_jax.data.fashion_mnist import FashionMnistSource, read_idx
 from adpe_jax.data.folder import FolderSource

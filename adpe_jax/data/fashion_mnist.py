@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from adpe_jax.data.errors import DataError
+from adpe_jax.errors import DataError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 

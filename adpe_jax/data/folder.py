@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from adpe_jax import storage
-from adpe_jax.data.errors import DataError
+from adpe_jax.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

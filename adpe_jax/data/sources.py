@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from adpe_jax import storage
-from adpe_jax.data.errors import DataError
+from adpe_jax.errors import DataError
 from adpe_jax.data.fashion_mnist import FashionMnistSource
 from adpe_jax.data.folder import FolderSource
 from adpe_jax.data.synthetic import SyntheticSource

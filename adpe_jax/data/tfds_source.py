@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adpe_jax.data.errors import DataError
+from adpe_jax.errors import DataError
 
 
 class TfdsSource:

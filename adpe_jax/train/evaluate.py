@@ -34,7 +34,7 @@ from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import storage
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import ConfigError, InitError
 from adpe_jax.train import knn
 from adpe_jax.train.common import start_run
 
@@ -129,7 +129,6 @@ def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
   pretraining workdir / checkpoint of ours); a .pth or a random init needs them set."""
   c = ml_collections.ConfigDict(config.to_dict())
   if c.init and not storage.resolve(c.init).exists():
-    from adpe_jax.train.finetune import InitError  # noqa: PLC0415
     raise InitError(f"config field init={c.init!r} does not exist.")
   if not c.init and c.model.pe_type < 0:
     c.model.pe_type = 0       # a random init: APE unless set
@@ -164,7 +163,6 @@ def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
 
 def _run_metadata(path: str) -> dict:
   """The run metadata of our newest checkpoint under `path` (an InitError if none)."""
-  from adpe_jax.train.finetune import InitError  # noqa: PLC0415
   p = storage.resolve(path)
   if not p.exists():
     raise InitError(f"config field init={path!r} does not exist.")

@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import finetune_defaults, parallel, posembed, storage
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import ConfigError, InitError
 from adpe_jax.models import layout
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.common import eval_summary, start_run, supervised_loop
@@ -196,10 +196,6 @@ def make_eval_step(model):
 
 
 # -- initial weights (config.init) ------------------------------------------------------------
-
-class InitError(ConfigError):
-  """config.init cannot initialise the configured model (one sentence)."""
-
 
 def _torch_state_dict(path: str) -> dict:
   try:

@@ -39,7 +39,7 @@ from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import parallel, probe_defaults, storage
-from adpe_jax.defaults import ConfigError
+from adpe_jax.errors import ConfigError
 from adpe_jax.train import evaluate
 from adpe_jax.train.common import eval_summary, start_run, supervised_loop
 from adpe_jax.train import optimizer as optim

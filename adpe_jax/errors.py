@@ -1,0 +1,33 @@
+"""Every error a user can act on: its message is one sentence naming what and where.
+
+`main.py` catches `AdpeError` and prints that sentence; anything else is a bug (a
+traceback).  This module is a leaf: it imports nothing of adpe_jax.
+"""
+
+
+class AdpeError(Exception):
+  """A problem the user can fix (a config field, a file, a checkpoint, a process)."""
+
+
+class ConfigError(AdpeError, ValueError):
+  """A config value a user must change; the message names the field."""
+
+
+class MeshError(ConfigError):
+  """The device mesh the config asks for does not fit the devices."""
+
+
+class DataError(AdpeError, RuntimeError):
+  """A dataset is missing, unreadable or misnamed."""
+
+
+class CheckpointError(AdpeError, RuntimeError):
+  """A checkpoint that cannot be restored into the configured run (nothing is changed)."""
+
+
+class InitError(ConfigError):
+  """config.init (weights to start from) cannot initialise the configured model."""
+
+
+class ConversionError(AdpeError, ValueError):
+  """A state dict (PyTorch) that does not fit the model it is converted for."""
