@@ -1,4 +1,4 @@
-"""Checkpoints of the train state (orbax) and a SIGTERM/SIGINT preemption guard.
+"""Checkpoints of the train state (orbax): the Checkpointer.
 
 Layout: `WORKDIR/checkpoints/<step>/` with two orbax items,
 
@@ -27,7 +27,7 @@ naming that field; `restore_params` returns the params in the layout they were s
 from __future__ import annotations
 
 import json
-import signal
+import sys
 import threading
 from typing import Any
 
@@ -209,6 +209,31 @@ def _short(e: BaseException, limit: int = 400) -> str:
 _UNCHANGED = "nothing on disk was changed"
 
 
+def quiet_orbax_teardown() -> None:
+  """Silence orbax's leftover reads after a refused checkpoint (orbax-checkpoint 0.12.8).
+
+  When a corrupt checkpoint fails to restore, tensorstore callbacks still in flight try
+  to reach orbax's already-closed asyncio loop and print 'Event loop is closed'
+  tracebacks (through sys.excepthook / threading.excepthook / sys.unraisablehook) around
+  our one-sentence error.  Only that exact error is dropped; installed once, when
+  `restore` refuses a checkpoint.
+  """
+  if getattr(sys.excepthook, "_adpe_quiet", False):
+    return
+
+  def noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+  prev_except, prev_thread, prev_unraisable = (sys.excepthook, threading.excepthook,
+                                               sys.unraisablehook)
+  def excepthook(t, v, tb):
+    return None if noise(v) else prev_except(t, v, tb)
+  excepthook._adpe_quiet = True
+  sys.excepthook = excepthook
+  threading.excepthook = lambda a: None if noise(a.exc_value) else prev_thread(a)
+  sys.unraisablehook = lambda u: None if noise(u.exc_value) else prev_unraisable(u)
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -222,10 +247,12 @@ class Checkpointer:
     metadata: JSON-able dict describing the run (model variant, pe, adversary kind,
       image_size, patch_size, ...), written with every checkpoint; `restore` refuses a
       checkpoint whose metadata differs in any field, so put only what must match in it.
+    upgrade: optional `run metadata -> run metadata` applied to a checkpoint's before the
+      comparison (a task's earlier field names in today's, so old workdirs resume).
   """
 
   def __init__(self, workdir: str, every_steps: int, keep: int = 3,
-               metadata: dict | None = None):
+               metadata: dict | None = None, upgrade=None):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1.")
     # An epath.Path: a local workdir made absolute (orbax needs that), gs://... kept.
@@ -240,6 +267,7 @@ class Checkpointer:
       self.metadata = json.loads(json.dumps(dict(metadata or {})))
     except (TypeError, ValueError) as e:
       raise ValueError(f"Checkpointer metadata is not JSON-able: {e}") from e
+    self._upgrade = upgrade or (lambda run: run)
     self._pending_step: int | None = None
     self._cleaned_tmp = False
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -302,6 +330,13 @@ class Checkpointer:
     live state; see `abstract_of`). Returns None when there is no checkpoint. Raises
     CheckpointError, and deletes / overwrites nothing, when the checkpoint does not fit.
     """
+    try:
+      return self._restore(abstract_state, step)
+    except CheckpointError:
+      quiet_orbax_teardown()
+      raise
+
+  def _restore(self, abstract_state, step: int | None):
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
@@ -336,7 +371,7 @@ class Checkpointer:
           f"{saved_layout == 'scanned'} to resume it (or convert the checkpoint with "
           f"adpe_jax.models.layout), {_UNCHANGED}.")
     problems = _tree_mismatches(saved_flat, wanted_flat)
-    meta_diff = _metadata_mismatches(meta.get("run", {}), self.metadata)
+    meta_diff = _metadata_mismatches(self._upgrade(meta.get("run", {}) or {}), self.metadata)
     if problems or meta_diff:
       parts = []
       if problems:
@@ -436,93 +471,6 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-# ---------------------------------------------------------------------------------------
-
-
-class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a flag the training loop polls (`guard.requested`).
-
-  Inside `with PreemptionGuard() as guard:` the signals only set the flag; the loop then
-  force-saves at the current step, waits and exits. A second SIGINT raises
-  KeyboardInterrupt (to abort for real). The previous handlers come back on exit. From a
-  thread other than the main one no handler can be installed; `request()` still works.
-  """
-
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-    self.signals = tuple(signals)
-    self.signum: int | None = None
-    self._requested = False
-    self._logged = False
-    self._previous: dict = {}
-
-  def _handle(self, signum, frame) -> None:  # noqa: ARG002
-    if self._requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-    self._requested = True
-
-  def request(self) -> None:
-    self._requested = True
-
-  @property
-  def requested(self) -> bool:
-    if self._requested and not self._logged:
-      self._logged = True
-      name = signal.Signals(self.signum).name if self.signum is not None else "a request"
-      logging.warning("preemption: got %s; saving a checkpoint and stopping", name)
-    return self._requested
-
-  def __enter__(self) -> "PreemptionGuard":
-    if threading.current_thread() is not threading.main_thread():
-      logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
-      return self
-    for s in self.signals:
-      self._previous[s] = signal.signal(s, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for s, h in self._previous.items():
-      signal.signal(s, h if h is not None else signal.SIG_DFL)
-    self._previous = {}
-
-
-class AgreedStop:
-  """One stop step for every process: `agreed.should_stop(step)` on every host, every step.
-
-  One process: the `PreemptionGuard` flag (SIGTERM / SIGINT handled here).  Several
-  processes: JAX's preemption sync manager (started by `jax.distributed.initialize`) owns
-  SIGTERM -- a notice reaching any host is propagated to all and
-  `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at the same
-  step -- so no Python handler is installed (one would hide the signal from JAX), and a
-  SIGINT ends that process (its peers then stop after the heartbeat timeout).
-  """
-
-  def __init__(self, multi_process: bool | None = None):
-    self.multi = jax.process_count() > 1 if multi_process is None else multi_process
-    self.guard = PreemptionGuard(() if self.multi else (signal.SIGTERM, signal.SIGINT))
-    self.stopped_by: str | None = None
-
-  def should_stop(self, step: int) -> bool:
-    if self.multi:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-      if multihost_utils.reached_preemption_sync_point(int(step)):
-        self.stopped_by = "SIGTERM (agreed by all processes)"
-        logging.warning("preemption: all processes stop at step %d; saving", step)
-        return True
-      return False
-    if self.guard.requested:
-      self.stopped_by = "signal"
-      return True
-    return False
-
-  def __enter__(self) -> "AgreedStop":
-    self.guard.__enter__()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.guard.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------------------

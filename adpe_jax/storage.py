@@ -14,6 +14,8 @@ from typing import Iterator
 
 from etils import epath
 
+from adpe_jax.errors import ConfigError
+
 PathLike = str | os.PathLike
 
 
@@ -35,7 +37,6 @@ def resolve(path: PathLike) -> epath.Path:
   except KeyError:
     out = None
   if out is None or not os.fspath(out).startswith(f"{scheme}://"):
-    from adpe_jax.defaults import ConfigError  # noqa: PLC0415 (main prints one sentence)
     raise ConfigError(f"path {text!r}: etils.epath cannot read or write {scheme}:// paths "
                       f"(it supports gs://, s3://, az://, hf:// and local paths).")
   return out

@@ -41,11 +41,11 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARMS = {
-    "mae_plus_rpe": {"pretrain": ["--config=configs/demo.py:mae_plus"], "pe_type": 1},
-    "adpe_rpe_coord": {"pretrain": ["--config=configs/demo.py"], "pe_type": 2},
+    "mae_plus_rpe": {"pretrain": ["--config=configs/demo.py:mae_plus"], "pe": "rpe", "rpe_lookup": "integer"},
+    "adpe_rpe_coord": {"pretrain": ["--config=configs/demo.py"], "pe": "rpe", "rpe_lookup": "continuous"},
     "adpe_ape_coord": {"pretrain": ["--config=configs/demo.py", "--config.model.pe=ape"],
-                       "pe_type": 0},
-    "random_init": {"pretrain": None, "pe_type": 2},
+                       "pe": "ape", "rpe_lookup": "integer"},
+    "random_init": {"pretrain": None, "pe": "rpe", "rpe_lookup": "continuous"},
 }
 METRICS = [("knn_top1", "k-NN top-1"), ("linprobe_top1", "linear probe top-1"),
            ("finetune_top1", "fine-tune top-1"), ("final_loss", "final pretrain loss"),
@@ -122,7 +122,7 @@ def run_one(arm: str, seed: int, out: pathlib.Path, opts, env: dict) -> dict:
   result["linprobe_top1"] = s.get("last_top1")
   ft_args = ["--config=configs/demo_finetune.py" + (":random" if not spec["pretrain"] else ""),
              *([] if not spec["pretrain"] else init), *seed_arg,
-             f"--config.model.pe_type={spec['pe_type']}",
+             f"--config.model.pe={spec['pe']}", f"--config.model.rpe_lookup={spec['rpe_lookup']}",
              f"--config.total_steps={opts.finetune_steps}",
              f"--config.warmup_epochs={max(opts.finetune_steps // 10, 1) / (60000 // 64)}",
              f"--config.eval.every_steps={opts.finetune_steps}",

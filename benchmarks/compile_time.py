@@ -1,7 +1,7 @@
 """Compile time of the pretraining train step, blocks unrolled vs scanned (model.scan_blocks).
 
 For each variant (ViT-B/L/H, adpe_jax/models/variants.py) with RPE + the coordinate
-adversary (configs/vit*_rpe_coord.py, i.e. `defaults.seed_config("rpe", "coordinate")`),
+adversary (configs/vit*_rpe_coord.py, i.e. `pretrain_config.seed_config("rpe", "coordinate")`),
 one image x num_crops crops per step, no accumulation, one device: the train step built
 as `pretrain.build_training` builds it (same optimizers, shardings, donation), lowered
 and compiled from abstract shapes (no state is allocated), with model.scan_blocks False
@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from adpe_jax import defaults, parallel  # noqa: E402
+from adpe_jax import parallel  # noqa: E402
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models.variants import VARIANTS  # noqa: E402
 from adpe_jax.train import optimizer as optim  # noqa: E402
 from adpe_jax.train.state import build_model, create_train_state  # noqa: E402
@@ -41,7 +42,7 @@ PATCH = {"base": 16, "large": 16, "huge": 14}
 
 
 def config_for(variant: str, scan: bool, images: int):
-  c = defaults.seed_config("rpe", "coordinate", None, variant=variant,
+  c = pretrain_config.seed_config("rpe", "coordinate", None, variant=variant,
                            patch_size=PATCH.get(variant, 16))
   c.model.scan_blocks = scan
   c.batch_size, c.accum_steps = images, 1

@@ -199,8 +199,9 @@ class Planner:
   def __init__(self, args):
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from adpe_jax import defaults, parallel  # noqa: PLC0415
-    self.jax, self.np, self.defaults, self.parallel = jax, np, defaults, parallel
+    from adpe_jax import parallel  # noqa: PLC0415
+    from adpe_jax.config import pretrain as pretrain_config  # noqa: PLC0415
+    self.jax, self.np, self.defaults, self.parallel = jax, np, pretrain_config, parallel
     self.args = args
     self.t0 = time.time()
     if jax.device_count() != args.devices:
@@ -388,7 +389,7 @@ class Planner:
   def self_check(self):
     """The abstract step compiles to the same buffers as build_training's real one."""
     from adpe_jax.train import pretrain  # noqa: PLC0415
-    c = self.defaults.seed_config(self.args.pe, self.args.adversary, "smoke")
+    c = self.pretrain_config.seed_config(self.args.pe, self.args.adversary, "smoke")
     c.batch_size, c.accum_steps, c.model.dtype = 2 * self.args.devices, 2, self.args.dtype
     c.mesh.fsdp = max(f for f in self.args.fsdp)
     c.mesh.fsdp_min_size = 256   # so the test model's kernels are sharded too

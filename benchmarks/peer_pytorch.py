@@ -230,7 +230,8 @@ def ours_worker(spec) -> None:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from adpe_jax import convert, defaults, parallel  # noqa: PLC0415
+  from adpe_jax import convert, parallel  # noqa: PLC0415
+  from adpe_jax.config import pretrain as pretrain_config
   from adpe_jax.models import variants  # noqa: PLC0415
   from adpe_jax.train.pretrain import build_training  # noqa: PLC0415
 
@@ -242,7 +243,7 @@ def ours_worker(spec) -> None:
     name = "peer_benchmark"
     variants.VARIANTS[name] = dims
   pe, kind = CASES[spec["case"]]
-  c = defaults.base_config()
+  c = pretrain_config.base_config()
   c.model.variant, c.model.patch_size, c.model.pe = name, spec["patch"], pe
   c.model.dtype = "float32"
   c.image_size, c.num_crops = spec["image_size"], spec["num_crops"]
@@ -252,7 +253,7 @@ def ours_worker(spec) -> None:
   c.seed = spec["seed"]
   c.warmup_epochs = 0.0  # both sides: half-cosine from step 0, so both lrs are non-zero
   mesh = parallel.make_mesh()
-  defaults.validate(c, mesh.size)
+  pretrain_config.validate(c, mesh.size)
   spe, epochs = STEPS_PER_EPOCH_EPOCHS
   setup = build_training(c, mesh, total_steps=spe * epochs, steps_per_epoch=spe)
   state, model = setup["state"], setup["model"]

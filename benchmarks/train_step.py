@@ -102,7 +102,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from adpe_jax import defaults, parallel  # noqa: E402
+from adpe_jax import parallel  # noqa: E402
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import variants  # noqa: E402
 from adpe_jax.train.metrics import device_peak_flops  # noqa: E402
 from adpe_jax.train.pretrain import build_training, step_flops  # noqa: E402
@@ -110,7 +111,7 @@ from adpe_jax.train.pretrain import build_training, step_flops  # noqa: E402
 
 def load_config(spec: str):
   if not spec:
-    return defaults.base_config()
+    return pretrain_config.base_config()
   path, _, arg = spec.partition(":")
   import importlib.util  # noqa: PLC0415
   module_spec = importlib.util.spec_from_file_location("bench_config", path)

@@ -11,16 +11,18 @@ top-1 on the Fashion-MNIST test set; summary.json holds both numbers (see README
 Reported (paper): not applicable (Fashion-MNIST demo).
 """
 
-from adpe_jax import defaults
+from adpe_jax.config import pretrain
+from adpe_jax.config.common import parse_arg
+from adpe_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg)
+  args = parse_arg(arg)
   unknown = args - {"mae_plus", "smoke"}
   if unknown:
-    raise defaults.ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
-                               f"mae_plus, smoke.")
-  c = defaults.base_config()
+    raise ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
+                      f"mae_plus, smoke.")
+  c = pretrain.base_config()
   c.model.variant = "tiny"
   c.model.patch_size = 4
   c.model.pe = "rpe"

@@ -15,20 +15,22 @@ Expected: the pretrained encoder beats the random-init fine-tune in test top-1
 (summary.json: best_top1 / last_top1; README gives the measured numbers).
 """
 
-from adpe_jax import defaults, finetune_defaults
+from adpe_jax.config import finetune
+from adpe_jax.config.common import parse_arg
+from adpe_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg)
+  args = parse_arg(arg)
   unknown = args - {"random", "smoke"}
   if unknown:
-    raise defaults.ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
-                               f"random, smoke.")
-  c = finetune_defaults.finetune_config()
+    raise ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
+                      f"random, smoke.")
+  c = finetune.finetune_config()
   c.init = "" if "random" in args else "runs/demo"
   c.model.variant = "tiny"
   c.model.patch_size = 4
-  c.model.pe_type = 2
+  c.model.pe, c.model.rpe_lookup = "rpe", "continuous"   # pe_type 2
   c.image_size = 28
   c.batch_size = 64
   c.accum_steps = 1

@@ -12,8 +12,8 @@ Hardware: the original ran 8 x V100 (128 per GPU); one 8-GPU A100/H100 node.
 Reported (seed README, ViT-B top-1): MAE+ APE 83.9, AdPE APE embedding 84.1, coordinate 84.2.
 """
 
-from adpe_jax import finetune_defaults
+from adpe_jax.config import finetune
 
 
 def get_config(arg=None):
-  return finetune_defaults.recipe("base", 0, arg)
+  return finetune.recipe("base", "ape", arg)

@@ -10,8 +10,8 @@ Recipe (seed README / spec 1.2): as finetune_vitb_ape.py but batch 4096 (accum 4
 Reported (seed README, ViT-B top-1): MAE+ RPE 84.2, AdPE RPE embedding 84.3.
 """
 
-from adpe_jax import finetune_defaults
+from adpe_jax.config import finetune
 
 
 def get_config(arg=None):
-  return finetune_defaults.recipe("base", 1, arg)
+  return finetune.recipe("base", "rpe", arg, rpe_lookup="integer")

@@ -9,8 +9,8 @@ Recipe (seed README / spec 1.2): as finetune_vitb_ape.py but batch 4096 (accum 4
 Reported (seed README, ViT-B top-1): AdPE RPE coordinate 84.4.
 """
 
-from adpe_jax import finetune_defaults
+from adpe_jax.config import finetune
 
 
 def get_config(arg=None):
-  return finetune_defaults.recipe("base", 2, arg)
+  return finetune.recipe("base", "rpe", arg, rpe_lookup="continuous")

@@ -9,8 +9,8 @@ Recipe: the seed README says to follow MAE's ViT-L changes: layer decay 0.75, dr
 Reported (seed README, final ViT-L top-1): 86.3.
 """
 
-from adpe_jax import finetune_defaults
+from adpe_jax.config import finetune
 
 
 def get_config(arg=None):
-  return finetune_defaults.recipe("large", 2, arg)
+  return finetune.recipe("large", "rpe", arg, rpe_lookup="continuous")

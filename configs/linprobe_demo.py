@@ -10,21 +10,24 @@ Recipe: MAE's protocol scaled to 28 px (frozen encoder -> BatchNorm without affi
   split.  2 epochs instead of 90, so the LARS blr is raised (5: lr 5 at batch 256).
 """
 
-from adpe_jax import defaults, probe_defaults
+from adpe_jax.config import probe
+from adpe_jax.config.common import parse_arg
+from adpe_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg)
+  args = parse_arg(arg)
   unknown = args - {"random", "avg", "sgd", "smoke"}
   if unknown:
-    raise defaults.ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
-                               f"random, avg, sgd, smoke.")
-  c = probe_defaults.linprobe_config()
+    raise ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
+                      f"random, avg, sgd, smoke.")
+  c = probe.linprobe_config()
   c.init = "runs/demo"
   c.image_size = 0      # the checkpoint's (28 px)
   if "random" in args:  # the demo encoder's architecture, random weights
     c.init = ""
-    c.model.variant, c.model.patch_size, c.model.pe_type, c.image_size = "tiny", 4, 2, 28
+    c.model.variant, c.model.patch_size, c.image_size = "tiny", 4, 28
+    c.model.pe, c.model.rpe_lookup = "rpe", "continuous"
   c.batch_size = 256
   c.total_epochs = 2
   c.warmup_epochs = 0.2
@@ -41,6 +44,6 @@ def get_config(arg=None):
   if "sgd" in args:
     c.optimizer, c.blr = "sgd", 0.1
   if "smoke" in args:
-    probe_defaults.apply_smoke(c)
-    c.init, c.model.pe_type = "", -1
+    probe.apply_smoke(c)
+    c.init, c.model.pe, c.model.rpe_lookup = "", "", ""
   return c

@@ -13,18 +13,20 @@ Recipe: frozen encoder -> BatchNorm(affine=False, eps 1e-6) -> Linear (trunc-nor
 Reported (MAE paper, ViT-B): 68.0 top-1 linear probe.
 """
 
-from adpe_jax import defaults, probe_defaults
+from adpe_jax.config import probe
+from adpe_jax.config.common import parse_arg
+from adpe_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg)
+  args = parse_arg(arg)
   unknown = args - {"smoke", "avg", "sgd"}
   if unknown:
-    raise defaults.ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
-                               f"smoke, avg, sgd.")
-  c = probe_defaults.linprobe_config()
+    raise ConfigError(f"config argument(s) {sorted(unknown)} unknown; allowed: "
+                      f"smoke, avg, sgd.")
+  c = probe.linprobe_config()
   if "smoke" in args:
-    probe_defaults.apply_smoke(c)
+    probe.apply_smoke(c)
   if "avg" in args:
     c.model.pool = "avg"
   if "sgd" in args:

@@ -9,8 +9,8 @@ One 8-GPU A100/H100 node or a TPU v4-32 slice fits it in bf16 (--config.model.dt
 Reported (seed README, ImageNet-1k fine-tune top-1, fine-tune with pe_type 0): 83.9.
 """
 
-from adpe_jax import defaults
+from adpe_jax.config import pretrain
 
 
 def get_config(arg=None):
-  return defaults.seed_config("ape", "none", arg, variant="base", patch_size=16)
+  return pretrain.seed_config("ape", "none", arg, variant="base", patch_size=16)

@@ -12,8 +12,8 @@ One 8-GPU A100/H100 node or a TPU v4-32 slice fits it in bf16 (--config.model.dt
 Reported (seed README, fine-tune top-1 with pe_type 0): 84.2.
 """
 
-from adpe_jax import defaults
+from adpe_jax.config import pretrain
 
 
 def get_config(arg=None):
-  return defaults.seed_config("ape", "coordinate", arg, variant="base", patch_size=16)
+  return pretrain.seed_config("ape", "coordinate", arg, variant="base", patch_size=16)

@@ -8,8 +8,8 @@ Hardware: about 2x ViT-L per image: several 8-GPU nodes or a TPU v4-128 slice; b
 Reported: none (the seed README says 'waiting').
 """
 
-from adpe_jax import defaults
+from adpe_jax.config import pretrain
 
 
 def get_config(arg=None):
-  return defaults.seed_config("rpe", "coordinate", arg, variant="huge", patch_size=14)
+  return pretrain.seed_config("rpe", "coordinate", arg, variant="huge", patch_size=14)

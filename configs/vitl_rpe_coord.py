@@ -8,8 +8,8 @@ Hardware: as ViT-B, about 3x the compute per image: 2 x 8-GPU A100/H100 nodes or
 Reported (seed README 'Final performance', 1600 epochs): 86.3 fine-tune top-1.
 """
 
-from adpe_jax import defaults
+from adpe_jax.config import pretrain
 
 
 def get_config(arg=None):
-  return defaults.seed_config("rpe", "coordinate", arg, variant="large", patch_size=16)
+  return pretrain.seed_config("rpe", "coordinate", arg, variant="large", patch_size=16)

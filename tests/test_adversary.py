@@ -12,7 +12,8 @@ import pytest
 from flax import traverse_util
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax import defaults, parallel, rpe
+from adpe_jax import parallel, rpe
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import layout
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training
@@ -25,7 +26,7 @@ KINDS = [("ape", "embedding", "faithful"), ("ape", "coordinate", "faithful"),
 
 
 def config_for(pe, kind, rpe_embedding="per_bucket", norm="none", eps=1.0):
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.model.pe, c.adversary.kind, c.adversary.rpe_embedding = pe, kind, rpe_embedding
   c.adversary.norm, c.adversary.eps = norm, eps
   return c

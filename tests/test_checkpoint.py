@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adpe_jax import defaults, parallel
-from adpe_jax.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, abstract_of
+from adpe_jax import parallel
+from adpe_jax.config import pretrain as pretrain_config
+from adpe_jax.checkpoint import Checkpointer, CheckpointError, abstract_of
+from adpe_jax.train.stop import PreemptionGuard
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training, run_metadata
 from adpe_jax.train.state import TrainState, build_model, create_train_state
@@ -26,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def smoke_config(**model):
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   for k, v in model.items():
     setattr(c.model, k, v)
   return c

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from adpe_jax import defaults, models
+from adpe_jax.errors import ConfigError
+from adpe_jax import models
+from adpe_jax.config import pretrain as pretrain_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("vit*.py"))
@@ -83,15 +85,15 @@ def test_validate_names_field(field, value, needle):
   for p in parts[:-1]:
     node = node[p]
   node[parts[-1]] = value
-  with pytest.raises(defaults.ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
-    defaults.validate(c, num_devices=4)
+  with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    pretrain_config.validate(c, num_devices=4)
 
 
 def test_batch_not_divisible_by_devices():
   c = load_config("vitb_ape", "smoke")
   c.batch_size, c.accum_steps = 6, 1
-  with pytest.raises(defaults.ConfigError, match="not divisible by the 4 devices"):
-    defaults.validate(c, num_devices=4)
+  with pytest.raises(ConfigError, match="not divisible by the 4 devices"):
+    pretrain_config.validate(c, num_devices=4)
 
 
 # The original's model factories: adpe_vit_{base,large}_patch16, adpe_vit_huge_patch14,
@@ -111,7 +113,7 @@ def test_there_are_seed_configs_for_every_size():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_is_the_seed_recipe(name):
   c = load_config(name)
-  defaults.validate(c, num_devices=8)
+  pretrain_config.validate(c, num_devices=8)
   # Model geometry: the file name's size is the original's factory.
   size, pe, *rest = name.split("_")
   variant, patch, embed_dim, depth, heads = ORIGINAL_GEOMETRY[size]
@@ -128,13 +130,13 @@ def test_every_config_is_the_seed_recipe(name):
   long = load_config(name, "1600ep")
   assert (long.total_epochs, long.warmup_epochs) == (1600, 40)
   assert (long.model.variant, long.model.patch_size) == (variant, patch)
-  with pytest.raises(defaults.ConfigError, match="bogus"):
+  with pytest.raises(ConfigError, match="bogus"):
     load_config(name, "bogus")
 
 
 def test_demo_config_rejects_unknown_arguments():
-  defaults.validate(load_config("demo"), num_devices=4)
-  with pytest.raises(defaults.ConfigError, match="1600ep"):
+  pretrain_config.validate(load_config("demo"), num_devices=4)
+  with pytest.raises(ConfigError, match="1600ep"):
     load_config("demo", "1600ep")
-  with pytest.raises(defaults.ConfigError, match="bogus"):
+  with pytest.raises(ConfigError, match="bogus"):
     load_config("demo", "smoke,bogus")

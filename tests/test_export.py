@@ -23,10 +23,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adpe_jax import checkpoint, convert, defaults, export
+from adpe_jax import checkpoint, convert, export
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_model, init_variables
+from adpe_jax.train.state import build_classifier, init_classifier_params
+from adpe_jax.train import mixup
 
 torch = pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +42,7 @@ KINDS = [("ape", "none", "per_bucket"), ("ape", "embedding", "per_bucket"),
 
 
 def _config(pe, adv, rpe_embedding):
-  c = defaults.seed_config(pe, adv, "smoke")
+  c = pretrain_config.seed_config(pe, adv, "smoke")
   c.adversary.rpe_embedding = rpe_embedding
   return c
 
@@ -201,7 +204,7 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
   """A facebookresearch/mae fine-tune checkpoint (timm's VisionTransformer with global
   pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
   the same function: with the same fc_norm and head, the logits equal timm's."""
-  from adpe_jax import finetune_defaults  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
   from adpe_jax.train import finetune as ft  # noqa: PLC0415
   torch.manual_seed(0)
   ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10,
@@ -211,10 +214,10 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
       v.add_(0.05 * torch.randn_like(v))
   path = tmp_path / "mae_finetuned_vit_test.pth"
   torch.save({"model": ref.state_dict()}, path)
-  c = finetune_defaults.recipe("base", 0, "smoke")
+  c = finetune_config.recipe("base", "ape", "smoke")
   c.init = str(path)
-  model = ft.build_classifier(c)
-  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  model = build_classifier(c)
+  fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
   params, info = ft.load_init(c, model, fresh)
   assert info["init"] == str(path)
   # fc_norm and head start fresh in a fine-tune (as the original): give timm ours.
@@ -267,5 +270,5 @@ def test_mixup_targets_match_timm(timm_module):
   x = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype(np.float32)
   for lam in (1.0, 0.62, 0.2):
     want = mixup.mixup_target(torch.from_numpy(y), 10, lam=lam, smoothing=0.1).numpy()
-    got = ft.mix_batch(x, y, lam, False, np.zeros(4, np.int32), 10, 0.1)[1]
+    got = mixup.mix_batch(x, y, lam, False, np.zeros(4, np.int32), 10, 0.1)[1]
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adpe_jax import convert, defaults
+from adpe_jax import convert
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import layout
 from adpe_jax.train.state import build_model
 from conftest import DATA
@@ -31,7 +32,7 @@ VARIANTS = {
 def reference_config(name):
   pe, kind, rpe_emb, _ = VARIANTS[name]
   meta = json.loads((DATA / f"{name}.json").read_text())
-  c = defaults.base_config()
+  c = pretrain_config.base_config()
   c.model.variant = "reference"
   c.model.patch_size = meta["model"]["patch_size"]
   c.image_size = meta["model"]["img_size"]

@@ -21,6 +21,9 @@ from adpe_jax.data import finetune as ft_data
 from adpe_jax.models import layout
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import finetune as ft
+from adpe_jax.train.state import build_classifier, init_classifier_params
+from adpe_jax.train import optimizer as optim
+from adpe_jax.train import mixup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -105,9 +108,9 @@ def _param_groups_lrd(named_shapes: dict, weight_decay: float, no_weight_decay_l
 def test_layer_decay_groups_match_param_groups_lrd():
   model = ViTClassifier(num_classes=10, image_size=28, patch_size=4, embed_dim=32, depth=3,
                         num_heads=4, pe="rpe", drop_path=0.1)
-  params = jax.eval_shape(lambda: ft.init_params(model, jax.random.key(0)))
-  scales = ft.lr_scales(params, 3, 0.65)
-  decay = ft.decay_mask(params)
+  params = jax.eval_shape(lambda: init_classifier_params(model, jax.random.key(0)))
+  scales = optim.lr_scales(params, 3, 0.65)
+  decay = optim.classifier_decay_mask(params)
   from flax import traverse_util  # noqa: PLC0415
   named, ours = {}, {}
   for path, leaf in traverse_util.flatten_dict(params).items():
@@ -130,7 +133,7 @@ def test_schedule_is_set_at_the_first_micro_step():
   class C:
     blr, batch_size, min_lr, warmup_epochs = 1e-3, 4096, 1e-6, 5.0
   total, spe = 1000, 20.0
-  lr = ft.schedule(C, total, spe)
+  lr = optim.finetune_schedule(C, total, spe)
   peak = 1e-3 * 4096 / 256
   for s in (0, 7, 100, 101, 500, 999):
     epoch = s / spe
@@ -151,7 +154,7 @@ def test_mixup_cutmix_targets_by_hand():
   off, on = s / k, 1 - s + s / k
   one_hot = np.full((6, k), off)
   one_hot[np.arange(6), y] = on
-  mix_jit = jax.jit(ft.mix_batch, static_argnums=(5, 6))
+  mix_jit = jax.jit(mixup.mix_batch, static_argnums=(5, 6))
 
   # Mixup: lam x + (1 - lam) x.flip(0); targets likewise.
   xm, tm = mix_jit(x, y, 0.3, False, np.zeros(4, np.int32), k, s)
@@ -182,7 +185,7 @@ def test_mixup_cutmix_targets_by_hand():
   logits = rng.normal(size=(6, k)).astype(np.float32)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ls_ce = (1 - s) * -logp[np.arange(6), y] + s * -logp.mean(-1)
-  np.testing.assert_allclose(ft.soft_cross_entropy(jnp.asarray(logits), tn), ls_ce, rtol=1e-5)
+  np.testing.assert_allclose(mixup.soft_cross_entropy(jnp.asarray(logits), tn), ls_ce, rtol=1e-5)
 
 
 def test_mixup_params_switch_and_beta():
@@ -275,7 +278,9 @@ def test_cli_finetune_trains_evaluates_resumes(pretrained, tmp_path):
     (["--config.init=/nonexistent/run"], "does not exist"),
     (["--config.model.variant=tiny"], "does not fit model.variant='tiny'"),
     (["--config.init=/nonexistent/original.pth"], "does not exist"),
-    (["--config.model.pe_type=3"], "model.pe_type=3 is not allowed"),
+    (["--config.model.rpe_lookup=bilinear"], "model.rpe_lookup='bilinear' is not allowed"),
+    (["--config.model.pe_type=2"], "was replaced by model.pe and model.rpe_lookup"),
+    (["--config.faithful=False"], "was replaced by model.rpe_query"),
 ])
 def test_cli_bad_input_one_sentence(pretrained, tmp_path, extra, needle):
   args = ["--config=configs/finetune_vitb_rpe_interp.py:smoke", f"--workdir={tmp_path}",
@@ -296,14 +301,14 @@ CONFIGS = ["finetune_vitb_ape", "finetune_vitb_rpe", "finetune_vitb_rpe_interp",
 @pytest.mark.parametrize("name", CONFIGS)
 def test_finetune_configs_load_and_validate(name):
   import importlib.util  # noqa: PLC0415
-  from adpe_jax import finetune_defaults  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   for arg in (None, "smoke"):
     c = module.get_config(arg)
     assert c.task == "finetune"
-    finetune_defaults.validate(c, num_devices=4 if arg else 8)
+    finetune_config.validate(c, num_devices=4 if arg else 8)
   c = module.get_config(None)
   if name.startswith("finetune_vitb"):
     assert (c.layer_decay, c.model.drop_path, c.total_epochs) == (0.65, 0.1, 100)
@@ -330,13 +335,18 @@ def test_faithful_rpe_uses_the_unscaled_query():
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
 
 
+PE_TYPES = {0: ("ape", "integer"), 1: ("rpe", "integer"), 2: ("rpe", "continuous")}
+
+
 @pytest.mark.parametrize("pe_type", [0, 1, 2])
 def test_load_init_from_our_pretraining(pretrained, pe_type):
-  from adpe_jax import checkpoint, finetune_defaults  # noqa: PLC0415
-  c = finetune_defaults.recipe("base", pe_type, "smoke")
+  from adpe_jax import checkpoint  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config
+  pe, lookup = PE_TYPES[pe_type]
+  c = finetune_config.recipe("base", pe, "smoke", rpe_lookup=lookup)
   c.image_size, c.init = 56, str(pretrained)          # 14x14 fine-tune grid from a 7x7 one
-  model = ft.build_classifier(c)
-  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  model = build_classifier(c)
+  fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
   params, info = ft.load_init(c, model, fresh)
   pre = layout.to_unrolled(checkpoint.restore_params(pretrained)[0])  # scanned seed config
   assert info["init_pos_grid"] == 7 and info["init_adversary"] == "coordinate"
@@ -354,15 +364,17 @@ def test_load_init_from_the_originals_pth(pretrained, tmp_path, monkeypatch):
   """The original's .pth (convert.to_torch of our checkpoint) initialises the same weights;
   without torch the error is one sentence."""
   torch = pytest.importorskip("torch")
-  from adpe_jax import checkpoint, defaults, finetune_defaults  # noqa: PLC0415
+  from adpe_jax import checkpoint  # noqa: PLC0415
+  from adpe_jax.config import pretrain as pretrain_config
+  from adpe_jax.config import finetune as finetune_config
   pre = checkpoint.restore_params(pretrained)[0]
-  pre_cfg = defaults.seed_config("rpe", "coordinate", "smoke")
+  pre_cfg = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, pre_cfg)
   path = tmp_path / "checkpoint-399.pth"
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, path)
-  c = finetune_defaults.recipe("base", 2, "smoke")
-  model = ft.build_classifier(c)
-  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  c = finetune_config.recipe("base", "rpe", "smoke", rpe_lookup="continuous")
+  model = build_classifier(c)
+  fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
   c.init = str(pretrained)
   ours, _ = ft.load_init(c, model, fresh)
   c.init = str(path)
@@ -408,7 +420,7 @@ def test_cli_finetune_non_finite_stops_and_keeps_the_good_checkpoint(tmp_path):
   assert r.returncode != 0
   message = [l for l in r.stderr.splitlines() if "non-finite loss or gradients" in l]
   assert message, r.stderr[-3000:]
-  bad = int(re.search(r"between steps (\d+) and", message[-1]).group(1))
+  bad = int(re.search(r"(?:at step|between steps) (\d+)", message[-1]).group(1))
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and saved[-1] < bad
   assert f"checkpoints/{saved[-1]}" in message[-1]

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from adpe_jax import defaults, flops
+from adpe_jax import flops
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import step_flops
 from adpe_jax.train.state import build_model, create_train_state
@@ -14,7 +15,7 @@ from adpe_jax.train.step import make_train_step
 
 def vitb_config(pe, kind, accum=1, batch=8):
   """ViT-B widths at the original's 112 px / patch 16 geometry, 2 crops per image."""
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.model.variant, c.model.patch_size, c.image_size = "base", 16, 112
   c.model.pe, c.adversary.kind = pe, kind
   c.num_crops, c.batch_size, c.accum_steps = 2, batch, accum

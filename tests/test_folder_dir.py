@@ -72,14 +72,14 @@ def test_folder_source_reads_data_dir(tree):
 
 @needs_fmnist
 def test_config_data_dir_reaches_the_folder_source(tree):
-  from adpe_jax import defaults
-  from adpe_jax.train.pretrain import make_source
+  from adpe_jax.config import pretrain as pretrain_config
+  from adpe_jax.data import from_config
 
   root, expected = tree
-  c = defaults.base_config()
+  c = pretrain_config.base_config()
   c.data.source = "folder"
   c.data.dir = str(root)
-  source = make_source(c)
+  source = from_config(c, c.data.split)
   _check(source, expected)
   batch = data.PretrainPipeline(source, 4, 28, 2, seed=0, num_threads=1).get_batch(0)["images"]
   assert batch.shape == (8, 28, 28, 3) and np.isfinite(batch).all()

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from adpe_jax import defaults, parallel
+from adpe_jax.errors import ConfigError
+from adpe_jax import parallel
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train.pretrain import build_training, train_and_evaluate
 
 MIN_SIZE = 1024  # the smoke model's kernels are small: shard everything from 1K elements
 
 
 def smoke_config(**kw):
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.mesh.fsdp_min_size = MIN_SIZE
   c.blr = 1.5e-2
   for k, v in kw.items():
@@ -121,7 +123,7 @@ def test_remat_and_bfloat16(batches):
                                               (-1, 3, "mesh.data=-1 x mesh.fsdp=3"),
                                               (-1, -1, "both -1"), (0, 1, "mesh.data=0")])
 def test_bad_mesh_is_one_sentence(data, fsdp, needle):
-  with pytest.raises(defaults.ConfigError, match=needle.replace(".", r"\.")):
+  with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
     parallel.make_mesh(data=data, fsdp=fsdp)
 
 

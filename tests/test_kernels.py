@@ -12,7 +12,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from adpe_jax import defaults, rpe
+from adpe_jax.errors import ConfigError
+from adpe_jax import rpe
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.kernels import attention as attn_lib
 from adpe_jax.kernels.rpe_attention import continuous_geometry
 from adpe_jax.models import layout
@@ -233,7 +235,7 @@ def test_train_step_pallas_equals_xla():
   noise = rng.random((n, 49)).astype(np.float32)
   batch = {"images": images, "noise": noise}
   for impl in ("xla", "pallas"):
-    c = defaults.seed_config("rpe", "coordinate", "smoke")
+    c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
     c.model.attention_impl = impl
     model = build_model(c)
     variables = jax.device_get(jax.jit(init_variables, static_argnums=0)(model, jax.random.key(0)))
@@ -288,12 +290,12 @@ def test_pallas_model_matches_the_original_pytorch(name, monkeypatch):
 
 
 def test_config_field_and_auto_resolution():
-  c = defaults.seed_config("rpe", "coordinate", "smoke")
+  c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   assert c.model.attention_impl == "auto"
-  defaults.validate(c)
+  pretrain_config.validate(c)
   c.model.attention_impl = "triton"
-  with pytest.raises(defaults.ConfigError, match="model.attention_impl"):
-    defaults.validate(c)
+  with pytest.raises(ConfigError, match="model.attention_impl"):
+    pretrain_config.validate(c)
   assert attn_lib.resolve_impl("auto") == "xla"  # CPU
   assert attn_lib._auto_impl("gpu", 1, "9.0") == "pallas"
   assert attn_lib._auto_impl("gpu", 1, "7.5") == "xla"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from adpe_jax import data, parallel
-from adpe_jax.defaults import apply_smoke, base_config
+from adpe_jax.config.pretrain import apply_smoke, base_config
 from adpe_jax.models import MAEPlus
-from adpe_jax.train import knn
+from adpe_jax.train import knn_metric as knn
 from adpe_jax.train.state import build_model, init_params
 
 FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adpe_jax.train import evaluate, knn, linprobe as lp
+from adpe_jax.train import evaluate, linprobe as lp
+from adpe_jax.train import knn_metric as knn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -55,13 +56,14 @@ def test_knn_cli_equals_knn_eval_of_the_pretraining_model(pretrained, tmp_path):
             f"--config.init={pretrained}"])
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["encoder"]["pe_type"] == 2 and summary["init_adversary"] == "coordinate"
+  assert (summary["encoder"]["pe"], summary["encoder"]["rpe_lookup"]) == ("rpe", "continuous") and summary["init_adversary"] == "coordinate"
   assert (summary["train_examples"], summary["test_examples"], summary["k"]) == (500, 200, 20)
   # Independent path: the pretraining model (MAEPlus.features) on params read by
   # checkpoint.restore_params, images by data.labelled_arrays, knn.knn_eval.
-  from adpe_jax import checkpoint, data, defaults  # noqa: PLC0415
+  from adpe_jax import checkpoint, data  # noqa: PLC0415
+  from adpe_jax.config import pretrain as pretrain_config
   from adpe_jax.train.state import build_model  # noqa: PLC0415
-  model = build_model(defaults.seed_config("rpe", "coordinate", "smoke"))
+  model = build_model(pretrain_config.seed_config("rpe", "coordinate", "smoke"))
   params = checkpoint.restore_params(pretrained)[0]
   train = data.labelled_arrays(data.get_source("fashion_mnist", "train"), 28, 500)
   test = data.labelled_arrays(data.get_source("fashion_mnist", "test"), 28, 200)
@@ -183,8 +185,8 @@ def test_lars_is_maes():
 def test_encoder_is_frozen():
   """Steps change the probe only: the encoder's arrays are neither donated nor changed, and
   no gradient reaches them (stop_gradient)."""
-  from adpe_jax import probe_defaults  # noqa: PLC0415
-  c = probe_defaults.apply_smoke(probe_defaults.linprobe_config())
+  from adpe_jax.config import probe as probe_config  # noqa: PLC0415
+  c = probe_config.apply_smoke(probe_config.linprobe_config())
   encoder, _, _ = evaluate.load_encoder(c)
   enc_params = jax.device_put(encoder.params)
   before = jax.tree.map(np.array, enc_params)
@@ -212,8 +214,8 @@ def test_pools_and_configs():
   """The readouts: "mean" is MAEPlus.features' pooling, "cls" the normed cls token, "avg" a
   LayerNorm without affine of the raw patch-token mean; the linprobe configs load."""
   import importlib.util  # noqa: PLC0415
-  from adpe_jax import probe_defaults  # noqa: PLC0415
-  c = probe_defaults.apply_smoke(probe_defaults.knn_config())
+  from adpe_jax.config import probe as probe_config  # noqa: PLC0415
+  c = probe_config.apply_smoke(probe_config.knn_config())
   encoder, _, _ = evaluate.load_encoder(c)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 28, 28, 3)), jnp.float32)
   model, p = encoder.fn.module, encoder.params
@@ -230,8 +232,8 @@ def test_pools_and_configs():
     for arg in (None, "smoke"):
       cfg = module.get_config(arg)
       if cfg.task == "linprobe":
-        probe_defaults.validate_linprobe(cfg, num_devices=4 if arg else 8)
-  vitb = probe_defaults.linprobe_config()
+        probe_config.validate_linprobe(cfg, num_devices=4 if arg else 8)
+  vitb = probe_config.linprobe_config()
   assert (vitb.optimizer, vitb.blr, vitb.weight_decay, vitb.momentum, vitb.batch_size,
           vitb.total_epochs, vitb.warmup_epochs, vitb.model.pool) == (
               "lars", 0.1, 0.0, 0.9, 16384, 90, 10.0, "cls")

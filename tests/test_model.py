@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adpe_jax import defaults, parallel
+from adpe_jax import parallel
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import MAEPlus, model_kwargs, norm_pix_loss, patchify, unpatchify
 from adpe_jax.models.mae import mask_from_noise, num_kept
 from adpe_jax.train.state import build_model, init_params
 
 
 def smoke_config(**model):
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   for k, v in model.items():
     c.model[k] = v
   return c

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import defaults
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train.pretrain import step_flops, train_and_evaluate
 from adpe_jax.train.state import build_model
 
@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def fmnist_config(**kw):
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.data.source = "fashion_mnist"
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 6, 1, 3
   for k, v in kw.items():

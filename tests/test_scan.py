@@ -17,11 +17,13 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax import checkpoint, convert, defaults, export, parallel
+from adpe_jax import checkpoint, convert, export, parallel
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import MAEPlus, layout, model_kwargs
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.state import TrainState, build_model, init_variables
 from adpe_jax.train.step import make_loss_fn, make_train_step
+from adpe_jax.train.state import build_classifier, init_classifier_params
 
 KINDS = [("ape", "none"), ("ape", "embedding"), ("ape", "coordinate"),
          ("rpe", "none"), ("rpe", "embedding"), ("rpe", "coordinate")]
@@ -127,7 +129,7 @@ def test_scanned_init_has_the_unrolled_shapes_stacked():
 # -- (b) exact inverses ---------------------------------------------------------------------
 
 def test_layout_round_trip_is_exact():
-  c = defaults.seed_config("rpe", "coordinate", "smoke")
+  c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   c.model.scan_blocks = False
   model = build_model(c)
   v = jax.device_get(init_variables(model, jax.random.key(0)))
@@ -215,7 +217,7 @@ def test_decay_mask_and_fsdp_rule_are_per_block():
 def test_train_step_scanned_equals_unrolled(x64):
   """One full step (accumulation, PGD inner step, AdamW with its decay mask, adversary
   ascent with the L2 projection active): the same new state, block by block."""
-  c = defaults.seed_config("rpe", "coordinate", "smoke")
+  c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   c.adversary.norm, c.adversary.eps, c.adversary.lr = "l2", 0.05, 1.0
   c.adversary.inner_steps = 1
   c.weight_decay = 0.3
@@ -283,7 +285,7 @@ def scanned_run(tmp_path_factory):
   """A scanned pretraining checkpoint (RPE + coordinate, the seed smoke config) and its
   variables."""
   from adpe_jax.train.pretrain import run_metadata  # noqa: PLC0415
-  c = defaults.seed_config("rpe", "coordinate", "smoke")
+  c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   assert c.model.scan_blocks
   v = _live_variables(build_model(c).clone(scan_blocks=False), dtype=np.float32)
   vs = layout.to_scanned(v)
@@ -308,18 +310,18 @@ def test_scanned_checkpoint_exports_and_converts_as_unrolled(scanned_run):
   assert layout.is_scanned(back["params"])
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.device_get(vs))):
     assert np.array_equal(a, b)
-  c0 = defaults.seed_config("rpe", "coordinate", "smoke")
+  c0 = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   c0.model.scan_blocks = False
   assert "blocks_0" in convert.from_torch(t1, c0)["params"]
 
 
 def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
-  from adpe_jax import finetune_defaults  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
   from adpe_jax.train import finetune as ft  # noqa: PLC0415
-  c = finetune_defaults.recipe("base", 2, "smoke")
+  c = finetune_config.recipe("base", "rpe", "smoke", rpe_lookup="continuous")
   c.image_size, c.init = 56, str(scanned_run["workdir"])
-  model = ft.build_classifier(c)
-  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  model = build_classifier(c)
+  fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
   params, info = ft.load_init(c, model, fresh)
   assert info["init_adversary"] == "coordinate" and "blocks" not in params
   pre = scanned_run["unrolled"]["params"]
@@ -335,7 +337,7 @@ def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
 
 @pytest.mark.parametrize("saved_scan", [True, False])
 def test_resuming_with_the_other_layout_is_refused(saved_scan, tmp_path):
-  c = defaults.seed_config("rpe", "coordinate", "smoke")
+  c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   c.model.scan_blocks = saved_scan
   v = jax.device_get(init_variables(build_model(c), jax.random.key(0)))
   with checkpoint.Checkpointer(tmp_path, 1, metadata={"k": 1}) as ck:

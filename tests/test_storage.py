@@ -169,7 +169,7 @@ def test_resolve_local_and_remote(tmp_path, monkeypatch):
   assert os.fspath(storage.resolve("gs://bucket/dir/run")) == "gs://bucket/dir/run"
   assert os.fspath(storage.resolve("gs://bucket/run") / "checkpoints") == \
       "gs://bucket/run/checkpoints"
-  from adpe_jax.defaults import ConfigError
+  from adpe_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="memory://"):  # never a local dir named memory:
     storage.resolve("memory://run")
   assert not any(tmp_path.iterdir())
@@ -379,7 +379,7 @@ def _write_image_folder(url: str, per_class: int = 8) -> None:
 def test_smoke_run_stop_and_resume_on_gs(fake_gcs, tmp_path, monkeypatch):
   from clu import metric_writers
 
-  from adpe_jax import defaults
+  from adpe_jax.config import pretrain as pretrain_config
   from adpe_jax.checkpoint import Checkpointer
   from adpe_jax.train.pretrain import run_metadata, train_and_evaluate
 
@@ -397,7 +397,7 @@ def test_smoke_run_stop_and_resume_on_gs(fake_gcs, tmp_path, monkeypatch):
 
   data_url, work = "gs://adpe-test/data", "gs://adpe-test/runs/smoke"
   _write_image_folder(data_url)
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.data.source, c.data.dir = "folder", data_url
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 4, 1, 2
   c.max_steps_per_run = 2

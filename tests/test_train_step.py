@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from adpe_jax import defaults, parallel
+from adpe_jax import parallel
+from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training
 from adpe_jax.train.state import build_model, create_train_state
@@ -15,7 +16,7 @@ from adpe_jax.train.step import make_train_step
 
 
 def smoke_config():
-  c = defaults.apply_smoke(defaults.base_config())
+  c = pretrain_config.apply_smoke(pretrain_config.base_config())
   c.blr = 1.5e-2  # large enough that a few steps move the loss visibly
   return c
 

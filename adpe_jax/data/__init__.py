@@ -12,7 +12,7 @@ from adpe_jax.data.folder import FolderSource
 from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_CROP, CropParams,
                                      crop_params, normalize, pil_resized_crop, resized_crops)
 from adpe_jax.data.pipeline import PretrainPipeline, augmentation_uniforms, epoch_permutation
-from adpe_jax.data.sources import ArraySource, Source, get_source
+from adpe_jax.data.sources import ArraySource, Source, Subset, from_config, get_source
 from adpe_jax.data.synthetic import SyntheticSource
 
 
@@ -26,8 +26,8 @@ def __getattr__(name):
 
 __all__ = [
     "ArraySource", "CropParams", "DataError", "FashionMnistSource", "FolderSource", "IMAGENET_MEAN",
-    "IMAGENET_STD", "PretrainPipeline", "Source", "SyntheticSource", "TfdsSource",
+    "IMAGENET_STD", "PretrainPipeline", "Source", "Subset", "SyntheticSource", "TfdsSource",
     "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
-    "epoch_permutation", "get_source", "labelled_arrays", "normalize", "pil_resized_crop",
+    "epoch_permutation", "from_config", "get_source", "labelled_arrays", "normalize", "pil_resized_crop",
     "read_idx", "resized_crops",
 ]

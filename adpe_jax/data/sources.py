@@ -98,3 +98,35 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
     return SyntheticSource(split, **options)
   raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', "
                   f"'folder' (root in data.dir), 'tfds:<name>' or 'synthetic[:<H>x<W>]'.")
+
+
+def from_config(config, split: str, name: str | None = None) -> Source:
+  """The source `name` (default `config.data.source`) of a task config, split `split`.
+
+  `config.data.dir` belongs to `config.data.source`: another source (e.g. the pretraining
+  k-NN's `eval.knn_source`) uses its own default location.  A synthetic source takes its
+  size from `data.num_examples` (default 1024), its seed from `config.seed` and, where the
+  config has one, `data.num_classes`.
+  """
+  name = name or config.data.source
+  options = {}
+  if name.startswith("synthetic"):
+    options = dict(num_examples=config.data.get("num_examples", 0) or 1024, seed=config.seed)
+    if "num_classes" in config.data:
+      options["num_classes"] = config.data.num_classes
+  data_dir = (config.data.dir or None) if name == config.data.source else None
+  return get_source(name, split, data_dir, **options)
+
+
+class Subset:
+  """Examples `indices` of a source, itself a source."""
+
+  def __init__(self, source: Source, indices):
+    self.source, self.indices = source, indices
+    self.num_classes = getattr(source, "num_classes", None)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.source[int(self.indices[i])]

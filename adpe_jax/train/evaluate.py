@@ -1,23 +1,22 @@
-"""One evaluator interface: features of a frozen encoder -> metric.
+"""Evaluators, one interface for the loop: `evaluator.run(state or params, step) -> dict`.
+
+  KnnEvaluator           k-NN top-1 of frozen features (pretraining, the k-NN task)
+  ClassifierEvaluator    loss / top-1 / top-5 of a classifier (fine-tuning)
+  FeatureProbeEvaluator  loss / top-1 / top-5 of a probe over fixed features (linear probe)
+
+and the frozen encoders they read:
 
   encoder = mae_encoder(model, params)            # the pretraining model (MAEPlus.features)
-  encoder, info = load_encoder(config)            # config.init: our workdir or the original's .pth
+  encoder, info, config = load_encoder(config)    # config.init: our workdir or a .pth
   feats = encoder.features(images, batch_size, mesh)                 # (N, D) float32
   feats, labels = labelled_features(encoder, source, image_size, ...) # streamed from a source
-  KnnMetric(train_images, train_labels, test_images, test_labels, k)(encoder) -> {"knn_top1"}
 
-Every caller goes through this module: the pretraining loop (`pretrain.KnnEvaluator`), the
-stand-alone k-NN entry (`run_knn`, `configs/knn.py`, task "knn") and the linear probe
-(`adpe_jax/train/linprobe.py`, task "linprobe"), whose eval-set features are computed here
-once.  (The fine-tune loop trains the whole network and evaluates logits, not frozen
-features, so it has no use for it.)  The feature batches themselves go through
-`knn.extract_features` (padded last batch, one compile per batch shape, mesh-sharded).
-
-A stand-alone encoder is the fine-tune model's trunk (`ViTClassifier`, global_pool=False,
-no drop path) loaded with the fine-tune code's `finetune.load_init`, read out by `pool`:
-"cls" norm(x)[:, 0] (MAE's linear probe default), "avg" LayerNorm-without-affine of the
-patch-token mean (MAE's --global_pool), "mean" the mean of norm(x)'s patch tokens (equal to
-`MAEPlus.features`, what the pretraining k-NN measures).
+The feature batches go through `knn_metric.extract_features` (padded last batch, one
+compile per batch shape, mesh-sharded).  A stand-alone encoder is the fine-tune model's
+trunk (`ViTClassifier`, global_pool=False, no drop path) read out by `pool`: "cls"
+norm(x)[:, 0] (MAE's linear probe default), "avg" LayerNorm-without-affine of the
+patch-token mean (MAE's --global_pool), "mean" the mean of norm(x)'s patch tokens (equal
+to `MAEPlus.features`, what the pretraining k-NN measures).
 """
 
 from __future__ import annotations
@@ -25,20 +24,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import storage
+from adpe_jax import data, parallel, storage
+from adpe_jax.config import probe as probe_config
 from adpe_jax.errors import ConfigError, InitError
-from adpe_jax.train import knn
-from adpe_jax.train.common import start_run
+from adpe_jax.train import knn_metric
+from adpe_jax.train.state import build_classifier, init_classifier_params
 
-POOLS = ("cls", "avg", "mean")
+POOLS = probe_config.POOLS
 
 
 # -- frozen encoders --------------------------------------------------------------------------
@@ -46,7 +46,7 @@ POOLS = ("cls", "avg", "mean")
 @dataclasses.dataclass(frozen=True)
 class ModuleFeatures:
   """(params, images) -> (N, D): `module.apply` with a readout; hashable by value, so
-  `knn._features_fn` compiles once per (module, readout, mesh)."""
+  `knn_metric._features_fn` compiles once per (module, readout, mesh)."""
   module: Any
   method: Optional[str] = None      # MAEPlus: "features"
   readout: str = ""                 # ViTClassifier: its `features` argument
@@ -63,12 +63,12 @@ class FrozenEncoder:
   params: Any
 
   def features(self, images, batch_size: int = 256, mesh=None) -> np.ndarray:
-    return knn.extract_features(self.fn, self.params, images, batch_size, mesh)
+    return knn_metric.extract_features(self.fn, self.params, images, batch_size, mesh)
 
 
 def mae_encoder(model, params) -> FrozenEncoder:
   """The pretraining model's encoder (`MAEPlus.features`: no masking, no adversary)."""
-  return FrozenEncoder(model, params)   # knn._features_fn applies MAEPlus.features
+  return FrozenEncoder(model, params)   # knn_metric._features_fn applies MAEPlus.features
 
 
 def classifier_encoder(model, params, pool: str) -> FrozenEncoder:
@@ -81,13 +81,11 @@ def labelled_features(encoder: FrozenEncoder, source, image_size: int,
   """Features and labels of the first `max_examples` (0 = all) examples of `source`,
   eval-transformed (Resize(size / crop_fraction) -> CenterCrop), decoded `chunk` at a time
   so a large split never sits in memory as images."""
-  from adpe_jax import data  # noqa: PLC0415
-  from adpe_jax.train.finetune import _View  # noqa: PLC0415
   n = len(source) if max_examples <= 0 else min(max_examples, len(source))
   chunk = max(batch_size, chunk // batch_size * batch_size)
   feats, labels = [], []
   for lo in range(0, n, chunk):
-    view = source if (lo == 0 and n <= chunk) else _View(source, np.arange(lo, min(n, lo + chunk)))
+    view = source if (lo == 0 and n <= chunk) else data.Subset(source, np.arange(lo, min(n, lo + chunk)))
     images, y = data.labelled_arrays(view, image_size, min(chunk, n - lo),
                                      crop_fraction=crop_fraction)
     feats.append(encoder.features(images, batch_size, mesh))
@@ -95,46 +93,195 @@ def labelled_features(encoder: FrozenEncoder, source, image_size: int,
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
 
 
-# -- metrics ----------------------------------------------------------------------------------
+# -- evaluators (the loop's interface: run(state or params, step) -> dict) ---------------------
 
-class KnnMetric:
-  """k-NN top-1 (cosine, `knn.knn_top1`) of an encoder's features of fixed labelled images."""
+def params_of(state_or_params):
+  """An evaluator's argument: a train state (its .params) or params themselves."""
+  return getattr(state_or_params, "params", state_or_params)
 
-  def __init__(self, train_images, train_labels, test_images, test_labels, k: int = 20,
-               temperature: Optional[float] = None, batch_size: int = 256, mesh=None,
-               num_classes: Optional[int] = None):
-    self.train, self.test = (train_images, train_labels), (test_images, test_labels)
-    self.k, self.temperature, self.num_classes = k, temperature, num_classes
+
+class LabelledImages:
+  """The first `max_examples` (0 = all) eval-transformed examples of a source
+  (Resize(size / crop_fraction) -> CenterCrop), decoded once when small (<= 20000 of <= 64
+  px), otherwise streamed `chunk` at a time."""
+
+  def __init__(self, source, image_size: int, max_examples: int = 0,
+               crop_fraction: float = 1.0, chunk: int = 4096):
+    self.source, self.size, self.crop, self.chunk = source, image_size, crop_fraction, chunk
+    self.n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+    self.cached = None
+    if self.n <= 20000 and image_size <= 64:
+      self.cached = data.labelled_arrays(source, image_size, self.n, crop_fraction=crop_fraction)
+
+  def features(self, encoder: "FrozenEncoder", batch_size: int, mesh=None):
+    """(features (N, D) float32, labels (N,) int32)."""
+    if self.cached is not None:
+      images, labels = self.cached
+      return encoder.features(images, batch_size, mesh), labels.astype(np.int32)
+    return labelled_features(encoder, self.source, self.size, self.n, self.crop, batch_size,
+                             mesh, self.chunk)
+
+
+class KnnEvaluator:
+  """k-NN top-1 (cosine, `knn_metric.knn_top1`) of an encoder's features: train split -> test split.
+
+  `encoder_of(params) -> FrozenEncoder`: the pretraining model's `MAEPlus.features`
+  (`mae_encoder`) or a loaded classifier trunk.  Used by pretraining (every
+  eval.knn_every_steps and at the end) and the stand-alone k-NN task."""
+  key = "knn_top1"
+
+  def __init__(self, encoder_of: Callable, train: LabelledImages, test: LabelledImages, *,
+               k: int = 20, temperature: Optional[float] = None, batch_size: int = 256,
+               mesh=None, every_steps: int = 0, at_end: bool = True):
+    self.encoder_of, self.train, self.test = encoder_of, train, test
+    self.k, self.temperature = k, temperature
     self.batch_size, self.mesh = batch_size, mesh
+    self.every_steps, self.at_end = every_steps, at_end
 
-  def __call__(self, encoder: FrozenEncoder) -> dict:
-    train = encoder.features(self.train[0], self.batch_size, self.mesh)
-    test = encoder.features(self.test[0], self.batch_size, self.mesh)
-    return {"knn_top1": knn.knn_top1(train, self.train[1], test, self.test[1], k=self.k,
-                                     num_classes=self.num_classes,
-                                     temperature=self.temperature)}
+  @classmethod
+  def from_pretrain_config(cls, config, model, mesh) -> "KnnEvaluator":
+    name = config.eval.knn_source
+    return cls(lambda params: mae_encoder(model, params),
+               LabelledImages(data.from_config(config, "train", name), config.image_size,
+                              config.eval.knn_train_examples),
+               LabelledImages(data.from_config(config, "test", name), config.image_size,
+                              config.eval.knn_test_examples),
+               k=config.eval.knn_k, batch_size=64 * mesh.size, mesh=mesh,
+               every_steps=config.eval.knn_every_steps)
+
+  def run(self, state_or_params, step: int = 0) -> dict:
+    del step
+    encoder = self.encoder_of(params_of(state_or_params))
+    train = self.train.features(encoder, self.batch_size, self.mesh)
+    test = self.test.features(encoder, self.batch_size, self.mesh)
+    return {"knn_top1": knn_metric.knn_top1(*train, *test, k=self.k, temperature=self.temperature)}
+
+
+def topk_sums(logits, labels, valid) -> dict:
+  """Sums of (cross-entropy, top-1 hits, top-5 hits, count) over the valid rows."""
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
+                              labels[:, None], axis=1)[:, 0]
+  topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  hit = topk == labels[:, None]
+  v = valid.astype(jnp.float32)
+  return {"loss": (loss * v).sum(), "top1": (hit[:, 0] * v).sum(),
+          "top5": (hit.any(axis=1) * v).sum(), "count": v.sum()}
+
+
+def _means(totals) -> dict:
+  t = jax.device_get(totals)
+  c = max(float(t["count"]), 1.0)
+  return {"eval_loss": float(t["loss"]) / c, "top1": float(t["top1"]) / c,
+          "top5": float(t["top5"]) / c}
+
+
+class ClassifierEvaluator:
+  """Loss, top-1 and top-5 of a classifier on the eval split (the fine-tune task).
+
+  Each process decodes its contiguous part of every global eval batch; the last batch is
+  padded (and masked).  Small eval sets (<= 20000 examples of <= 64 px) are decoded once.
+  """
+  key = "top1"
+
+  def __init__(self, model, source, mesh, *, image_size: int, batch_size: int,
+               max_examples: int = 0, crop_fraction: float = 1.0, every_steps: int = 0):
+    self.source, self.mesh = source, mesh
+    n = len(source)
+    self.n = min(n, max_examples) if max_examples > 0 else n
+    self.batch, self.size, self.crop = batch_size, image_size, crop_fraction
+    self.every_steps, self.at_end = every_steps, True
+    self.local = self.batch // jax.process_count()
+    shard = parallel.batch_sharding(mesh)
+
+    def eval_step(params, images, labels, valid):
+      return topk_sums(model.apply({"params": params}, images, train=False), labels, valid)
+
+    self.step = jax.jit(eval_step, in_shardings=(None, shard, shard, shard),
+                        out_shardings=parallel.replicated(mesh))
+    self._cache = None
+    if self.n <= 20000 and self.size <= 64:
+      self._cache = [self._host_batch(lo) for lo in range(0, self.n, self.batch)]
+
+  def _host_batch(self, lo: int):
+    start = lo + jax.process_index() * self.local
+    idx = np.arange(start, start + self.local)
+    valid = idx < self.n
+    idx = np.where(valid, idx, 0)
+    images, labels = data.labelled_arrays(data.Subset(self.source, idx), self.size,
+                                          crop_fraction=self.crop)
+    return images, labels, valid
+
+  def run(self, state_or_params, step: int = 0) -> dict:
+    del step
+    params = params_of(state_or_params)
+    totals = None
+    batches = self._cache or (self._host_batch(lo) for lo in range(0, self.n, self.batch))
+    for images, labels, valid in batches:
+      b = parallel.global_batch({"i": images, "l": labels, "v": valid}, self.mesh)
+      out = self.step(params, b["i"], b["l"], b["v"])
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return _means(totals)
+
+
+class FeatureProbeEvaluator:
+  """Loss, top-1 and top-5 of a probe over fixed features (the linear-probe task: the
+  eval set's frozen features are computed once, each evaluation only applies the probe).
+
+  `apply(state, feats) -> logits`; rows are evaluated `batch` at a time, the last batch
+  padded (one compile)."""
+  key = "top1"
+
+  def __init__(self, apply: Callable, feats, labels, *, batch: int = 4096,
+               every_steps: int = 0):
+    self.feats, self.labels, self.batch = feats, labels, batch
+    self.every_steps, self.at_end = every_steps, True
+    self.step = jax.jit(lambda state, f, y, v: topk_sums(apply(state, f), y, v))
+
+  def run(self, state, step: int = 0) -> dict:
+    del step
+    totals = None
+    n = len(self.labels)
+    for lo in range(0, n, self.batch):
+      f, y = self.feats[lo:lo + self.batch], self.labels[lo:lo + self.batch]
+      valid = np.ones(len(y), bool)
+      if len(y) < self.batch and n > self.batch:  # pad: one compile
+        pad = self.batch - len(y)
+        f = np.concatenate([f, np.zeros((pad, f.shape[1]), f.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        valid = np.concatenate([valid, np.zeros(pad, bool)])
+      out = self.step(state, f, y, valid)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return _means(totals)
 
 
 # -- loading an encoder from config.init --------------------------------------------------------
 
-def _pe_type_of(run: dict) -> int:
+def _pe_of(run: dict) -> tuple[str, str]:
+  """(model.pe, model.rpe_lookup) of the encoder a pretraining run trained: the
+  coordinate adversary's runs use the continuous (bilinear) lookup."""
   if run.get("model", {}).get("pe") != "rpe":
-    return 0
-  return 2 if run.get("adversary", {}).get("kind") == "coordinate" else 1
+    return "ape", "integer"
+  return "rpe", ("continuous" if run.get("adversary", {}).get("kind") == "coordinate"
+                 else "integer")
 
 
 def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
   """An unlocked copy of `config` with the auto fields (model.variant "", model.patch_size
-  0, model.pe_type -1, image_size 0) taken from the run metadata of `config.init` (a
+  0, model.pe "", model.rpe_lookup "", image_size 0) taken from the run metadata of
+  `config.init` (a
   pretraining workdir / checkpoint of ours); a .pth or a random init needs them set."""
   c = ml_collections.ConfigDict(config.to_dict())
   if c.init and not storage.resolve(c.init).exists():
     raise InitError(f"config field init={c.init!r} does not exist.")
-  if not c.init and c.model.pe_type < 0:
-    c.model.pe_type = 0       # a random init: APE unless set
+  if not c.init:             # a random init: APE (integer lookup for rpe) unless set
+    c.model.pe = c.model.pe or "ape"
+    c.model.rpe_lookup = c.model.rpe_lookup or "integer"
+  if c.model.pe == "ape":
+    c.model.rpe_lookup = c.model.rpe_lookup or "integer"   # unused
   auto = [f for f, v in (("model.variant", c.model.variant == ""),
                          ("model.patch_size", c.model.patch_size <= 0),
-                         ("model.pe_type", c.model.pe_type < 0),
+                         ("model.pe", c.model.pe == ""),
+                         ("model.rpe_lookup", c.model.rpe_lookup == ""),
                          ("image_size", c.image_size <= 0)) if v]
   if auto:
     run = None
@@ -150,8 +297,9 @@ def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
       c.model.variant = m.get("variant", "")
     if c.model.patch_size <= 0:
       c.model.patch_size = int(m.get("patch_size", 0))
-    if c.model.pe_type < 0:
-      c.model.pe_type = _pe_type_of(run)
+    pe, lookup = _pe_of(run)
+    c.model.pe = c.model.pe or pe
+    c.model.rpe_lookup = c.model.rpe_lookup or lookup
     if c.image_size <= 0:
       c.image_size = int(run.get("image_size", 0))
   c.model.drop_path = 0.0
@@ -184,68 +332,23 @@ def _run_metadata(path: str) -> dict:
 
 def build_encoder_model(config):
   """The frozen `ViTClassifier` trunk of a resolved config (`resolve_encoder_fields`)."""
-  from adpe_jax import defaults  # noqa: PLC0415
-  from adpe_jax.finetune_defaults import PE_TYPES  # noqa: PLC0415
-  from adpe_jax.train.finetune import build_classifier  # noqa: PLC0415
-  defaults._choice(config, "model.variant", tuple(defaults.VARIANTS))  # noqa: SLF001
-  defaults._choice(config, "model.pe_type", PE_TYPES)  # noqa: SLF001
-  defaults._choice(config, "model.dtype", defaults.DTYPES)  # noqa: SLF001
-  defaults._choice(config, "model.attention_impl", defaults.ATTENTION_IMPLS)  # noqa: SLF001
-  if config.model.patch_size <= 0 or config.image_size % config.model.patch_size:
-    raise ConfigError(f"config field image_size={config.image_size} is not divisible by "
-                      f"model.patch_size={config.model.patch_size}.")
+  probe_config.validate_encoder(config)
   return build_classifier(config)
 
 
 def load_encoder(config) -> tuple[FrozenEncoder, dict, ml_collections.ConfigDict]:
   """(encoder, info for summary.json, the resolved config) of `config.init` ("" = the
   random init of `config.seed`), read out by `config.model.pool`."""
-  from adpe_jax.train.finetune import init_params, load_init  # noqa: PLC0415
-  if config.model.pool not in POOLS:
-    raise ConfigError(f"config field model.pool={config.model.pool!r} is not allowed; "
-                      f"allowed values: {', '.join(map(repr, POOLS))}.")
+  from adpe_jax.train.finetune import load_init  # noqa: PLC0415 (until weights.py)
   c = resolve_encoder_fields(config)
   model = build_encoder_model(c)
-  params = jax.jit(lambda k: init_params(model, k))(jax.random.key(c.seed))
+  params = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(c.seed))
   info: dict[str, Any] = {"init": c.init or "random"}
   if c.init:
     params, info = load_init(c, model, params)
   params = {k: v for k, v in params.items() if k not in ("head", "fc_norm")}
   info.update(encoder={"variant": c.model.variant, "patch_size": c.model.patch_size,
-                       "pe_type": c.model.pe_type, "image_size": c.image_size,
+                       "pe": c.model.pe, "rpe_lookup": c.model.rpe_lookup,
+                       "image_size": c.image_size,
                        "pool": c.model.pool})
   return classifier_encoder(model, jax.device_get(params), c.model.pool), info, c
-
-
-# -- the stand-alone k-NN entry (task "knn") ------------------------------------------------------
-
-def run_knn(config, workdir: str) -> dict:
-  """k-NN top-1 of config.init's encoder on data.source (train split -> test split)."""
-  from adpe_jax import data  # noqa: PLC0415
-  def validate(config, num_devices):
-    if config.batch_size < 1 or config.batch_size % num_devices:
-      raise ConfigError(f"config field batch_size={config.batch_size} must be a positive "
-                        f"multiple of the {num_devices} devices.")
-    if config.k < 1:
-      raise ConfigError(f"config field k={config.k} must be a positive integer.")
-
-  mesh, workdir = start_run(config, workdir, validate)
-  t0 = time.time()
-  encoder, info, c = load_encoder(config)
-  def src(split):
-    return data.get_source(config.data.source, split, config.data.dir or None)
-  kw = dict(image_size=c.image_size, crop_fraction=config.crop_fraction,
-            batch_size=config.batch_size, mesh=mesh)
-  train = labelled_features(encoder, src(config.data.train_split),
-                            max_examples=config.data.train_examples, **kw)
-  test = labelled_features(encoder, src(config.data.test_split),
-                           max_examples=config.data.test_examples, **kw)
-  temperature = config.temperature if config.temperature > 0 else None
-  acc = knn.knn_top1(*train, *test, k=config.k, temperature=temperature)
-  summary = {"knn_top1": acc, "k": config.k, "temperature": temperature,
-             "source": config.data.source, "train_examples": int(len(train[1])),
-             "test_examples": int(len(test[1])), "seconds": time.time() - t0, **info}
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))
-  logging.info("summary: %s", summary)
-  return summary

@@ -1,4 +1,5 @@
-"""MAE's linear probe (`main_linprobe.py`): `linprobe(config, workdir)`, task "linprobe".
+"""The linear-probe task, MAE's `main_linprobe.py`: `linprobe(config, workdir)`, task
+"linprobe".
 
 The frozen encoder (`evaluate.load_encoder`: config.init through the fine-tune code's
 loader, read out by model.pool, "cls" by default as MAE) feeds a probe
@@ -25,7 +26,6 @@ variance in the running average (torch the unbiased one); flax's truncated norma
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -33,15 +33,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, probe_defaults, storage
+from adpe_jax import data, parallel
+from adpe_jax.config import probe as probe_config
+from adpe_jax.config import validate as check
+from adpe_jax.data.finetune import FinetunePipeline
 from adpe_jax.errors import ConfigError
-from adpe_jax.train import evaluate
-from adpe_jax.train.common import eval_summary, start_run, supervised_loop
+from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim
 
 BN_EPS = 1e-6
@@ -120,84 +121,55 @@ def make_train_step(probe, encoder_fn, tx, lr_fn):
   return train_step
 
 
-def make_eval_fn(probe):
-  """eval(params, batch_stats, feats, labels, valid) -> sums of (loss, top-1, top-5, count)."""
-  def eval_fn(params, batch_stats, feats, labels, valid):
-    logits = probe.apply({"params": params, "batch_stats": batch_stats}, feats, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit = topk == labels[:, None]
-    v = valid.astype(jnp.float32)
-    return {"loss": (loss * v).sum(), "top1": (hit[:, 0] * v).sum(),
-            "top5": (hit.any(axis=1) * v).sum(), "count": v.sum()}
-  return jax.jit(eval_fn)
-
-
-def evaluate_probe(eval_fn, state, feats, labels, batch: int = 4096) -> dict:
-  totals = None
-  n = len(labels)
-  for lo in range(0, n, batch):
-    f, y = feats[lo:lo + batch], labels[lo:lo + batch]
-    valid = np.ones(len(y), bool)
-    if len(y) < batch and n > batch:  # pad: one compile
-      pad = batch - len(y)
-      f = np.concatenate([f, np.zeros((pad, f.shape[1]), f.dtype)])
-      y, valid = np.concatenate([y, np.zeros(pad, y.dtype)]), np.concatenate(
-          [valid, np.zeros(pad, bool)])
-    out = eval_fn(state.params, state.batch_stats, f, y, valid)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  t = jax.device_get(totals)
-  c = max(float(t["count"]), 1.0)
-  return {"eval_loss": float(t["loss"]) / c, "top1": float(t["top1"]) / c,
-          "top5": float(t["top5"]) / c}
+def probe_logits(probe):
+  """(state, feats) -> logits of the probe in eval mode (running BatchNorm statistics)."""
+  def apply(state, feats):
+    return probe.apply({"params": state.params, "batch_stats": state.batch_stats}, feats,
+                       train=False)
+  return apply
 
 
 def run_metadata(config, resolved) -> dict:
   return {"task": "linprobe", "init": config.init,
           "model": {"variant": resolved.model.variant, "patch_size": resolved.model.patch_size,
-                    "pe_type": resolved.model.pe_type, "pool": resolved.model.pool},
+                    "pe": resolved.model.pe,
+                    "rpe_lookup": resolved.model.rpe_lookup if resolved.model.pe == "rpe" else None,
+                    "pool": resolved.model.pool},
           "image_size": resolved.image_size, "num_classes": config.data.num_classes,
           "optimizer": config.optimizer}
 
 
 def linprobe(config, workdir: str) -> dict:
   # 1. Config and mesh.
-  from adpe_jax.train.finetune import _previous_evals, _source  # noqa: PLC0415
-  mesh, workdir = start_run(config, workdir, probe_defaults.validate_linprobe)
+  mesh, workdir = loop.start_run(config, workdir, probe_config.validate_linprobe)
 
   # 2. The frozen encoder (config.init), the eval-set features (once), the train input.
   t0 = time.time()
   encoder, info, resolved = evaluate.load_encoder(config)
   repl = parallel.replicated(mesh)
   encoder_params = jax.device_put(encoder.params, repl)
-  source = _source(config, config.data.train_split)
+  source = data.from_config(config, config.data.train_split)
   if getattr(source, "num_classes", None) and source.num_classes > config.data.num_classes:
     raise ConfigError(f"config field data.num_classes={config.data.num_classes} is below the "
                       f"{source.num_classes} classes of data.source={config.data.source!r}.")
-  steps_per_epoch = len(source) // config.batch_size
-  if steps_per_epoch < 1:
-    raise ConfigError(f"config field batch_size={config.batch_size} exceeds the "
-                      f"{len(source)} examples of data.source={config.data.source!r}.")
-  total_steps = (config.total_steps if config.total_steps > 0
-                 else int(config.total_epochs * steps_per_epoch))
+  total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   eval_feats, eval_labels = evaluate.labelled_features(
       evaluate.FrozenEncoder(encoder.fn, encoder_params),
-      _source(config, config.data.eval_split), resolved.image_size,
+      data.from_config(config, config.data.eval_split), resolved.image_size,
       max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
       batch_size=config.eval.batch_size, mesh=mesh)
   feature_seconds = time.time() - t0
-  from adpe_jax.data.finetune import FinetunePipeline  # noqa: PLC0415
   pipeline = FinetunePipeline(
       source, config.batch_size, resolved.image_size, seed=config.seed, randaug="", reprob=0.0,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.data.num_threads or None)
 
-  # 3. Probe, optimizer, compiled steps.
+  # 3. Probe, optimizer, compiled step, evaluator.
   probe = LinearProbe(config.data.num_classes)
   dim = eval_feats.shape[1]
   variables = jax.jit(lambda k: probe.init(k, jnp.zeros((2, dim)), train=False))(
       jax.random.key(config.seed + 1))
-  tx, lr_fn = make_optimizer(config, total_steps, float(steps_per_epoch))
+  tx, lr_fn = make_optimizer(config, total_steps, steps_per_epoch)
   state = jax.device_put(ProbeState(jnp.zeros((), jnp.int32), variables["params"],
                                     variables["batch_stats"],
                                     tx.init(variables["params"])), repl)
@@ -205,42 +177,45 @@ def linprobe(config, workdir: str) -> dict:
   train_step = jax.jit(make_train_step(probe, encoder.fn, tx, lr_fn),
                        in_shardings=(repl, repl, batch_sharding, batch_sharding),
                        out_shardings=(repl, repl), donate_argnums=(0,))
-  eval_fn = make_eval_fn(probe)
-  eval_every = config.eval.every_steps or steps_per_epoch
+  evaluator = evaluate.FeatureProbeEvaluator(
+      probe_logits(probe), eval_feats, eval_labels,
+      every_steps=config.eval.every_steps or int(steps_per_epoch))
 
   # 4. Resume.
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
                                config.keep_checkpoints,
-                               metadata=run_metadata(config, resolved))
+                               metadata=run_metadata(config, resolved), upgrade=check.upgrade_run_metadata)
   restored = ckpt.restore(ckpt_lib.abstract_of(state))
-  evals = []
   if restored is not None:
     state = restored
-    evals = [e for e in _previous_evals(workdir) if e["step"] <= int(state.step)]
   start_step = int(state.step)
+  kept = loop.already_finished(workdir, start_step, total_steps)
+  if kept is not None:
+    ckpt.close()
+    pipeline.close()
+    return {"state": state, "summary": kept, "evals": [], "encoder": encoder,
+            "encoder_params": encoder_params}
   logging.info("linear probe: %d steps (%d per epoch) from step %d, init %s, pool %s",
                total_steps, steps_per_epoch, start_step, config.init or "random",
                resolved.model.pool)
 
   # 5. The loop.
   def step_fn(state, step, host):
+    del step
     batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]}, mesh)
     return train_step(state, encoder_params, batch["images"], batch["labels"])
 
-  state, status, end_step, train_seconds = supervised_loop(
-      config, workdir=workdir, state=state, pipeline=pipeline, ckpt=ckpt, train_step=step_fn,
-      evaluate=lambda s: evaluate_probe(eval_fn, s, eval_feats, eval_labels), evals=evals,
-      start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      eval_every=eval_every)
+  result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
+                      batches=pipeline, total_steps=total_steps,
+                      steps_per_epoch=steps_per_epoch, evaluators=[evaluator],
+                      num_devices=mesh.size)
+  ckpt.close()
 
   # 6. Summary.
-  summary: dict[str, Any] = {"status": status, "steps": end_step, "total_steps": total_steps,
-                             "train_seconds": train_seconds,
+  summary: dict[str, Any] = {"status": result.status, "steps": result.end_step,
+                             "total_steps": total_steps, "train_seconds": result.train_seconds,
                              "feature_seconds": feature_seconds, **info}
-  summary.update(eval_summary(evals))
-  ckpt.close()
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "summary.json", json.dumps(summary, indent=2))
-  logging.info("summary: %s", summary)
-  return {"state": state, "summary": summary, "evals": evals, "encoder": encoder,
+  summary.update(loop.best_and_last(result.evals))
+  loop.write_summary(workdir, summary)
+  return {"state": result.state, "summary": summary, "evals": result.evals, "encoder": encoder,
           "encoder_params": encoder_params}

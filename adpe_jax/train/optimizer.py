@@ -77,3 +77,55 @@ def make_optimizers(config, total_steps: int, steps_per_epoch: float):
   """(tx for params, adv_tx for the adversary)."""
   return (make_optimizer(config, total_steps, steps_per_epoch),
           make_adversary_optimizer(config, total_steps, steps_per_epoch))
+
+
+# -- fine-tuning: AdamW with layer-wise lr decay (the original's optimizer/lr_decay.py::
+# param_groups_lrd: cls_token, pos_embed, patch_embed -> layer 0, blocks_k -> k + 1, the
+# rest -> depth + 1; scale layer_decay ** (depth + 1 - layer); no weight decay for 1-D
+# tensors, pos_embed and cls_token) ------------------------------------------------------------
+
+def layer_id(name: str, depth: int) -> int:
+  """The original's get_layer_id_for_vit, for our top-level parameter names."""
+  if name in ("cls_token", "pos_embed", "patch_embed"):
+    return 0
+  if name.startswith("blocks_"):
+    return int(name.split("_")[1]) + 1
+  return depth + 1
+
+
+def lr_scales(params, depth: int, layer_decay: float):
+  """Per-tensor lr factor layer_decay ** (depth + 1 - layer_id)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: layer_decay ** (depth + 1 - layer_id(path[0].key, depth)), params)
+
+
+def classifier_decay_mask(params):
+  """Weight decay except for 1-D tensors and pos_embed / cls_token (no_weight_decay())."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: not (v.ndim == 1 or path[0].key in ("pos_embed", "cls_token")), params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update by a constant of the same tree (the group's lr_scale)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def finetune_optimizer(config, params_shape, depth: int, total_steps: int, steps_per_epoch: float):
+  """torch AdamW over param_groups_lrd: (Adam, decoupled decay) * lr(step) * lr_scale."""
+  lr = finetune_schedule(config, total_steps, steps_per_epoch)
+  tx = optax.chain(
+      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=1e-8),
+      optax.add_decayed_weights(config.weight_decay, classifier_decay_mask),
+      optax.scale_by_learning_rate(lr),
+      scale_by_tree(lr_scales(params_shape, depth, config.layer_decay)))
+  return tx, lr
+
+
+def finetune_schedule(config, total_steps: int, steps_per_epoch: float):
+  """Warmup + cosine to min_lr, evaluated at optimizer step s exactly (the original sets it
+  only at micro-step it % accum_iter == 0, the first of each optimizer step)."""
+  return warmup_cosine(scaled_lr(config.blr, config.batch_size), config.min_lr,
+                             config.warmup_epochs * steps_per_epoch, total_steps, 1)

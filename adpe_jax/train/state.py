@@ -1,4 +1,5 @@
-"""The train state and the model built from a config."""
+"""The models built from a config (MAEPlus for pretraining, ViTClassifier for fine-tuning
+and the frozen-encoder tasks), the pretraining train state and its initialisation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import optax
 
 from adpe_jax import adversary as adv_lib
 from adpe_jax.models import MAEPlus, model_kwargs
+from adpe_jax.models.classifier import ViTClassifier
 
 
 @flax.struct.dataclass
@@ -56,3 +58,22 @@ def create_train_state(model: MAEPlus, tx: optax.GradientTransformation,
   params, adversary = variables["params"], variables[adv_lib.ADVERSARY]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, adversary=adversary,
                     opt_state=tx.init(params), adv_opt_state=adv_tx.init(adversary))
+
+
+def build_classifier(config) -> ViTClassifier:
+  """The fine-tune model (also the frozen trunk of the probe and k-NN tasks)."""
+  m = config.model
+  kw = model_kwargs(m.variant)
+  return ViTClassifier(
+      num_classes=config.data.num_classes, image_size=config.image_size,
+      patch_size=m.patch_size, embed_dim=kw["embed_dim"], depth=kw["depth"],
+      num_heads=kw["num_heads"], pe=m.pe, rpe_lookup=m.rpe_lookup,
+      rpe_unscaled_query=m.rpe_query == "unscaled", drop_path=m.drop_path,
+      global_pool=m.global_pool, dtype=None if m.dtype == "float32" else jnp.dtype(m.dtype),
+      attention_impl=m.attention_impl)
+
+
+def init_classifier_params(model: ViTClassifier, key) -> dict:
+  """Fresh classifier parameters (head trunc-normal 2e-5, as the original)."""
+  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return model.init({"params": key}, dummy)["params"]

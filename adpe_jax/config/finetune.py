@@ -2,27 +2,30 @@
 
 Field names follow the original's `main_finetune.py` flags (spec 1.2) where one exists;
 the values are the flag defaults with the README's ViT-B values (layer decay 0.65, mixup
-0.8 / cutmix 1.0), see configs/finetune_*.py.
+0.8 / cutmix 1.0), see configs/finetune_*.py.  The original's `--pe_type` is two fields
+here: pe_type 0 = model.pe "ape"; 1 = "rpe" with model.rpe_lookup "integer"; 2 = "rpe"
+with "continuous" (the bilinear lookup of the coordinate adversary's pretraining).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from adpe_jax import defaults
+from adpe_jax.config import common
+from adpe_jax.config import validate as check
+from adpe_jax.data.finetune import parse_randaugment
+from adpe_jax.config.common import (ATTENTION_IMPLS, DTYPES, PE_TYPES, RPE_LOOKUPS,
+                                    RPE_QUERIES, parse_arg)
 from adpe_jax.errors import ConfigError
-
-PE_TYPES = (0, 1, 2)   # 0 APE, 1 + integer iRPE, 2 + interpolated iRPE
+from adpe_jax.models.variants import VARIANTS
 
 
 def finetune_config() -> ml_collections.ConfigDict:
-  """ViT-B/16 fine-tune at 224 px, pe_type 0 (APE), batch 1024 (spec 1.2, 6)."""
-  base = defaults.base_config()
+  """ViT-B/16 fine-tune at 224 px, APE (pe_type 0), batch 1024 (spec 1.2, 6)."""
   c = ml_collections.ConfigDict()
   c.task = "finetune"
   c.init = ""                 # --finetune: pretraining workdir / checkpoint dir / .pth; "" = random init
   c.seed = 0
-  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
   c.image_size = 224          # --input_size
   c.batch_size = 1024         # images per optimizer step, global (--batch_size x GPUs x accum)
   c.accum_steps = 1           # --accum_iter
@@ -35,23 +38,21 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.layer_decay = 0.65        # README ViT-B (flag default 0.75)
   c.b1 = 0.9                  # torch AdamW defaults
   c.b2 = 0.999
-  c.faithful = True           # the original's unscaled-query RPE at fine-tune (spec 9.2)
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 2
-  c.max_steps_per_run = 0
+  common.add_run_fields(c, keep_checkpoints=2)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"
   c.model.patch_size = 16
-  c.model.pe_type = 0         # 0 APE | 1 RPE integer | 2 RPE interpolated
+  c.model.pe = "ape"            # ape | rpe  (with the sin-cos table either way)
+  c.model.rpe_lookup = "integer"  # integer | continuous (pe_type 1 | 2; unused with ape)
+  c.model.rpe_query = "unscaled"  # the original's fine-tune iRPE query (spec 9.2) | scaled
   c.model.drop_path = 0.1
   c.model.global_pool = True  # False = the cls token (--cls_token)
   c.model.dtype = "float32"
   c.model.attention_impl = "auto"
 
-  c.mesh = base.mesh
-  c.distributed = base.distributed
+  c.mesh = common.mesh()
+  c.distributed = common.distributed()
 
   c.aug = ml_collections.ConfigDict()
   c.aug.randaug = "rand-m9-mstd0.5-inc1"   # --aa; "" = off
@@ -103,20 +104,23 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def recipe(variant: str, pe_type: int, arg: str | None, patch_size: int = 16):
-  """A README fine-tune recipe; arguments (comma-separated): `smoke`, `corrected` (scaled
-  RPE query instead of the original's unscaled one), `blr1e-4` ... (the README's sweep)."""
+def recipe(variant: str, pe: str, arg: str | None, rpe_lookup: str = "integer",
+           patch_size: int = 16):
+  """A README fine-tune recipe; arguments (comma-separated): `smoke`, `corrected`
+  (model.rpe_query "scaled" instead of the original's unscaled iRPE query), `blr1e-4` ...
+  (the README's sweep)."""
   c = finetune_config()
-  c.model.variant, c.model.patch_size, c.model.pe_type = variant, patch_size, pe_type
-  if pe_type in (1, 2):                     # README: accum_iter 4, effective batch 4096
+  c.model.variant, c.model.patch_size = variant, patch_size
+  c.model.pe, c.model.rpe_lookup = pe, rpe_lookup
+  if pe == "rpe":                           # README: accum_iter 4, effective batch 4096
     c.batch_size, c.accum_steps = 4096, 4
   if variant == "large":                    # MAE's ViT-L recipe
     c.layer_decay, c.model.drop_path, c.total_epochs = 0.75, 0.2, 50
-  for a in defaults.parse_arg(arg):
+  for a in parse_arg(arg):
     if a == "smoke":
       apply_smoke(c)
     elif a == "corrected":
-      c.faithful = False
+      c.model.rpe_query = "scaled"
     elif a.startswith("blr"):
       try:
         c.blr = float(a[3:])
@@ -128,18 +132,21 @@ def recipe(variant: str, pe_type: int, arg: str | None, patch_size: int = 16):
   return c
 
 
+def validate_classifier(c: ml_collections.ConfigDict) -> None:
+  """The classifier's model fields (fine-tune, and the probe's resolved encoder)."""
+  check.choice(c, "model.variant", tuple(VARIANTS))
+  check.choice(c, "model.pe", PE_TYPES)
+  check.choice(c, "model.rpe_lookup", RPE_LOOKUPS)
+  check.choice(c, "model.rpe_query", RPE_QUERIES)
+  check.choice(c, "model.dtype", DTYPES)
+  check.choice(c, "model.attention_impl", ATTENTION_IMPLS)
+  check.patch_grid(c)
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """One sentence naming the field, the value and what is allowed."""
-  defaults._choice(c, "model.variant", tuple(defaults.VARIANTS))  # noqa: SLF001
-  defaults._choice(c, "model.pe_type", PE_TYPES)  # noqa: SLF001
-  defaults._choice(c, "model.dtype", defaults.DTYPES)  # noqa: SLF001
-  defaults._choice(c, "model.attention_impl", defaults.ATTENTION_IMPLS)  # noqa: SLF001
-  if c.model.patch_size <= 0 or c.image_size % c.model.patch_size:
-    raise ConfigError(f"config field image_size={c.image_size} is not divisible by "
-                      f"model.patch_size={c.model.patch_size}.")
-  for field in ("batch_size", "accum_steps", "log_every_steps"):
-    if c[field] < 1:
-      raise ConfigError(f"config field {field}={c[field]} must be a positive integer.")
+  validate_classifier(c)
+  check.positive(c, "batch_size", "accum_steps", "log_every_steps")
   if c.batch_size % c.accum_steps:
     raise ConfigError(f"config field batch_size={c.batch_size} is not divisible by "
                       f"accum_steps={c.accum_steps}.")
@@ -148,11 +155,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(
         f"config field batch_size={c.batch_size} gives {micro} images per micro-step, which "
         f"must be even (Mixup pairs) and divisible by the {num_devices} devices.")
-  if c.eval.batch_size < 1 or c.eval.batch_size % num_devices:
-    raise ConfigError(f"config field eval.batch_size={c.eval.batch_size} must be a positive "
-                      f"multiple of the {num_devices} devices.")
-  if c.total_steps <= 0 and c.total_epochs <= 0:
-    raise ConfigError("config fields total_steps and total_epochs are both <= 0; set one.")
+  check.divisible_batch(c, "eval.batch_size", num_devices)
+  check.steps_or_epochs(c)
   if not 0.0 < c.layer_decay <= 1.0:
     raise ConfigError(f"config field layer_decay={c.layer_decay} must lie in (0, 1].")
   if not 0.0 <= c.model.drop_path < 1.0:
@@ -162,7 +166,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.data.num_classes < 2:
     raise ConfigError(f"config field data.num_classes={c.data.num_classes} must be >= 2.")
   if c.aug.randaug:
-    from adpe_jax.data.finetune import parse_randaugment  # noqa: PLC0415
     try:
       parse_randaugment(c.aug.randaug)
     except ValueError as e:

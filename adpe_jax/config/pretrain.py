@@ -1,23 +1,23 @@
-"""The base experiment config, the `smoke` shrink, and start-of-run validation.
+"""The pretraining config (the default task), its `smoke` shrink and validation.
 
-Every file in configs/ builds on `base_config()` and changes a few fields.  Field names
-follow the original's flags (spec 1.1) where one exists.
+Every pretraining file in configs/ builds on `base_config()` (or `seed_config`) and changes
+a few fields.  Field names follow the original's flags (spec 1.1) where one exists.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from adpe_jax.config import common
+from adpe_jax.config import validate as check
+from adpe_jax.config.common import ATTENTION_IMPLS, DTYPES, PE_TYPES, parse_arg
 from adpe_jax.errors import ConfigError
 from adpe_jax.models.variants import VARIANTS
 
-PE_TYPES = ("ape", "rpe")
 ADVERSARY_KINDS = ("none", "embedding", "coordinate")
 ADVERSARY_NORMS = ("none", "l2", "linf")
 RPE_EMBEDDING = ("faithful", "per_bucket")
-DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,12 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.05
   c.b1 = 0.9
   c.b2 = 0.95
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.max_steps_per_run = 0     # > 0: stop (with a checkpoint) after this many steps; re-run resumes
-  c.compilation_cache = "auto"  # XLA's persistent cache: auto = $JAX_COMPILATION_CACHE_DIR
-                                # or <workdir>/jax_cache; none = off; else a directory
+  common.add_run_fields(c, keep_checkpoints=3)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"
@@ -56,21 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   # depth axis, compile time flat in depth (adpe_jax.models.layout converts checkpoints).
   c.model.scan_blocks = False
 
-  # Devices: a (data, fsdp) mesh; -1 = the rest of the devices.  fsdp > 1 shards the big
-  # kernels (and their optimizer state) over the fsdp axis; the batch is split over both.
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.fsdp_min_size = 2 ** 14   # tensors with fewer elements stay replicated
-
-  # Multi-process runs.  Empty / 0 / -1: auto-detected (SLURM, TPU pod slices, GKE) or
-  # taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ""     # host:port of process 0
-  c.distributed.num_processes = 0
-  c.distributed.process_id = -1
-  c.distributed.heartbeat_timeout_seconds = 100   # a dead peer stops the others after this
-  c.distributed.initialization_timeout_seconds = 300
+  c.mesh = common.mesh()
+  c.distributed = common.distributed()
 
   c.adversary = ml_collections.ConfigDict()
   c.adversary.kind = "none"        # none | embedding | coordinate  (--adv_type 0/1/2)
@@ -119,43 +101,25 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> set[str]:
-  return set(a for a in (arg or "").split(",") if a)
-
-
-def _choice(c, field: str, allowed) -> None:
-  value = c
-  for part in field.split("."):
-    value = value[part]
-  if value not in allowed:
-    raise ConfigError(f"config field {field}={value!r} is not allowed; allowed values: "
-                      f"{', '.join(map(repr, allowed))}.")
-
-
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Stop at start with one sentence naming the field, the value and what is allowed."""
-  _choice(c, "model.variant", tuple(VARIANTS))
-  _choice(c, "model.pe", PE_TYPES)
-  _choice(c, "model.dtype", DTYPES)
-  _choice(c, "model.remat", REMAT)
-  _choice(c, "model.attention_impl", ATTENTION_IMPLS)
-  _choice(c, "model.scan_blocks", (False, True))
-  _choice(c, "adversary.kind", ADVERSARY_KINDS)
-  _choice(c, "adversary.norm", ADVERSARY_NORMS)
-  _choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)
+  check.choice(c, "model.variant", tuple(VARIANTS))
+  check.choice(c, "model.pe", PE_TYPES)
+  check.choice(c, "model.dtype", DTYPES)
+  check.choice(c, "model.remat", REMAT)
+  check.choice(c, "model.attention_impl", ATTENTION_IMPLS)
+  check.choice(c, "model.scan_blocks", (False, True))
+  check.choice(c, "adversary.kind", ADVERSARY_KINDS)
+  check.choice(c, "adversary.norm", ADVERSARY_NORMS)
+  check.choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)
   if not 0.0 < c.mask_ratio < 1.0:
     raise ConfigError(f"config field mask_ratio={c.mask_ratio} must lie strictly between 0 and 1.")
-  if c.model.patch_size <= 0 or c.image_size % c.model.patch_size:
-    raise ConfigError(
-        f"config field image_size={c.image_size} is not divisible by model.patch_size="
-        f"{c.model.patch_size}; choose an image size that is a multiple of the patch size.")
+  check.patch_grid(c)
   grid = c.image_size // c.model.patch_size
   if int(grid * grid * (1 - c.mask_ratio)) < 1:
     raise ConfigError(f"config field mask_ratio={c.mask_ratio} keeps no patch of the "
                       f"{grid}x{grid} grid; lower it.")
-  for field in ("batch_size", "accum_steps", "num_crops", "log_every_steps"):
-    if c[field] < 1:
-      raise ConfigError(f"config field {field}={c[field]} must be a positive integer.")
+  check.positive(c, "batch_size", "accum_steps", "num_crops", "log_every_steps")
   if c.batch_size % c.accum_steps:
     raise ConfigError(f"config field batch_size={c.batch_size} is not divisible by "
                       f"accum_steps={c.accum_steps}.")
@@ -165,8 +129,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"config field batch_size={c.batch_size} gives {micro} images per micro-step "
         f"(accum_steps={c.accum_steps}), which is not divisible by the {num_devices} devices; "
         f"use a multiple of {num_devices * c.accum_steps}.")
-  if c.total_steps <= 0 and c.total_epochs <= 0:
-    raise ConfigError("config fields total_steps and total_epochs are both <= 0; set one.")
+  check.steps_or_epochs(c)
   if c.adversary.eps <= 0:
     raise ConfigError(f"config field adversary.eps={c.adversary.eps} must be > 0.")
   if c.adversary.inner_steps < 0:

@@ -1,39 +1,43 @@
 """Configs of the frozen-encoder evaluations: task "knn" (`configs/knn.py`) and task
 "linprobe" (`configs/linprobe_*.py`), their `smoke` shrink and validation.
 
-Encoder fields left "auto" (model.variant "", model.patch_size 0, model.pe_type -1,
-image_size 0) are read from the run metadata of `init` (a pretraining workdir of ours,
-`evaluate.resolve_encoder_fields`); a .pth or a random init ("") needs them set.
+Encoder fields left "auto" (model.variant "", model.patch_size 0, model.pe "",
+model.rpe_lookup "", image_size 0) are read from the run metadata of `init` (a pretraining
+workdir of ours, `train/evaluate.resolve_encoder_fields`); a .pth or a random init ("")
+needs them set.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from adpe_jax import defaults
+from adpe_jax.config import common
+from adpe_jax.config import validate as check
+from adpe_jax.config.finetune import validate_classifier
 from adpe_jax.errors import ConfigError
 
 OPTIMIZERS = ("lars", "sgd")
+POOLS = ("cls", "avg", "mean")
 
 
 def _encoder_fields(c: ml_collections.ConfigDict, pool: str) -> None:
-  base = defaults.base_config()
   c.init = ""                 # pretraining workdir / checkpoint dir / the original's .pth
   c.seed = 0
   c.image_size = 0            # 0 = the checkpoint's
-  c.faithful = False          # the original's unscaled-query RPE (fine-tune model); False =
-                              # the encoder as it was pretrained
   c.model = ml_collections.ConfigDict()
   c.model.variant = ""        # "" = the checkpoint's
   c.model.patch_size = 0      # 0 = the checkpoint's
-  c.model.pe_type = -1        # -1 = the checkpoint's (ape 0, rpe 1, rpe + coordinate 2)
+  c.model.pe = ""             # "" = the checkpoint's (ape | rpe)
+  c.model.rpe_lookup = ""     # "" = the checkpoint's (continuous after a coordinate adversary)
+  c.model.rpe_query = "scaled"  # the encoder as pretrained; "unscaled" = the original's
+                                # fine-tune model (spec 9.2)
   c.model.pool = pool         # cls | avg (MAE's --global_pool) | mean (MAEPlus.features)
   c.model.dtype = "float32"
   c.model.attention_impl = "auto"
   c.model.drop_path = 0.0     # fixed: the encoder is frozen
   c.model.global_pool = False  # fixed: the readout is model.pool
-  c.mesh = base.mesh
-  c.distributed = base.distributed
+  c.mesh = common.mesh()
+  c.distributed = common.distributed()
 
 
 def knn_config() -> ml_collections.ConfigDict:
@@ -41,7 +45,7 @@ def knn_config() -> ml_collections.ConfigDict:
   k-NN (mean of the normalised patch tokens)."""
   c = ml_collections.ConfigDict()
   c.task = "knn"
-  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
+  common.add_cache_field(c)
   _encoder_fields(c, "mean")
   c.k = 20
   c.temperature = 0.0         # > 0: DINO's exp(sim / T) weighted vote (DINO: 0.07)
@@ -64,7 +68,7 @@ def linprobe_config() -> ml_collections.ConfigDict:
   flip train, Resize(256) -> CenterCrop(224) eval."""
   c = ml_collections.ConfigDict()
   c.task = "linprobe"
-  c.compilation_cache = "auto"  # as pretraining (defaults.base_config)
+  common.add_cache_field(c)
   _encoder_fields(c, "cls")
   c.image_size = 224
   c.batch_size = 16384
@@ -121,18 +125,24 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def validate_encoder(c: ml_collections.ConfigDict) -> None:
+  """The encoder fields once resolved from the checkpoint (`resolve_encoder_fields`)."""
+  check.choice(c, "model.pool", POOLS)
+  validate_classifier(c)
+
+
+def validate_knn(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  check.choice(c, "model.pool", POOLS)
+  check.divisible_batch(c, "batch_size", num_devices)
+  check.positive(c, "k")
+
+
 def validate_linprobe(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  defaults._choice(c, "optimizer", OPTIMIZERS)  # noqa: SLF001
-  for field in ("batch_size", "log_every_steps"):
-    if c[field] < 1:
-      raise ConfigError(f"config field {field}={c[field]} must be a positive integer.")
-  if c.batch_size % num_devices:
-    raise ConfigError(f"config field batch_size={c.batch_size} is not divisible by the "
-                      f"{num_devices} devices.")
-  if c.eval.batch_size < 1 or c.eval.batch_size % num_devices:
-    raise ConfigError(f"config field eval.batch_size={c.eval.batch_size} must be a positive "
-                      f"multiple of the {num_devices} devices.")
-  if c.total_steps <= 0 and c.total_epochs <= 0:
-    raise ConfigError("config fields total_steps and total_epochs are both <= 0; set one.")
+  check.choice(c, "model.pool", POOLS)
+  check.choice(c, "optimizer", OPTIMIZERS)
+  check.positive(c, "log_every_steps")
+  check.divisible_batch(c, "batch_size", num_devices)
+  check.divisible_batch(c, "eval.batch_size", num_devices)
+  check.steps_or_epochs(c)
   if c.data.num_classes < 2:
     raise ConfigError(f"config field data.num_classes={c.data.num_classes} must be >= 2.")

@@ -1,0 +1,53 @@
+"""Config blocks every task shares: devices (mesh), processes (distributed), the run's
+cadence (logging, checkpoints, compilation cache) and the comma-separated config argument."""
+
+from __future__ import annotations
+
+import ml_collections
+
+PE_TYPES = ("ape", "rpe")
+RPE_LOOKUPS = ("integer", "continuous")
+RPE_QUERIES = ("unscaled", "scaled")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """`configs/x.py:a,b` -> {"a", "b"}."""
+  return set(a for a in (arg or "").split(",") if a)
+
+
+def mesh() -> ml_collections.ConfigDict:
+  """Devices: a (data, fsdp) mesh; -1 = the rest of the devices.  fsdp > 1 shards the big
+  kernels (and their optimizer state) over the fsdp axis; the batch is split over both."""
+  m = ml_collections.ConfigDict()
+  m.data = -1
+  m.fsdp = 1
+  m.fsdp_min_size = 2 ** 14   # tensors with fewer elements stay replicated
+  return m
+
+
+def distributed() -> ml_collections.ConfigDict:
+  """Multi-process runs.  Empty / 0 / -1: auto-detected (SLURM, TPU pod slices, GKE) or
+  taken from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+  d = ml_collections.ConfigDict()
+  d.coordinator_address = ""     # host:port of process 0
+  d.num_processes = 0
+  d.process_id = -1
+  d.heartbeat_timeout_seconds = 100   # a dead peer stops the others after this
+  d.initialization_timeout_seconds = 300
+  return d
+
+
+def add_run_fields(c: ml_collections.ConfigDict, keep_checkpoints: int) -> None:
+  """Cadence of the one training loop (adpe_jax/train/loop.py)."""
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = keep_checkpoints
+  c.max_steps_per_run = 0     # > 0: stop (with a checkpoint) after this many steps; re-run resumes
+  add_cache_field(c)
+
+
+def add_cache_field(c: ml_collections.ConfigDict) -> None:
+  c.compilation_cache = "auto"  # XLA's persistent cache: auto = $JAX_COMPILATION_CACHE_DIR
+                                # or <workdir>/jax_cache; none = off; else a directory

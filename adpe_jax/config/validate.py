@@ -1,0 +1,83 @@
+"""Start-of-run checks shared by the task configs; each raises ConfigError in one
+sentence naming the field, its value and what is allowed."""
+
+from __future__ import annotations
+
+from adpe_jax.errors import ConfigError
+
+TASKS = ("pretrain", "finetune", "linprobe", "knn")
+
+
+def get(c, field: str):
+  value = c
+  for part in field.split("."):
+    value = value[part]
+  return value
+
+
+def choice(c, field: str, allowed) -> None:
+  value = get(c, field)
+  if value not in allowed:
+    raise ConfigError(f"config field {field}={value!r} is not allowed; allowed values: "
+                      f"{', '.join(map(repr, allowed))}.")
+
+
+def positive(c, *fields: str) -> None:
+  """Each field a positive integer."""
+  for field in fields:
+    value = get(c, field)
+    if value < 1:
+      raise ConfigError(f"config field {field}={value} must be a positive integer.")
+
+
+def patch_grid(c) -> None:
+  """image_size a multiple of model.patch_size."""
+  if c.model.patch_size <= 0 or c.image_size % c.model.patch_size:
+    raise ConfigError(
+        f"config field image_size={c.image_size} is not divisible by model.patch_size="
+        f"{c.model.patch_size}; choose an image size that is a multiple of the patch size.")
+
+
+def steps_or_epochs(c) -> None:
+  if c.total_steps <= 0 and c.total_epochs <= 0:
+    raise ConfigError("config fields total_steps and total_epochs are both <= 0; set one.")
+
+
+def divisible_batch(c, field: str, num_devices: int) -> None:
+  value = get(c, field)
+  if value < 1 or value % num_devices:
+    raise ConfigError(f"config field {field}={value} must be a positive multiple of the "
+                      f"{num_devices} devices.")
+
+
+def task_of(c) -> str:
+  """config.task ("pretrain" when absent: the pretraining configs have no such field)."""
+  task = c.get("task", "pretrain")
+  if task not in TASKS:
+    raise ConfigError(f"config field task={task!r} is not allowed; allowed values: "
+                      f"{', '.join(map(repr, TASKS))}.")
+  return task
+
+
+# Fields of earlier versions: a command line that still sets one gets this sentence.
+RENAMED_FIELDS = {
+    "model.pe_type": (
+        "was replaced by model.pe and model.rpe_lookup: pe_type 0 is model.pe=ape; 1 is "
+        "model.pe=rpe with model.rpe_lookup=integer; 2 is model.pe=rpe with "
+        "model.rpe_lookup=continuous."),
+    "faithful": (
+        "was replaced by model.rpe_query: faithful=True is model.rpe_query=unscaled (the "
+        "original's fine-tune query, spec 9.2), faithful=False is model.rpe_query=scaled."),
+}
+
+
+def upgrade_run_metadata(run: dict) -> dict:
+  """A fine-tune / probe checkpoint's run metadata written before model.pe_type became
+  model.pe + model.rpe_lookup, in today's names (so such a workdir resumes)."""
+  model = dict(run.get("model", {}) or {})
+  if "pe_type" not in model:
+    return run
+  pe_type = model.pop("pe_type")
+  model["pe"] = "ape" if pe_type == 0 else "rpe"
+  model["rpe_lookup"] = {1: "integer", 2: "continuous"}.get(pe_type)
+  return {**run, "model": model}

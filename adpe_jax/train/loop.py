@@ -1,0 +1,260 @@
+"""The one training loop of every task (pretrain, finetune, linprobe), and what a run
+does the same way whatever its task: start (processes, mesh, validation, workdir), steps
+from epochs, the history of a resumed run, summary.json.
+
+A task supplies its state, its step and its evaluators; the loop knows none of them by
+name:
+
+  result = loop.train(config, workdir=..., ckpt=..., state=..., step_fn=..., batches=...,
+                      total_steps=..., steps_per_epoch=..., evaluators=[...])
+
+Per step: `step_fn(state, step, host_batch) -> (state, metrics)` (device scalars, a
+"finite" flag among them), dispatched without a host sync.  Every `log_every_steps` (and
+before any checkpoint, evaluation or stop) the metrics since the last fetch reach the host
+once, are averaged and logged; a non-finite one stops the run (FloatingPointError naming
+the steps and the last good checkpoint, so the finiteness check precedes every save).
+Evaluators run every `evaluator.every_steps` and at the last step; SIGTERM / preemption
+is agreed across processes (`stop.AgreedStop`); `max_steps_per_run` ends a run early
+(status "stopped": the same command continues).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from adpe_jax import parallel, storage
+from adpe_jax.errors import ConfigError
+from adpe_jax.train.metrics import MetricsLog
+from adpe_jax.train.stop import AgreedStop
+
+# metrics of a step that are not averaged into the log record
+_FLAGS = ("finite",)
+
+
+class Evaluator(Protocol):
+  """What the loop calls: `run(state, step) -> dict` every `every_steps` (0 = only at the
+  end) and, if `at_end`, at the last step.  Scalars of the dict are logged (and kept as
+  the run's evaluations); an (H, W, 3) array is written as an image.  `key` names the
+  scalar that marks its records in metrics.jsonl (the history a resumed run reads back).
+  The state passed is the task's train state; evaluators of frozen weights take its
+  `.params` (or params themselves)."""
+  every_steps: int
+  at_end: bool
+  key: str
+
+  def run(self, state, step: int) -> dict: ...
+
+
+# -- start, steps, history, summary -----------------------------------------------------------
+
+def start_run(config, workdir, validate: Optional[Callable] = None):
+  """Join the processes, build the (data, fsdp) mesh, validate the config against it, make
+  the workdir (an epath.Path: local and absolute, or gs://...) and write config.json from
+  process 0.  Returns (mesh, workdir)."""
+  parallel.initialize_distributed(config)
+  mesh = parallel.mesh_from_config(config)
+  if validate is not None:
+    validate(config, num_devices=mesh.size)
+  workdir = storage.makedirs(storage.resolve(workdir))
+  if jax.process_index() == 0:
+    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  return mesh, workdir
+
+
+def steps_from_epochs(config, num_examples: int) -> tuple[int, float]:
+  """(total optimizer steps, steps per epoch): total_steps if > 0, else total_epochs of
+  `num_examples // batch_size` steps (a ConfigError if the batch exceeds the data)."""
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(
+        f"config field batch_size={config.batch_size} exceeds the {num_examples} examples of "
+        f"data.source={config.data.source!r}.")
+  total = (config.total_steps if config.total_steps > 0
+           else int(config.total_epochs * steps_per_epoch))
+  return total, float(steps_per_epoch)
+
+
+def read_summary(workdir) -> dict:
+  try:
+    out = json.loads(storage.read_text(storage.resolve(workdir) / "summary.json") or "{}")
+    return out if isinstance(out, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def write_summary(workdir, summary: dict) -> None:
+  if jax.process_index() == 0:
+    storage.write_text(storage.resolve(workdir) / "summary.json", json.dumps(summary, indent=2))
+  logging.info("summary: %s", summary)
+
+
+def logged_records(workdir, key: str, upto: Optional[int] = None) -> list[dict]:
+  """The metrics.jsonl records holding `key` (up to step `upto`), oldest first: a resumed
+  run's evaluations, or its last logged loss."""
+  out = []
+  try:
+    text = storage.read_text(storage.resolve(workdir) / "metrics.jsonl") or ""
+  except OSError:
+    return out
+  for line in text.splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and key in record and (
+        upto is None or record.get("step", 0) <= upto):
+      out.append(record)
+  return out
+
+
+def best_and_last(evals: list, key: str = "top1") -> dict:
+  """best_* / last_* of the evaluation records holding `key` (top-1 and top-5), {} if none."""
+  evals = [e for e in evals if key in e]
+  if not evals:
+    return {}
+  best = max(evals, key=lambda r: r["top1"])
+  last = evals[-1]
+  return dict(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
+              last_top1=last["top1"], last_top5=last["top5"], last_step=last["step"])
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+  state: Any
+  status: str             # finished | stopped (max_steps_per_run) | preempted
+  start_step: int
+  end_step: int
+  train_seconds: float
+  history: list           # the log records of this run
+  evals: list             # evaluation records, those of earlier runs of the workdir first
+
+
+def _due(evaluator, done: int, total_steps: int) -> bool:
+  every = int(getattr(evaluator, "every_steps", 0) or 0)
+  return (every > 0 and done % every == 0) or (
+      getattr(evaluator, "at_end", True) and done == total_steps)
+
+
+def _write_result(log: MetricsLog, step: int, result: dict, epoch: float) -> dict:
+  scalars = {k: v for k, v in result.items() if not isinstance(v, np.ndarray)}
+  for name, image in result.items():
+    if isinstance(image, np.ndarray):
+      log.write_image(step, name, image)
+  record = {}
+  if scalars:
+    record = {"step": step, "epoch": epoch, **scalars}
+    log.write(record)
+  return record
+
+
+def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_steps: int,
+          steps_per_epoch: float, evaluators: Sequence[Evaluator] = (),
+          log_extras: Optional[Callable] = None, flops_per_step: float = 0.0,
+          peak_flops: Optional[float] = None, num_devices: int = 1) -> Result:
+  """Runs steps int(state.step) .. min(total_steps, + max_steps_per_run).
+
+  `batches`: the task's input pipeline (`iterate(start, count)`, `close()`), a pure
+  function of the step.  `log_extras(state, step) -> dict`: task metrics added to each
+  log record (e.g. the adversary's loss gap).  `flops_per_step` / `peak_flops`: TFLOP/s
+  per device and MFU in the records.  The caller owns `ckpt` (restored already) and
+  closes it.
+  """
+  start_step = int(state.step)
+  log = MetricsLog(workdir, total_steps)
+  stop_at = total_steps if config.max_steps_per_run <= 0 else min(
+      total_steps, start_step + config.max_steps_per_run)
+  keys = [getattr(e, "key", "") for e in evaluators]
+  evals = [r for r in logged_records(workdir, "step", start_step)
+           if any(k and k in r for k in keys)]
+  history: list = []
+  acc, acc_n = None, 0
+  accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))  # one dispatch per step
+  t_last, step_last, t0 = time.time(), start_step, time.time()
+  status = "finished"
+  stream = batches.iterate(start_step, stop_at - start_step)
+  try:
+    with AgreedStop() as agreed:
+      for step in range(start_step, stop_at):
+        state, metrics = step_fn(state, step, next(stream))
+        acc = metrics if acc is None else accumulate(acc, metrics)
+        acc_n += 1
+        done = step + 1
+        stop = agreed.should_stop(done)  # every host, every step: one agreed stop step
+        log.tick(done)
+        due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+        due_eval = [e for e in evaluators if _due(e, done, total_steps)]
+        if (done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop
+            or due_eval):
+          host = jax.device_get(acc)
+          now = time.time()
+          rate = (done - step_last) / max(now - t_last, 1e-9)
+          record = {"step": done}
+          record.update({k: float(v) / acc_n for k, v in host.items() if k not in _FLAGS})
+          record["img_per_s"] = rate * config.batch_size
+          if flops_per_step:
+            record["tflops_per_device"] = flops_per_step * rate / num_devices / 1e12
+            if peak_flops:
+              record["mfu"] = flops_per_step * rate / (num_devices * peak_flops)
+          if log_extras is not None:
+            record.update(log_extras(state, done))
+          log.write(record)
+          if host["finite"] != acc_n:
+            ckpt.wait()
+            where = (f"at step {done}" if done == step_last + 1
+                     else f"between steps {step_last + 1} and {done}")
+            last = ckpt.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss or gradients {where}; stopping; the last good checkpoint "
+                f"is kept at {ckpt.step_path(last) if last else '(none)'}.")
+          history.append(record)
+          logging.info("step %d loss %.4f lr %.3g %.1f img/s", done, record["loss"],
+                       record.get("lr", float("nan")), record["img_per_s"])
+          acc, acc_n, t_last, step_last = None, 0, now, done
+          ckpt.maybe_save(done, state)  # the finiteness check above precedes every save
+        elif done % 4 == 0:
+          # Bound the dispatch queue (on few CPU cores many queued collective steps can
+          # time out); a cheap wait, no transfer to the host.
+          jax.block_until_ready(state.step)
+        for evaluator in due_eval:
+          record = _write_result(log, done, evaluator.run(state, done), done / steps_per_epoch)
+          if record:
+            evals.append(record)
+            logging.info("step %d eval %s", done, {k: v for k, v in record.items()
+                                                   if k not in ("step", "epoch")})
+        if stop:
+          status = "preempted"
+          logging.warning("stop requested by %s at step %d: saving and exiting",
+                          agreed.stopped_by, done)
+          break
+      end_step = int(state.step)
+      ckpt.maybe_save(end_step, state, force=True)
+      ckpt.wait()
+  finally:
+    stream.close()
+    batches.close()
+    ckpt.wait()  # a save started before an error still completes
+    log.close()
+  if status == "finished" and end_step < total_steps:
+    status = "stopped"  # by max_steps_per_run: re-running the command continues
+  return Result(state=state, status=status, start_step=start_step, end_step=end_step,
+                train_seconds=time.time() - t0, history=history, evals=evals)
+
+
+def already_finished(workdir, start_step: int, total_steps: int) -> Optional[dict]:
+  """The kept summary of a finished run re-run with the same command (nothing to do)."""
+  previous = read_summary(workdir)
+  if start_step >= total_steps and previous.get("status") == "finished":
+    logging.info("run in %s already finished at step %d; summary.json kept", workdir,
+                 start_step)
+    return previous
+  return None

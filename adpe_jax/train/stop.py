@@ -1,0 +1,146 @@
+"""When a run stops early: SIGTERM / SIGINT / preemption agreed by every process, and the
+exit of a multi-process run whose peer is gone.
+
+The stop policy of the training loop (`loop.train` polls `AgreedStop.should_stop` every
+step); `lost_peer_exit` is what `main.py` calls when a multi-process run fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+from absl import logging
+from jax._src import distributed  # the coordination client: get_live_nodes (no public API)
+from jax.experimental import multihost_utils
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a flag the training loop polls (`guard.requested`).
+
+  Inside `with PreemptionGuard() as guard:` the signals only set the flag; the loop then
+  force-saves at the current step, waits and exits. A second SIGINT raises
+  KeyboardInterrupt (to abort for real). The previous handlers come back on exit. From a
+  thread other than the main one no handler can be installed; `request()` still works.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
+    self.signum: int | None = None
+    self._requested = False
+    self._logged = False
+    self._previous: dict = {}
+
+  def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    if self._requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    self._requested = True
+
+  def request(self) -> None:
+    self._requested = True
+
+  @property
+  def requested(self) -> bool:
+    if self._requested and not self._logged:
+      self._logged = True
+      name = signal.Signals(self.signum).name if self.signum is not None else "a request"
+      logging.warning("preemption: got %s; saving a checkpoint and stopping", name)
+    return self._requested
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
+      return self
+    for s in self.signals:
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h if h is not None else signal.SIG_DFL)
+    self._previous = {}
+
+
+class AgreedStop:
+  """One stop step for every process: `agreed.should_stop(step)` on every host, every step.
+
+  One process: the `PreemptionGuard` flag (SIGTERM / SIGINT handled here).  Several
+  processes: JAX's preemption sync manager (started by `jax.distributed.initialize`) owns
+  SIGTERM -- a notice reaching any host is propagated to all and
+  `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at the same
+  step -- so no Python handler is installed (one would hide the signal from JAX), and a
+  SIGINT ends that process (its peers then stop after the heartbeat timeout).
+  """
+
+  def __init__(self, multi_process: bool | None = None):
+    self.multi = jax.process_count() > 1 if multi_process is None else multi_process
+    self.guard = PreemptionGuard(() if self.multi else (signal.SIGTERM, signal.SIGINT))
+    self.stopped_by: str | None = None
+
+  def should_stop(self, step: int) -> bool:
+    if self.multi:
+      if multihost_utils.reached_preemption_sync_point(int(step)):
+        self.stopped_by = "SIGTERM (agreed by all processes)"
+        logging.warning("preemption: all processes stop at step %d; saving", step)
+        return True
+      return False
+    if self.guard.requested:
+      self.stopped_by = "signal"
+      return True
+    return False
+
+  def __enter__(self) -> "AgreedStop":
+    self.guard.__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.guard.__exit__(*exc)
+
+
+def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
+  """A failure in a multi-process run: name the process that is gone, exit non-zero.
+
+  A dead peer first shows up as a failed collective (e.g. gloo's 'Connection reset by
+  peer'); JAX's coordination service declares it dead after the heartbeat timeout.  Wait
+  (bounded) for that verdict and name it; if the service aborts this process first, its
+  own message names the task ('Task N heartbeat timeout').  Never hangs.
+  """
+  n, me = jax.process_count(), jax.process_index()
+  first = " ".join(str(error).split())[:300]
+  print(f"error: process {me} of {n}: {type(error).__name__}: {first}", file=sys.stderr)
+  sys.stderr.flush()
+  if isinstance(error, FloatingPointError):  # agreed by all processes (a global value)
+    os._exit(1)
+  dead: list[int] = []
+  deadline = time.time() + float(heartbeat_timeout) + 15
+  client = distributed.global_state.client
+
+  def ask() -> None:  # get_live_nodes may block: asked from a daemon thread
+    while client is not None and time.time() < deadline and not dead:
+      try:
+        live = client.get_live_nodes(list(range(n)))
+        dead.extend(i for i in range(n) if i not in live)
+      except Exception:  # noqa: BLE001
+        pass
+      if not dead:
+        time.sleep(1.0)
+
+  asker = threading.Thread(target=ask, daemon=True)
+  asker.start()
+  asker.join(timeout=max(0.0, deadline - time.time()))
+  if dead:
+    who = ", ".join(f"process {i}" for i in dead)
+    print(f"error: lost peer: {who} of {n} stopped responding (no heartbeat for "
+          f"{heartbeat_timeout:g} s); process {me} stops too. Re-run the same command on "
+          f"every process to resume from the last complete checkpoint.", file=sys.stderr)
+  else:
+    print(f"error: process {me} of {n} stops after a failure shared with its peers (see the "
+          f"other processes' logs); re-run the same command on every process to resume.",
+          file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(1)
