@@ -24,7 +24,7 @@ import pytest
 from flax import traverse_util
 
 from adpe_jax import checkpoint, convert, defaults, export
-from adpe_jax.models import MAEPlus
+from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_model, init_variables
 

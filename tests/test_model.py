@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from adpe_jax import defaults, parallel
-from adpe_jax.models import MAEPlus, model_kwargs, norm_pix_loss, patchify, unpatchify
-from adpe_jax.models.mae import mask_from_noise, num_kept
+from adpe_jax.models.mae import (MAEPlus, mask_from_noise, norm_pix_loss, num_kept, patchify,
+                                  unpatchify)
+from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train.state import build_model, init_params
 
 
