@@ -225,7 +225,7 @@ def test_ape_coordinate_shift_survives_bfloat16():
   Independent expectation: numpy float64 sin-cos of the shifted coordinates, cast to bf16.
   bf16 coordinates near column 6 are spaced 1/32, so 6 + 0.01 would round back to 6.
   """
-  from adpe_jax import posembed
+  from adpe_jax.models import posembed
   from adpe_jax.models.mae import encoder_input_pe
   grid, dim = 7, 32
   mask = np.zeros((1, grid * grid), bool)

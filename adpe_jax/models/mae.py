@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax import posembed
+from adpe_jax.models import posembed
 from adpe_jax.rpe import ADVERSARY
 from adpe_jax.models.vit import LN_EPS, Block, _f32_or_wider, xavier_uniform
 

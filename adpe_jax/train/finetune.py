@@ -28,9 +28,9 @@ from absl import logging
 from flax import traverse_util
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import finetune_defaults, parallel, posembed, storage
+from adpe_jax import finetune_defaults, parallel, storage
 from adpe_jax.errors import ConfigError, InitError
-from adpe_jax.models import layout
+from adpe_jax.models import layout, posembed
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.common import eval_summary, start_run, supervised_loop
 from adpe_jax.models.variants import model_kwargs
