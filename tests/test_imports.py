@@ -4,10 +4,10 @@ TensorFlow nor clu (GPU and TPU images often lack them)."""
 import subprocess
 import sys
 
-CORE = ["adpe_jax.models", "adpe_jax.models.posembed", "adpe_jax.rpe", "adpe_jax.adversary",
+CORE = ["adpe_jax.models", "adpe_jax.models.posembed", "adpe_jax.models.irpe", "adpe_jax.adversary",
         "adpe_jax.train.step", "adpe_jax.train.optimizer", "adpe_jax.train.state",
         "adpe_jax.parallel", "adpe_jax.convert", "adpe_jax.data", "adpe_jax.kernels.attention",
-        "adpe_jax.kernels.rpe_attention"]
+        "adpe_jax.kernels.irpe", "adpe_jax.kernels.rpe_attention"]
 
 
 def test_core_modules_do_not_import_tensorflow_or_clu():

@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from adpe_jax import defaults, rpe
+from adpe_jax import defaults
+from adpe_jax.kernels import irpe
 from adpe_jax.kernels import attention as attn_lib
 from adpe_jax.kernels.rpe_attention import continuous_geometry
 from adpe_jax.models import layout
@@ -38,8 +39,8 @@ def make_inputs(name, dtype=jnp.float32, seed=0):
   c = rng.standard_normal((B, t, H, d))    # the loss's random projection of the output
   mask = rng.random((B, t)) < 0.5
   mask[:, 1], mask[:, 2] = True, False     # masked and visible rows in every example
-  table = rng.normal(0, 0.5, (d, rpe.NUM_BUCKETS))
-  advv = {"none": None, "embedding": rng.normal(0, 0.5, (d, rpe.NUM_BUCKETS)),
+  table = rng.normal(0, 0.5, (d, irpe.NUM_BUCKETS))
+  advv = {"none": None, "embedding": rng.normal(0, 0.5, (d, irpe.NUM_BUCKETS)),
           "embedding_faithful": rng.normal(0, 0.5, d),
           "coordinate": np.array([0.37, -0.81])}[adv]
   arrays = {"q": q, "k": k, "v": v}
@@ -61,7 +62,7 @@ def loss_fn(name, impl, c, mask):
     ops = None
     if lookup is not None:
       masked = adv != "none"
-      ops = rpe.RPEOperands(table=arrays["table"], adv=arrays.get("adv"),
+      ops = irpe.RPEOperands(table=arrays["table"], adv=arrays.get("adv"),
                             query_mask=mask if masked else None, grid=grid, lookup=lookup,
                             adversary=adv, query=arrays.get("qr"))
     out = attn_lib.attention(arrays["q"], arrays["k"], arrays["v"], ops, impl=impl,
@@ -133,12 +134,12 @@ def test_bfloat16_matches_xla(name, results):
 def test_continuous_geometry_reproduces_the_reference_table():
   grid, tp, shift = 4, 32, jnp.asarray([0.37, -0.81])
   t = 1 + grid * grid
-  table = np.random.default_rng(1).standard_normal((3, rpe.NUM_BUCKETS))
+  table = np.random.default_rng(1).standard_normal((3, irpe.NUM_BUCKETS))
   ids, ws = map(np.asarray, continuous_geometry(grid, tp, shift, jnp.float32))
   got = np.zeros((3, tp, tp))
   for cnr in range(4):
     got += np.where(ids[cnr] >= 0, ws[cnr], 0.0)[None] * table[:, np.maximum(ids[cnr], 0)]
-  want = np.asarray(rpe.continuous_table(jnp.asarray(table, jnp.float32), grid, shift))
+  want = np.asarray(irpe.continuous_table(jnp.asarray(table, jnp.float32), grid, shift))
   np.testing.assert_allclose(got[:, :t, :t], want, rtol=1e-5, atol=1e-5)
   assert np.all(ids[:, t:, :] == -1) and np.all(ids[:, :, t:] == -1) and np.all(ws[:, t:] == 0)
 
@@ -197,17 +198,17 @@ def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform, backend, monkeypa
     grid = int(round((t - 1) ** 0.5))
     sds = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     advs = {"coordinate": jax.ShapeDtypeStruct((2,), jnp.float32),
-            "embedding": jax.ShapeDtypeStruct((d, rpe.NUM_BUCKETS), jnp.float32)}
+            "embedding": jax.ShapeDtypeStruct((d, irpe.NUM_BUCKETS), jnp.float32)}
 
     def loss(q, k, v, table, adv, kind=kind, grid=grid, b=b, t=t):
-      ops = rpe.RPEOperands(table=table, adv=adv, query_mask=jnp.ones((b, t), bool), grid=grid,
+      ops = irpe.RPEOperands(table=table, adv=adv, query_mask=jnp.ones((b, t), bool), grid=grid,
                             lookup="continuous" if kind == "coordinate" else "integer",
                             adversary=kind)
       return jnp.sum(attn_lib.attention(q, k, v, ops, impl="pallas").astype(jnp.float32))
 
     f = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     try:
-      text = f.trace(sds, sds, sds, jax.ShapeDtypeStruct((d, rpe.NUM_BUCKETS), jnp.float32),
+      text = f.trace(sds, sds, sds, jax.ShapeDtypeStruct((d, irpe.NUM_BUCKETS), jnp.float32),
                      advs[kind]).lower(lowering_platforms=(platform,)).as_text()
     except ValueError as e:
       if "Cannot lower pallas_call on platform" in str(e):

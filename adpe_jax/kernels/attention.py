@@ -74,7 +74,7 @@ def _pallas_builds() -> bool:
   kernel that does not build here never breaks default training."""
   try:
     import numpy as np  # noqa: PLC0415
-    from adpe_jax import rpe as rpe_lib  # noqa: PLC0415
+    from adpe_jax.kernels import irpe as rpe_lib  # noqa: PLC0415
     from adpe_jax.kernels.rpe_attention import pallas_attention  # noqa: PLC0415
     b, h, grid, hd = 1, 1, 3, 16
     t = 1 + grid * grid
@@ -102,7 +102,7 @@ def xla_attention_heads_first(q, k, v, rpe=None):
   given, is head-major too.  `models.vit.Attention` calls this directly under `xla`."""
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
   if rpe is not None:
-    from adpe_jax.rpe import rpe_bias  # noqa: PLC0415 (keeps APE import light)
+    from adpe_jax.kernels.irpe import rpe_bias  # noqa: PLC0415 (keeps APE import light)
     logits = logits + rpe_bias(q if rpe.query is None else rpe.query, rpe)
   probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v)

@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from adpe_jax import rpe as rpe_lib
+from adpe_jax.kernels import irpe as rpe_lib
 
 NB = rpe_lib.NUM_BUCKETS          # 50 buckets (49 + cls)
 NBP = 64                          # padded bucket lanes
