@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax.kernels.attention import attention, resolve_impl, xla_attention_heads_first
+from adpe_jax.kernels.attention import attention, resolve_impl
+from adpe_jax.kernels.rpe_attention import rpe_attention_reference
 from adpe_jax.models.irpe import RelativePositionKey
 
 Dtype = Any
@@ -136,7 +137,7 @@ class Attention(nn.Module):
     q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
     q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=True)
-    out = xla_attention_heads_first(q_scaled, k, v, rpe_ops)
+    out = rpe_attention_reference(q_scaled, k, v, rpe_ops, heads_first=True)
     return _HeadMajorProj(self.dtype, name="proj")(out)
 
   def _rpe_operands(self, q, q_scaled, query_mask, heads_first: bool):
