@@ -27,10 +27,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from adpe_jax.kernels import irpe
 
-NB = irpe.NUM_BUCKETS          # 50 buckets (49 + cls)
-NBP = 64                          # padded bucket lanes
-LANE_SHIFT = NB                   # 50, 51: d loss / d (row shift, col shift) per row
-LANE_TOKEN = NB + 2               # 52: the faithful adversary token
+NB = irpe.NUM_BUCKETS     # 50 buckets (49 + cls)
+NBP = 64                  # padded bucket lanes
+LANE_SHIFT = NB           # 50, 51: d loss / d (row shift, col shift) per row
+LANE_TOKEN = NB + 2       # 52: the faithful adversary token
 SIDE = irpe.SIDE
 
 
