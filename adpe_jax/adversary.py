@@ -1,8 +1,8 @@
 """The adversary's side of the min-max step (spec 4.1): ascent, projection, metrics.
 
 The adversary is the model's positional input, not a parameter: it lives in the Flax
-variable collection "adversary" (`adpe_jax.rpe.ADVERSARY`), declared by the modules
-that read it, so `model.init` returns `{"params": ..., "adversary": ...}`:
+variable collection `ADVERSARY` ("adversary"; this module owns the name), declared by the
+modules that read it, so `model.init` returns `{"params": ..., "adversary": ...}`:
 
   APE + embedding   `adv_token` (1, 1, D)      replaces the mask token (spec 4.2)
   APE + coordinate  `adv_token` (2,)           shift of masked patches' sin-cos coords (4.3)
@@ -27,8 +27,8 @@ import optax
 from flax import traverse_util
 
 from adpe_jax.models import layout
-from adpe_jax.rpe import ADVERSARY  # noqa: F401  (the collection's name, re-exported)
 
+ADVERSARY = "adversary"   # the Flax variable collection of the adversary (next to "params")
 NORMS = ("none", "l2", "linf")
 
 

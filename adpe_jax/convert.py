@@ -25,10 +25,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from adpe_jax import posembed
+from adpe_jax.adversary import ADVERSARY
 from adpe_jax.errors import ConversionError
-from adpe_jax.models import layout
-from adpe_jax.rpe import ADVERSARY
+from adpe_jax.models import layout, posembed
 
 FROZEN_SUFFIXES = ("pos_embed", "no_shift")
 

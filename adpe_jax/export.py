@@ -30,8 +30,8 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from adpe_jax import convert, posembed
-from adpe_jax.models import layout
+from adpe_jax import convert
+from adpe_jax.models import layout, posembed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours.")
 _OUT = flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")

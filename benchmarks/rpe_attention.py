@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from adpe_jax import rpe  # noqa: E402
+from adpe_jax.kernels import irpe  # noqa: E402
 from adpe_jax.kernels.attention import attention  # noqa: E402
 
 SHAPES = {"pretrain": (256, 12, 50, 64), "finetune": (64, 12, 197, 64)}
@@ -52,11 +52,11 @@ def inputs(b, h, t, d, dtype, kind, seed=0):
                            dtype) for n in ("q", "k", "v")}
   lookup, adv = ADV[kind]
   if lookup is not None:
-    arrays["table"] = jnp.asarray(rng.normal(0, 0.5, (d, rpe.NUM_BUCKETS)), jnp.float32)
+    arrays["table"] = jnp.asarray(rng.normal(0, 0.5, (d, irpe.NUM_BUCKETS)), jnp.float32)
   if adv == "coordinate":
     arrays["adv"] = jnp.asarray([0.37, -0.81], jnp.float32)
   elif adv == "embedding":
-    arrays["adv"] = jnp.asarray(rng.normal(0, 0.5, (d, rpe.NUM_BUCKETS)), jnp.float32)
+    arrays["adv"] = jnp.asarray(rng.normal(0, 0.5, (d, irpe.NUM_BUCKETS)), jnp.float32)
   mask = np.zeros((b, t), bool)
   mask[:, 1:] = rng.random((b, t - 1)) < 0.75
   c = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
@@ -67,7 +67,7 @@ def make_fn(impl, c, mask, grid, lookup, adv, grad=True):
   def loss(arrays):
     ops = None
     if lookup is not None:
-      ops = rpe.RPEOperands(table=arrays["table"], adv=arrays.get("adv"),
+      ops = irpe.RPEOperands(table=arrays["table"], adv=arrays.get("adv"),
                             query_mask=mask if adv != "none" else None, grid=grid,
                             lookup=lookup, adversary=adv)
     out = attention(arrays["q"], arrays["k"], arrays["v"], ops, impl=impl)

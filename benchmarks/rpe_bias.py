@@ -1,4 +1,4 @@
-"""The iRPE-K logit term alone, forward + backward: our `rpe.rpe_bias` vs the materialised-R
+"""The iRPE-K logit term alone, forward + backward: our `irpe.rpe_bias` vs the materialised-R
 contraction it replaced, for every lookup / adversary, interleaved in one run.
 
     python benchmarks/rpe_bias.py [--batch 64] [--heads 3] [--head-dim 64] [--grid 7] [--rounds 20]
@@ -6,7 +6,7 @@ contraction it replaced, for every lookup / adversary, interleaved in one run.
 `materialised` builds R (head_dim, T, T) from the table (a one-hot matmul for the integer
 lookup, bilinear weights for the continuous one) and contracts it with q in one einsum
 ('bhid,dij->bhij', T thin matmuls); the embedding adversary adds a second contraction with
-R(A), the coordinate adversary one with R_shifted - R_unshifted.  `ours` is `rpe.rpe_bias`:
+R(A), the coordinate adversary one with R_shifted - R_unshifted.  `ours` is `irpe.rpe_bias`:
 for the integer lookup q W (one (B*H*T, hd) x (hd, 50) matmul) and a gather of bucket(i, j).
 The loss is sum(bias * g) for a fixed random g; the gradients are w.r.t. q, the table and the
 adversary.  Prints min / median ms and ours / materialised by min time.
@@ -25,15 +25,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from adpe_jax import rpe  # noqa: E402
+from adpe_jax.kernels import irpe  # noqa: E402
 
 
 def materialised(q, ops):
   """The earlier reference: R materialised, contracted with one einsum per term."""
   def table(w, shift=None):
     if ops.lookup == "integer":
-      return rpe.integer_table(w, ops.grid)
-    return rpe.continuous_table(w, ops.grid, jnp.zeros(2, w.dtype) if shift is None else shift)
+      return irpe.integer_table(w, ops.grid)
+    return irpe.continuous_table(w, ops.grid, jnp.zeros(2, w.dtype) if shift is None else shift)
 
   def contract(r):
     return jnp.einsum("bhid,dij->bhij", q, r)
@@ -61,7 +61,7 @@ def main() -> None:
   t = 1 + grid * grid
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(b, h, t, hd)), jnp.float32)
-  w = jnp.asarray(0.1 * rng.normal(size=(hd, rpe.NUM_BUCKETS)), jnp.float32)
+  w = jnp.asarray(0.1 * rng.normal(size=(hd, irpe.NUM_BUCKETS)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(b, h, t, t)), jnp.float32)
   mask = jnp.asarray(rng.random((b, t)) < 0.75)
   advs = {"none": None, "embedding": jnp.asarray(0.01 * rng.normal(size=w.shape), jnp.float32),
@@ -70,9 +70,9 @@ def main() -> None:
            ("continuous", "coordinate")]
   fns = {}
   for lookup, adversary in cases:
-    for impl, bias_fn in (("materialised", materialised), ("ours", rpe.rpe_bias)):
+    for impl, bias_fn in (("materialised", materialised), ("ours", irpe.rpe_bias)):
       def loss(q, w, a, lookup=lookup, adversary=adversary, bias_fn=bias_fn):
-        ops = rpe.RPEOperands(table=w, adv=a, query_mask=None if a is None else mask,
+        ops = irpe.RPEOperands(table=w, adv=a, query_mask=None if a is None else mask,
                               grid=grid, lookup=lookup, adversary=adversary)
         return jnp.sum(bias_fn(q, ops) * g)
       argnums = (0, 1) if adversary == "none" else (0, 1, 2)

@@ -31,7 +31,8 @@ import optax  # noqa: E402
 
 from adpe_jax import adversary as adv_lib  # noqa: E402
 from adpe_jax import flops as flops_lib  # noqa: E402
-from adpe_jax.models import MAEPlus, model_kwargs  # noqa: E402
+from adpe_jax.models.mae import MAEPlus  # noqa: E402
+from adpe_jax.models.variants import model_kwargs  # noqa: E402
 from adpe_jax.train.optimizer import decay_mask  # noqa: E402
 from adpe_jax.train.state import create_train_state  # noqa: E402
 from adpe_jax.train.step import make_train_step  # noqa: E402

@@ -12,8 +12,9 @@ import pytest
 from flax import traverse_util
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax import parallel, rpe
+from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
+from adpe_jax.kernels import irpe
 from adpe_jax.models import layout
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training
@@ -254,10 +255,10 @@ def test_every_seed_config_geometry_trains(name, fmnist_112):
   model, state = setup["model"], setup["state"]
   assert (model.image_size, model.patch_size, model.grid) == (112, patch, grid)
   if c.model.pe == "rpe":
-    ids = rpe.bucket_ids(grid)
-    assert ids.shape == (1 + grid * grid,) * 2 and len(np.unique(ids)) == rpe.NUM_BUCKETS
+    ids = irpe.bucket_ids(grid)
+    assert ids.shape == (1 + grid * grid,) * 2 and len(np.unique(ids)) == irpe.NUM_BUCKETS
     params = layout.to_unrolled(state.params)   # the seed configs scan their blocks
-    assert params["blocks_0"]["attn"]["rpe_k"]["lookup_table"].shape == (8, rpe.NUM_BUCKETS)
+    assert params["blocks_0"]["attn"]["rpe_k"]["lookup_table"].shape == (8, irpe.NUM_BUCKETS)
   has_adv = c.adversary.kind != "none"
   assert bool(jax.tree.leaves(state.adversary)) == has_adv
   noise = np.random.default_rng(0).random((8, grid * grid)).astype(np.float32)

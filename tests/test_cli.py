@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from adpe_jax.errors import ConfigError
-from adpe_jax import models
 from adpe_jax.config import pretrain as pretrain_config
+from adpe_jax.errors import ConfigError
+from adpe_jax.models import variants
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("vit*.py"))
@@ -118,7 +118,7 @@ def test_every_config_is_the_seed_recipe(name):
   size, pe, *rest = name.split("_")
   variant, patch, embed_dim, depth, heads = ORIGINAL_GEOMETRY[size]
   assert (c.model.variant, c.model.patch_size) == (variant, patch)
-  assert tuple(models.VARIANTS[c.model.variant]) == (embed_dim, depth, heads, 512, 8, 16)
+  assert tuple(variants.VARIANTS[c.model.variant]) == (embed_dim, depth, heads, 512, 8, 16)
   # Positional encoding and adversary: from the file name.
   assert c.model.pe == pe and pe in ("ape", "rpe")
   assert len(rest) <= 1

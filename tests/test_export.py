@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from adpe_jax import checkpoint, convert, export
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import MAEPlus
+from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_model, init_variables
 from adpe_jax.train.state import build_classifier, init_classifier_params

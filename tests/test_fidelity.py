@@ -128,7 +128,7 @@ def test_from_torch_refuses_other_geometry_and_unknown_keys():
   state_dict = {k: v for k, v in ref.items() if not k.startswith("grad/") and k not in
                 ("images", "noise", "ids_shuffle", "loss", "pred", "mask", "latent")}
   c = reference_config("ape_adv0")
-  from adpe_jax import posembed
+  from adpe_jax.models import posembed
   ok = dict(state_dict, pos_embed=posembed.sincos_table(7, 64)[None])
   convert.from_torch(ok, c)  # the original's own 7x7 table is accepted
   bad = dict(state_dict, pos_embed=posembed.sincos_table(14, 64)[None])

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adpe_jax import convert, posembed
+from adpe_jax import convert
 from adpe_jax.data import finetune as ft_data
-from adpe_jax.models import layout
+from adpe_jax.models import layout, posembed
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import finetune as ft
 from adpe_jax.train.state import build_classifier, init_classifier_params

@@ -12,7 +12,7 @@ import pytest
 
 from adpe_jax import data, parallel
 from adpe_jax.config.pretrain import apply_smoke, base_config
-from adpe_jax.models import MAEPlus
+from adpe_jax.models.mae import MAEPlus
 from adpe_jax.train import knn_metric as knn
 from adpe_jax.train.state import build_model, init_params
 

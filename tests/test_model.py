@@ -7,8 +7,9 @@ import pytest
 
 from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import MAEPlus, model_kwargs, norm_pix_loss, patchify, unpatchify
-from adpe_jax.models.mae import mask_from_noise, num_kept
+from adpe_jax.models.mae import (MAEPlus, mask_from_noise, norm_pix_loss, num_kept, patchify,
+                                  unpatchify)
+from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train.state import build_model, init_params
 
 
@@ -225,7 +226,7 @@ def test_ape_coordinate_shift_survives_bfloat16():
   Independent expectation: numpy float64 sin-cos of the shifted coordinates, cast to bf16.
   bf16 coordinates near column 6 are spaced 1/32, so 6 + 0.01 would round back to 6.
   """
-  from adpe_jax import posembed
+  from adpe_jax.models import posembed
   from adpe_jax.models.mae import encoder_input_pe
   grid, dim = 7, 32
   mask = np.zeros((1, grid * grid), bool)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from adpe_jax import posembed
+from adpe_jax.models import posembed
 
 
 def numpy_sincos(grid, dim):

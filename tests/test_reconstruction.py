@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from adpe_jax.config.pretrain import apply_smoke, base_config
-from adpe_jax.models import patchify
+from adpe_jax.models.mae import patchify
 from adpe_jax.train import reconstruction as rec
 from adpe_jax.train.state import build_model, init_params
 

@@ -1,4 +1,4 @@
-"""Tests for adpe_jax.rpe against independent plain-numpy / plain-Python references."""
+"""Tests for the iRPE math (adpe_jax.kernels.irpe) and module (adpe_jax.models.irpe) against independent plain-numpy / plain-Python references."""
 
 import math
 
@@ -7,7 +7,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from adpe_jax import rpe
+from adpe_jax.kernels import irpe
+from adpe_jax.models.irpe import RelativePositionKey
 
 ALPHA, BETA, GAMMA = 1.9, 3.8, 15.2
 
@@ -115,7 +116,7 @@ def test_offset_to_g_table():
   expected = {0: 0, 1: 1, 2: 2, 3: 2}
   expected.update({d: 3 for d in range(4, 14)})
   offs = np.arange(-13, 14)
-  got = rpe.piecewise_index_int(offs)
+  got = irpe.piecewise_index_int(offs)
   for d, g in zip(offs, got):
     assert g == np.sign(d) * expected[abs(int(d))], (d, g)
     assert ref_g_int(int(d)) == g
@@ -123,11 +124,11 @@ def test_offset_to_g_table():
 
 @pytest.mark.parametrize("grid", [7, 14])
 def test_bucket_ids_vs_double_loop(grid):
-  got = rpe.bucket_ids(grid)
+  got = irpe.bucket_ids(grid)
   assert got.dtype == np.int32 and got.shape == (1 + grid * grid,) * 2
   np.testing.assert_array_equal(got, ref_bucket_ids(grid))
-  assert got.min() == 0 and got.max() == 49 == rpe.NUM_BUCKETS - 1
-  assert rpe.bucket_ids(grid) is got  # cached
+  assert got.min() == 0 and got.max() == 49 == irpe.NUM_BUCKETS - 1
+  assert irpe.bucket_ids(grid) is got  # cached
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_continuous_table_vs_numpy_sampler(grid, shift):
   table = rng.standard_normal((3, 50))
   want = ref_continuous_table(table, grid, shift)
   with jax.enable_x64(True):
-    fn = jax.jit(rpe.continuous_table, static_argnums=1)
+    fn = jax.jit(irpe.continuous_table, static_argnums=1)
     got = fn(jnp.asarray(table), grid, jnp.asarray(shift, jnp.float64))
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
@@ -157,8 +158,8 @@ def test_zero_shift_pixel_coordinates_match_spec():
   table[0, :49], table[1, :49] = b, a
   table[:, 49] = -5.0
   with jax.enable_x64(True):
-    r = np.asarray(rpe.continuous_table(jnp.asarray(table), grid, jnp.zeros(2)))
-    pix_b, pix_a = (np.asarray(p) for p in rpe.continuous_pixels(grid, jnp.zeros(2, jnp.float64)))
+    r = np.asarray(irpe.continuous_table(jnp.asarray(table), grid, jnp.zeros(2)))
+    pix_b, pix_a = (np.asarray(p) for p in irpe.continuous_pixels(grid, jnp.zeros(2, jnp.float64)))
   np.testing.assert_array_equal(r[:, 0, :], -5.0)
   np.testing.assert_array_equal(r[:, :, 0], -5.0)
   n = np.arange(grid * grid)
@@ -175,9 +176,9 @@ def test_zero_shift_pixel_coordinates_match_spec():
 def test_piecewise_index_cont_values_and_grads():
   xs = np.array([0.0, 0.5, -1.9, 2.5, -3.0, 7.0, -20.0, 15.2 + 1e-3])
   with jax.enable_x64(True):
-    g = rpe.piecewise_index_cont(jnp.asarray(xs))
+    g = irpe.piecewise_index_cont(jnp.asarray(xs))
     np.testing.assert_allclose(np.asarray(g), [ref_g_cont(x) for x in xs], rtol=1e-14)
-    grads = np.asarray(jax.vmap(jax.grad(rpe.piecewise_index_cont))(jnp.asarray(xs)))
+    grads = np.asarray(jax.vmap(jax.grad(irpe.piecewise_index_cont))(jnp.asarray(xs)))
   assert np.all(np.isfinite(grads))
   for x, gr in zip(xs, grads):
     if abs(x) <= ALPHA:
@@ -216,7 +217,7 @@ def test_integer_bias_vs_numpy(grid):
   t = 1 + grid * grid
   q = rng.standard_normal((B, H, t, HD))
   w = rng.standard_normal((HD, 50))
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid)
+  mod = RelativePositionKey(head_dim=HD, grid=grid)
   with jax.enable_x64(True):
     variables = _params(mod, q, None, lookup_table=w)
     assert set(variables["params"]) == {"lookup_table"} and not variables["adversary"]
@@ -239,8 +240,8 @@ def test_integer_table_and_gather_form_vs_numpy(grid):
   q = rng.standard_normal((2, 3, t, HD))
   ids = ref_bucket_ids(grid)
   with jax.enable_x64(True):
-    r = np.asarray(jax.jit(rpe.integer_table, static_argnums=1)(jnp.asarray(w), grid))
-    got = np.asarray(jax.jit(rpe.integer_bias, static_argnums=1)(
+    r = np.asarray(jax.jit(irpe.integer_table, static_argnums=1)(jnp.asarray(w), grid))
+    got = np.asarray(jax.jit(irpe.integer_bias, static_argnums=1)(
         jnp.einsum("bhid,dk->bhik", jnp.asarray(q), jnp.asarray(w)), grid))
   np.testing.assert_array_equal(r, w[:, ids])
   np.testing.assert_allclose(got, np.einsum("bhid,dij->bhij", q, w[:, ids]), rtol=1e-12,
@@ -252,7 +253,7 @@ def test_continuous_lookup_module_vs_numpy():
   grid = 4
   q = rng.standard_normal((B, H, 1 + grid * grid, HD))
   w = rng.standard_normal((HD, 50))
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, lookup="continuous")
+  mod = RelativePositionKey(head_dim=HD, grid=grid, lookup="continuous")
   with jax.enable_x64(True):
     got = np.asarray(mod.apply({"params": {"lookup_table": jnp.asarray(w)}}, jnp.asarray(q)))
   want = np.einsum("bhid,dij->bhij", q, ref_continuous_table(w, grid, (0.0, 0.0)))
@@ -265,7 +266,7 @@ def test_embedding_working_variant_bias_vs_numpy():
   q = rng.standard_normal((B, H, 1 + grid * grid, HD))
   mask = rand_mask(rng, B, grid)
   w, a = rng.standard_normal((2, HD, 50))
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding")
+  mod = RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding")
   with jax.enable_x64(True):
     variables = _params(mod, q, mask, lookup_table=w, adv_table=a)
     got = np.asarray(mod.apply(variables, jnp.asarray(q), jnp.asarray(mask)))
@@ -282,7 +283,7 @@ def test_coordinate_bias_vs_numpy_and_forces_continuous():
   mask = rand_mask(rng, B, grid)
   w = rng.standard_normal((HD, 50))
   shift = np.array([0.43, -0.71])
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="coordinate")  # lookup default
+  mod = RelativePositionKey(head_dim=HD, grid=grid, adversary="coordinate")  # lookup default
   with jax.enable_x64(True):
     variables = _params(mod, q, mask, lookup_table=w, adv_shift=shift)
     got = np.asarray(mod.apply(variables, jnp.asarray(q), jnp.asarray(mask)))
@@ -306,7 +307,7 @@ def test_faithful_embedding_is_noop_and_working_variant_is_not():
   with jax.enable_x64(True):
     qj, kj, vj, cj, mj = map(jnp.asarray, (q, k, v, c, mask))
 
-    faithful = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding_faithful")
+    faithful = RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding_faithful")
     a = rng.standard_normal(HD)
     fv = _params(faithful, q, mask, lookup_table=w, adv_token=a)
     assert fv["adversary"]["adv_token"].shape == (HD,)
@@ -325,7 +326,7 @@ def test_faithful_embedding_is_noop_and_working_variant_is_not():
     base = ref_attention_loss(q, k, v, np.einsum("bhid,dij->bhij", q, w[:, ref_bucket_ids(grid)]), c)
     assert float(loss_f(fv["adversary"])) == pytest.approx(base, rel=1e-12)
 
-    working = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding")
+    working = RelativePositionKey(head_dim=HD, grid=grid, adversary="embedding")
     wv = _params(working, q, mask, lookup_table=w)   # adv_table left at zero
 
     def loss_w(a):
@@ -339,7 +340,7 @@ def test_coordinate_gradient_matches_finite_difference():
   rng, grid, q, k, v, c, mask = _grad_setup(6)
   w = rng.standard_normal((HD, 50))
   shift = np.array([0.29, -0.53])
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, lookup="continuous", adversary="coordinate")
+  mod = RelativePositionKey(head_dim=HD, grid=grid, lookup="continuous", adversary="coordinate")
   with jax.enable_x64(True):
     qj, kj, vj, cj, mj = map(jnp.asarray, (q, k, v, c, mask))
     def loss(s, table):
@@ -366,7 +367,7 @@ def test_param_names_and_validation():
   for adv, name, shape in [("embedding_faithful", "adv_token", (HD,)),
                            ("embedding", "adv_table", (HD, 50)),
                            ("coordinate", "adv_shift", (2,))]:
-    mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary=adv)
+    mod = RelativePositionKey(head_dim=HD, grid=grid, adversary=adv)
     v = jax.eval_shape(mod.init, jax.random.PRNGKey(0), q, m)
     assert set(v) == {"params", "adversary"}
     assert set(v["params"]) == {"lookup_table"}
@@ -381,7 +382,7 @@ def test_param_names_and_validation():
       mod.apply({"params": zeros}, q, m)
   for bad in [dict(grid=grid, adversary="bogus"), dict(grid=grid, lookup="bogus"), dict(grid=3)]:
     with pytest.raises(ValueError):
-      jax.eval_shape(rpe.RelativePositionKey(head_dim=HD, **bad).init, jax.random.PRNGKey(0), q)
+      jax.eval_shape(RelativePositionKey(head_dim=HD, **bad).init, jax.random.PRNGKey(0), q)
 
 
 def test_bfloat16_queries_keep_dtype_and_accurate_geometry():
@@ -391,7 +392,7 @@ def test_bfloat16_queries_keep_dtype_and_accurate_geometry():
   mask = rand_mask(rng, 1, grid)
   w = rng.standard_normal((HD, 50))
   shift = np.array([0.43, -0.71])
-  mod = rpe.RelativePositionKey(head_dim=HD, grid=grid, adversary="coordinate")
+  mod = RelativePositionKey(head_dim=HD, grid=grid, adversary="coordinate")
   p = {"params": {"lookup_table": jnp.asarray(w, jnp.float32)},
        "adversary": {"adv_shift": jnp.asarray(shift, jnp.float32)}}
   got = jax.jit(mod.apply)(p, jnp.asarray(q, jnp.bfloat16), jnp.asarray(mask))

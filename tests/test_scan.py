@@ -19,7 +19,9 @@ from jax.sharding import PartitionSpec as P
 from adpe_jax import adversary as adv_lib
 from adpe_jax import checkpoint, convert, export, parallel
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import MAEPlus, layout, model_kwargs
+from adpe_jax.models import layout
+from adpe_jax.models.mae import MAEPlus
+from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.state import TrainState, build_model, init_variables
 from adpe_jax.train.step import make_loss_fn, make_train_step

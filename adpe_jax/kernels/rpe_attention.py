@@ -1,68 +1,15 @@
-"""Fused iRPE-K attention in Pallas: q.k^T + the contextual RPE term, float32 softmax,
-times v, and a `jax.custom_vjp` backward giving the gradients of q, k, v, the RPE table
-W, the per-bucket adversary table, the faithful adversary token and the coordinate
-adversary's shift -- without a (B, H, T, T) tensor in HBM in either pass.
+"""Fused iRPE-K attention in Pallas, and its plain-jnp reference.
 
-The computation, per (batch b, head h), with qr the RPE query (normally q itself):
+    rpe_attention(q, k, v, rpe, block_sizes=None, interpret=None, debug=False)
+      == rpe_attention_reference(q, k, v, rpe)
+      == softmax_f32(q k^T + irpe.rpe_bias(q_rpe)) v
 
-    S[i, j] = q_i . k_j + sum_c w_c(i, j) QW_i[id_c(i, j)],   QW_i = qr_i @ (W + m_i A)
-    out = softmax_f32(S) v
-
-* integer lookup: one "corner", id = bucket(i, j), weight 1 (no weight input at all);
-* continuous lookup (spec 4.5 / 5.5): four bilinear corners of the 7x7 table with ids
-  7a + b (-1 where zero padding applies) and weights w_c (0 there); cls pairs read bucket
-  49 with weight 1.  The coordinate adversary gives masked query rows (m_i = 1) a second
-  geometry, ids and weights of the offsets shifted by `adv_shift`;
-* per-bucket embedding adversary: A (hd, 50) added to W for masked rows (the QW_i above);
-* faithful embedding adversary (the original's no-op, spec 4.4): m_i qr_i . a added to
-  every logit of row i, carried as lane 52 of the extended table.
-
-Kernel inputs: bucket / corner ids and weights, NOT a precomputed bias.  The geometry
-(ids (C, T, T) int32, weights (C, T, T) float32, C = 1 or 4) depends on neither the batch
-nor the head, so it is one small array per layer (1 MiB per array at T = 197 -> 256),
-read from L2 by every program, and the shifted geometry is just a second such array
-selected per row by the query mask.  A precomputed bias is q-dependent -- exactly the
-(B, H, T, T) tensor we must not write -- and a precomputed R = W[:, ids] is (hd, T, T) per
-layer, hd times the ids, and would turn the RPE term into a (T x hd) . (hd x T)
-contraction per ROW instead of the single (T x hd) @ (hd x 64) matmul QW = qr @ W done
-in-kernel.  The gather
-QW_i[id_c(i, j)] is a loop over the 50 buckets of compare/select on the (block_q, T) tile
-(no gather instruction is needed; Triton and Mosaic have none for register tiles).  That
-loop is element-wise work on CUDA cores, 50 x C compare/selects per logit: at T = 64,
-hd = 64 it is of the order of the tile's matmul work, so the speed-up over XLA comes from
-not writing / re-reading (B, H, T, T) tensors, and is unmeasured (no GPU so far).
-
-Gradients (backward kernel, one program per (b, h), a loop over query blocks, dk / dv
-accumulated in float32): P is recomputed from q, k (the whole key length is one tile, so
-no running max / lse residual is needed), dS = P (dP - rowsum(P dP)).  The RPE gradient
-leaves the kernel as dQW (B, H, T, 64) float32 -- q-sized, not L x L:
-dQW_i[n] = sum_j dS_ij sum_c w_c(i, j) [id_c(i, j) = n]; then dW = qr^T dQW,
-dA = (m qr)^T dQW (one einsum each, outside), and d qr = dQW @ (W + m A)^T in-kernel.
-The shift gradient goes through d w_c / d shift: the jacobian of the shifted corner
-weights (2, C, T, T) (forward-mode `jax.jacfwd` of the same jnp geometry function --
-piecewise map, clip, floor without gradient; independent of b and h) enters the
-kernel, which accumulates per masked row sum_j dS_ij sum_c (d w_c / d s_r) QW_i[id_c]
-into lanes 50 / 51 of dQW; their sum over (b, h, i) is d loss / d shift.  Lane 52 carries
-m_i rowsum(dS_i), the faithful token's (round-off) gradient.  Lanes: 0-49 buckets,
-50/51 shift, 52 faithful token, 53-63 zero (the bucket axis is padded to 64 anyway).
-
-Backend (GPU): the Triton lowering of `pl.pallas_call` (`CompilerParams` from
-`jax.experimental.pallas.triton`).  It is deprecated on jax 0.11 but present; Mosaic GPU
-wants block sizes in multiples of 64, head_dim % 64 == 0 (ViT-H's head_dim is 80), and
-its `pallas_call` entry point is itself deprecated in favour of `plgpu.kernel` with
-explicit warpgroup / SMEM pipelining -- a rewrite, not a port -- while the Triton path
-lowers this generic jnp kernel (iota, compare, select, reductions, 2-D dots, fori_loop)
-as is and runs on Ampere too.  Triton wants power-of-two array shapes: T is padded to
-the next power of two (50 -> 64, 197 -> 256, 257 -> 512; padded keys masked to -inf,
-padded query rows dropped), head_dim to the next power of two (64 stays, 80 -> 128;
-zero columns change no dot product), the bucket axis to 64.  The whole key length is one
-tile (50 and 197 fit; 257 -> 512 is wasteful: a key-blocked online-softmax variant is
-the next step there).  Query blocks: 64 rows at T <= 64, fewer at longer T (register
-pressure: the (block_q, T) tiles of logits, ids and weights live together).  On TPU the
-same kernel uses Mosaic TPU with block_q = T (blocks equal to the full array are legal
-for any length).  tests/test_kernels.py lowers both kernels for CUDA (Triton IR) and TPU
-(Mosaic) on a CPU; compiling them to device code, and all timings, need the device
-(benchmarks/gpu_check.sh).  On CPU the kernels run with ``interpret=True``.
+The kernel computes the iRPE term from QW = q W and bucket / corner ids
+(`integer_geometry`, `continuous_geometry`), never a (B, H, T, T) tensor in HBM, and a
+`jax.custom_vjp` backward gives the gradients of q, k, v, the table W and every
+adversary.  `BlockSizes` is the tiling (defaults per backend); the kernel lowers to
+Triton on GPUs and Mosaic on TPUs and runs in the Pallas interpreter on CPU.  The design
+(inputs, the bucket loop, the gradient lanes, padding, backends): docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -76,29 +23,56 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
-from adpe_jax import rpe as rpe_lib
+from adpe_jax.kernels import irpe
 
-NB = rpe_lib.NUM_BUCKETS          # 50 buckets (49 + cls)
-NBP = 64                          # padded bucket lanes
-LANE_SHIFT = NB                   # 50, 51: d loss / d (row shift, col shift) per row
-LANE_TOKEN = NB + 2               # 52: the faithful adversary token
-SIDE = rpe_lib.SIDE
+NB = irpe.NUM_BUCKETS     # 50 buckets (49 + cls)
+NBP = 64                  # padded bucket lanes
+LANE_SHIFT = NB           # 50, 51: d loss / d (row shift, col shift) per row
+LANE_TOKEN = NB + 2       # 52: the faithful adversary token
+SIDE = irpe.SIDE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tile sizes of the two kernels.  They decide how the work is split into programs and
+  loop steps, never what is computed (that is the operands' business).
+
+  Attributes:
+    block_q: query rows per program of the forward kernel; must divide the padded length
+      (T rounded up to a power of two, at least 16).
+    block_q_bwd: query rows per step of the backward kernel's loop over query blocks;
+      None = block_q.
+  """
+  block_q: int
+  block_q_bwd: Optional[int] = None
+
+  @classmethod
+  def get_default(cls, seq_len: int, backend: Optional[str] = None) -> "BlockSizes":
+    """The defaults for `seq_len` tokens on `backend` ("gpu" | "tpu" | ...; None = jax's
+    default backend).  TPU: the whole padded length (a block equal to the full array is
+    legal on Mosaic TPU for any length).  Elsewhere (GPU, interpret mode): 64 rows at
+    T <= 64, fewer at longer T, since the (block_q, T) tiles of logits, ids and weights
+    live in registers together."""
+    tp = padded_length(seq_len)
+    if (backend or jax.default_backend()) == "tpu":
+      return cls(block_q=tp)
+    return cls(block_q=min(tp, max(16, 8192 // tp)))
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class _Problem:
+  """What the kernels compute (static: a hashable argument of the custom_vjp)."""
   t: int                # true length
   tp: int               # padded length
   dp: int               # padded head dim
-  bq: int               # query block
   geometry: str         # "none" | "integer" | "continuous"
   shifted: bool         # coordinate adversary: masked rows use the shifted geometry
   per_bucket: bool      # per-bucket adversary table A
   faithful: bool        # faithful adversary token (lane 52)
   separate_query: bool  # RPE query differs from q
   grid: int
-  backend: str          # "interpret" | "triton" | "tpu"
 
   @property
   def corners(self) -> int:
@@ -109,17 +83,23 @@ class _Cfg:
     return self.shifted or self.per_bucket or self.faithful
 
 
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+  """How the kernels are launched: resolved tiling, compile target, interpreter, debug."""
+  block_q: int
+  block_q_bwd: int
+  backend: str          # "gpu" (Triton) | "tpu" (Mosaic TPU) | other (interpret only)
+  interpret: bool
+  debug: bool
+
+
 def _next_pow2(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
-def _backend() -> str:
-  b = jax.default_backend()
-  if b == "gpu":
-    return "triton"
-  if b == "tpu":
-    return "tpu"
-  return "interpret"
+def padded_length(seq_len: int) -> int:
+  """The length the kernels work at: T rounded up to a power of two, at least 16."""
+  return _next_pow2(seq_len)
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,7 +110,7 @@ def integer_geometry(grid: int, tp: int) -> np.ndarray:
   """ids (1, tp, tp) int32: the bucket of each pair, -1 in the padding."""
   t = 1 + grid * grid
   ids = np.full((1, tp, tp), -1, np.int32)
-  ids[0, :t, :t] = rpe_lib.bucket_ids(grid)
+  ids[0, :t, :t] = irpe.bucket_ids(grid)
   return ids
 
 
@@ -138,13 +118,13 @@ def continuous_geometry(grid: int, tp: int, shift: jax.Array,
                         dtype) -> tuple[jax.Array, jax.Array]:
   """(ids (4, tp, tp) int32, weights (4, tp, tp) dtype) of the bilinear lookup at `shift`.
 
-  The same arithmetic as `rpe.continuous_table` (pixels from `rpe.continuous_pixels`,
+  The same arithmetic as `irpe.continuous_table` (pixels from `irpe.continuous_pixels`,
   floor without gradient, zero padding): corner (da, db) of pixel (a, b) reads bucket
   7 (a0 + da) + (b0 + db) with weight wa_da wb_db, or nothing when outside the 7x7.
   Differentiable in `shift` (through the weights).
   """
   t = 1 + grid * grid
-  pix_b, pix_a = rpe_lib.continuous_pixels(grid, jnp.asarray(shift).astype(dtype), dtype)
+  pix_b, pix_a = irpe.continuous_pixels(grid, jnp.asarray(shift).astype(dtype), dtype)
   a0 = lax.stop_gradient(jnp.floor(pix_a))
   b0 = lax.stop_gradient(jnp.floor(pix_b))
   wa = ((a0 + 1) - pix_a, pix_a - a0)
@@ -158,30 +138,30 @@ def continuous_geometry(grid: int, tp: int, shift: jax.Array,
       ws.append(jnp.where(valid, wa[da] * wb[db], jnp.zeros((), dtype)))
   ids_full = jnp.full((4, tp, tp), -1, jnp.int32).at[:, 1:t, 1:t].set(jnp.stack(ids))
   ws_full = jnp.zeros((4, tp, tp), dtype).at[:, 1:t, 1:t].set(jnp.stack(ws))
-  cls = rpe_lib.CLS_BUCKET
+  cls = irpe.CLS_BUCKET
   ids_full = ids_full.at[0, 0, :t].set(cls).at[0, :t, 0].set(cls)
   ws_full = ws_full.at[0, 0, :t].set(1).at[0, :t, 0].set(1)
   return ids_full, ws_full
 
 
-def _geometry_inputs(cfg: _Cfg, shift, acc_dtype) -> dict:
+def _geometry_inputs(prob: _Problem, shift, acc_dtype) -> dict:
   """The geometry arrays the kernels read (keys: ids, wts, ids_s, wts_s)."""
   out = {}
-  if cfg.geometry == "integer":
-    out["ids"] = jnp.asarray(integer_geometry(cfg.grid, cfg.tp))
-  elif cfg.geometry == "continuous":
-    out["ids"], out["wts"] = continuous_geometry(cfg.grid, cfg.tp, jnp.zeros((2,), acc_dtype),
+  if prob.geometry == "integer":
+    out["ids"] = jnp.asarray(integer_geometry(prob.grid, prob.tp))
+  elif prob.geometry == "continuous":
+    out["ids"], out["wts"] = continuous_geometry(prob.grid, prob.tp, jnp.zeros((2,), acc_dtype),
                                                  acc_dtype)
-    if cfg.shifted:
-      out["ids_s"], out["wts_s"] = continuous_geometry(cfg.grid, cfg.tp, shift, acc_dtype)
+    if prob.shifted:
+      out["ids_s"], out["wts_s"] = continuous_geometry(prob.grid, prob.tp, shift, acc_dtype)
   return out
 
 
-def _shift_jacobian(cfg: _Cfg, shift, acc_dtype) -> jax.Array:
+def _shift_jacobian(prob: _Problem, shift, acc_dtype) -> jax.Array:
   """d weights / d shift of the shifted geometry, (2 * 4, tp, tp): index r * 4 + c."""
-  jac = jax.jacfwd(lambda s: continuous_geometry(cfg.grid, cfg.tp, s, acc_dtype)[1])(
+  jac = jax.jacfwd(lambda s: continuous_geometry(prob.grid, prob.tp, s, acc_dtype)[1])(
       shift.astype(acc_dtype))                                   # (4, tp, tp, 2)
-  return jnp.moveaxis(jac, -1, 0).reshape(2 * 4, cfg.tp, cfg.tp)
+  return jnp.moveaxis(jac, -1, 0).reshape(2 * 4, prob.tp, prob.tp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,30 +185,30 @@ def _column(x, n):
 class _Tile:
   """What a (block_q, Tp) tile of one (b, h) needs, loaded from the refs."""
 
-  def __init__(self, cfg: _Cfg, refs: dict, rows, acc):
-    self.cfg, self.acc = cfg, acc
+  def __init__(self, prob: _Problem, refs: dict, rows, acc):
+    self.prob, self.acc = prob, acc
     self.q = refs["q"][rows, :]
-    self.qr = refs["qr"][rows, :] if cfg.separate_query else self.q
-    self.m = refs["mask"][0, rows][:, None].astype(acc) if cfg.masked else None
+    self.qr = refs["qr"][rows, :] if prob.separate_query else self.q
+    self.m = refs["mask"][0, rows][:, None].astype(acc) if prob.masked else None
     self.ids, self.wts = [], None
-    if cfg.geometry == "none":
+    if prob.geometry == "none":
       return
-    for c in range(cfg.corners):
+    for c in range(prob.corners):
       ids = refs["ids"][c, rows, :]
-      if cfg.shifted:
+      if prob.shifted:
         ids = jnp.where(self.m > 0, refs["ids_s"][c, rows, :], ids)
       self.ids.append(ids)
-    if cfg.geometry == "continuous":
+    if prob.geometry == "continuous":
       self.wts = []
       for c in range(4):
         w = refs["wts"][c, rows, :]
-        if cfg.shifted:
+        if prob.shifted:
           w = jnp.where(self.m > 0, refs["wts_s"][c, rows, :], w)
         self.wts.append(w)
     # QW = qr @ W (+ m qr @ A): (block_q, 64), float32 accumulation.
     w_ext = refs["w"][...].astype(self.qr.dtype)
     self.qw = jnp.dot(self.qr, w_ext, preferred_element_type=acc)
-    if cfg.per_bucket:
+    if prob.per_bucket:
       qa = jnp.dot(self.qr, refs["a"][...].astype(self.qr.dtype), preferred_element_type=acc)
       self.qw = self.qw + self.m * qa
 
@@ -246,25 +226,25 @@ class _Tile:
 
   def bias(self):
     """The RPE logit term (block_q, Tp): the gather of QW by bucket / corners."""
-    cfg, acc = self.cfg, self.acc
-    zeros = jnp.zeros((self.q.shape[0], cfg.tp), acc)
+    prob, acc = self.prob, self.acc
+    zeros = jnp.zeros((self.q.shape[0], prob.tp), acc)
 
     def body(n, b):
       col = _column(self.qw, n)
-      if cfg.geometry == "integer":
+      if prob.geometry == "integer":
         return jnp.where(self.ids[0] == n, col, b)
       return b + self.coef(n, self.wts) * col
 
     b = lax.fori_loop(0, NB, body, zeros)
-    if cfg.faithful:
+    if prob.faithful:
       b = b + self.m * _column(self.qw, LANE_TOKEN)
     return b
 
   def logits(self, k):
     s = lax.dot_general(self.q, k, (((1,), (1,)), ((), ())), preferred_element_type=self.acc)
-    if self.cfg.geometry != "none":
+    if self.prob.geometry != "none":
       s = s + self.bias()
-    key_ok = jnp.arange(self.cfg.tp, dtype=jnp.int32)[None, :] < self.cfg.t
+    key_ok = jnp.arange(self.prob.tp, dtype=jnp.int32)[None, :] < self.prob.t
     return jnp.where(key_ok, s, _mask_value(self.acc))
 
 
@@ -273,27 +253,27 @@ def _softmax(s):
   return p / jnp.sum(p, axis=1, keepdims=True)
 
 
-def _fwd_kernel(cfg: _Cfg, names, *refs):
+def _fwd_kernel(prob: _Problem, names, *refs):
   refs = dict(zip(names + ("o",), refs))
   acc = jnp.promote_types(refs["q"].dtype, jnp.float32)
-  tile = _Tile(cfg, refs, slice(None), acc)
+  tile = _Tile(prob, refs, slice(None), acc)
   v = refs["v"][...]
   p = _softmax(tile.logits(refs["k"][...]))
   o = jnp.dot(p.astype(v.dtype), v, preferred_element_type=acc)
   refs["o"][...] = o.astype(refs["o"].dtype)
 
 
-def _bwd_kernel(cfg: _Cfg, names, out_names, *refs):
+def _bwd_kernel(prob: _Problem, bq: int, names, out_names, *refs):
   refs = dict(zip(names + ("do",) + out_names, refs))
   acc = jnp.promote_types(refs["q"].dtype, jnp.float32)
   k, v = refs["k"][...], refs["v"][...]
-  bq, tp, dp = cfg.bq, cfg.tp, cfg.dp
-  rpe = cfg.geometry != "none"
+  tp, dp = prob.tp, prob.dp
+  rpe = prob.geometry != "none"
 
   def block(i, carry):
     dk, dv = carry
     rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-    tile = _Tile(cfg, refs, rows, acc)
+    tile = _Tile(prob, refs, rows, acc)
     p = _softmax(tile.logits(k))
     do = refs["do"][rows, :]
     dp_ = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=acc)
@@ -305,7 +285,7 @@ def _bwd_kernel(cfg: _Cfg, names, out_names, *refs):
                               preferred_element_type=acc)
     if rpe:
       dws = None
-      if cfg.shifted:
+      if prob.shifted:
         dws = [[jnp.where(tile.m > 0, refs["dws"][r * 4 + c, rows, :], jnp.zeros((), acc))
                 for c in range(4)] for r in range(2)]
 
@@ -321,20 +301,20 @@ def _bwd_kernel(cfg: _Cfg, names, out_names, *refs):
 
       zc = jnp.zeros((bq, 1), acc)
       dqw, g0, g1 = lax.fori_loop(0, NB, body, (jnp.zeros((bq, NBP), acc), zc, zc))
-      if cfg.shifted:
+      if prob.shifted:
         dqw = jnp.where(_lane() == LANE_SHIFT, g0, dqw)
         dqw = jnp.where(_lane() == LANE_SHIFT + 1, g1, dqw)
-      if cfg.faithful:
+      if prob.faithful:
         dqw = jnp.where(_lane() == LANE_TOKEN, tile.m * jnp.sum(ds, axis=1, keepdims=True), dqw)
       qdt = tile.qr.dtype
       nt = (((1,), (1,)), ((), ()))
       dqr = lax.dot_general(dqw.astype(qdt), refs["w"][...].astype(qdt), nt,
                             preferred_element_type=acc)
-      if cfg.per_bucket:
+      if prob.per_bucket:
         dqr = dqr + tile.m * lax.dot_general(dqw.astype(qdt), refs["a"][...].astype(qdt), nt,
                                              preferred_element_type=acc)
       refs["dqw"][rows, :] = dqw
-      if cfg.separate_query:
+      if prob.separate_query:
         refs["dqr"][rows, :] = dqr.astype(refs["dqr"].dtype)
       else:
         dq = dq + dqr
@@ -351,16 +331,17 @@ def _bwd_kernel(cfg: _Cfg, names, out_names, *refs):
 # pallas_call wrappers
 # ----------------------------------------------------------------------------------------
 
-def _compiler_params(cfg: _Cfg):
-  if cfg.backend == "triton":
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-    return pltriton.CompilerParams(num_warps=4 if cfg.dp <= 64 else 8, num_stages=2)
+def _compiler_params(prob: _Problem, launch: _Launch):
+  if launch.backend == "gpu" and not launch.interpret:
+    return pltriton.CompilerParams(num_warps=4 if prob.dp <= 64 else 8, num_stages=2)
   return None
 
 
-def _specs(cfg: _Cfg, arrays: dict, rows_block: bool):
-  """BlockSpecs of the named inputs for grid (B, H[, query blocks])."""
-  bq = cfg.bq if rows_block else cfg.tp
+def _specs(prob: _Problem, arrays: dict, bq: Optional[int]):
+  """BlockSpecs of the named inputs for grid (B, H, query blocks of bq rows), or for grid
+  (B, H) with whole-length blocks when bq is None."""
+  rows_block = bq is not None
+  bq = bq or prob.tp
   if rows_block:
     row = lambda b, h, i: (b, h, i, 0)      # noqa: E731
     full_bh = lambda b, h, i: (b, h, 0, 0)  # noqa: E731
@@ -375,13 +356,13 @@ def _specs(cfg: _Cfg, arrays: dict, rows_block: bool):
   specs = {}
   for name, x in arrays.items():
     if name in ("q", "qr", "do"):
-      specs[name] = pl.BlockSpec((None, None, bq, cfg.dp), row)
+      specs[name] = pl.BlockSpec((None, None, bq, prob.dp), row)
     elif name in ("k", "v"):
-      specs[name] = pl.BlockSpec((None, None, cfg.tp, cfg.dp), full_bh)
+      specs[name] = pl.BlockSpec((None, None, prob.tp, prob.dp), full_bh)
     elif name == "mask":  # (B, 1, Tp): a (1, block) tile is legal on Mosaic TPU too
       specs[name] = pl.BlockSpec((None, 1, bq), mrow)
     elif name in ("ids", "wts", "ids_s", "wts_s", "dws"):
-      specs[name] = pl.BlockSpec((x.shape[0], bq, cfg.tp), geo)
+      specs[name] = pl.BlockSpec((x.shape[0], bq, prob.tp), geo)
     elif name in ("w", "a"):
       specs[name] = pl.BlockSpec(x.shape, const)
     else:
@@ -389,94 +370,98 @@ def _specs(cfg: _Cfg, arrays: dict, rows_block: bool):
   return specs
 
 
-def _kernel_inputs(cfg: _Cfg, q, k, v, qr, w, a, shift, mask) -> dict:
+def _kernel_inputs(prob: _Problem, q, k, v, qr, w, a, shift, mask) -> dict:
   acc = jnp.promote_types(q.dtype, jnp.float32)
   arrays = {"q": q, "k": k, "v": v}
-  if cfg.separate_query:
+  if prob.separate_query:
     arrays["qr"] = qr
-  if cfg.masked:
+  if prob.masked:
     arrays["mask"] = mask
-  if cfg.geometry != "none":
+  if prob.geometry != "none":
     arrays["w"] = w
-    if cfg.per_bucket:
+    if prob.per_bucket:
       arrays["a"] = a
-    arrays.update(_geometry_inputs(cfg, shift, acc))
+    arrays.update(_geometry_inputs(prob, shift, acc))
   return arrays
 
 
-def _forward(cfg: _Cfg, q, k, v, qr, w, a, shift, mask):
-  arrays = _kernel_inputs(cfg, q, k, v, qr, w, a, shift, mask)
+def _forward(prob: _Problem, launch: _Launch, q, k, v, qr, w, a, shift, mask):
+  arrays = _kernel_inputs(prob, q, k, v, qr, w, a, shift, mask)
   names = tuple(arrays)
-  specs = _specs(cfg, arrays, rows_block=True)
+  bq = launch.block_q
+  specs = _specs(prob, arrays, bq)
   b, h = q.shape[:2]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg, names),
-      grid=(b, h, cfg.tp // cfg.bq),
+      functools.partial(_fwd_kernel, prob, names),
+      grid=(b, h, prob.tp // bq),
       in_specs=[specs[n] for n in names],
-      out_specs=pl.BlockSpec((None, None, cfg.bq, cfg.dp), lambda b, h, i: (b, h, i, 0)),
+      out_specs=pl.BlockSpec((None, None, bq, prob.dp), lambda b, h, i: (b, h, i, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(cfg),
-      interpret=cfg.backend == "interpret",
+      compiler_params=_compiler_params(prob, launch),
+      interpret=launch.interpret,
+      debug=launch.debug,
       name="rpe_attention_fwd",
   )(*arrays.values())
 
 
-def _backward(cfg: _Cfg, res, do):
+def _backward(prob: _Problem, launch: _Launch, res, do):
   q, k, v, qr, w, a, shift, mask = res
   acc = jnp.promote_types(q.dtype, jnp.float32)
-  arrays = _kernel_inputs(cfg, q, k, v, qr, w, a, shift, mask)
-  if cfg.shifted:
-    arrays["dws"] = _shift_jacobian(cfg, shift, acc)
+  arrays = _kernel_inputs(prob, q, k, v, qr, w, a, shift, mask)
+  if prob.shifted:
+    arrays["dws"] = _shift_jacobian(prob, shift, acc)
   names = tuple(arrays)
   arrays_do = dict(arrays, do=do)
-  specs = _specs(cfg, arrays_do, rows_block=False)
+  specs = _specs(prob, arrays_do, None)
   b, h = q.shape[:2]
-  rpe = cfg.geometry != "none"
-  out_names = ("dq", "dk", "dv") + (("dqr",) if cfg.separate_query else ()) + (
+  rpe = prob.geometry != "none"
+  out_names = ("dq", "dk", "dv") + (("dqr",) if prob.separate_query else ()) + (
       ("dqw",) if rpe else ())
   bh = lambda b, h: (b, h, 0, 0)  # noqa: E731
   shapes = {"dq": jax.ShapeDtypeStruct(q.shape, q.dtype),
             "dk": jax.ShapeDtypeStruct(k.shape, k.dtype),
             "dv": jax.ShapeDtypeStruct(v.shape, v.dtype),
             "dqr": jax.ShapeDtypeStruct(q.shape, q.dtype),
-            "dqw": jax.ShapeDtypeStruct((b, h, cfg.tp, NBP), acc)}
-  out_specs = [pl.BlockSpec((None, None, cfg.tp, shapes[n].shape[-1]), bh) for n in out_names]
+            "dqw": jax.ShapeDtypeStruct((b, h, prob.tp, NBP), acc)}
+  out_specs = [pl.BlockSpec((None, None, prob.tp, shapes[n].shape[-1]), bh) for n in out_names]
   outs = pl.pallas_call(
-      functools.partial(_bwd_kernel, cfg, names, out_names),
+      functools.partial(_bwd_kernel, prob, launch.block_q_bwd, names, out_names),
       grid=(b, h),
       in_specs=[specs[n] for n in names + ("do",)],
       out_specs=out_specs,
       out_shape=[shapes[n] for n in out_names],
-      compiler_params=_compiler_params(cfg),
-      interpret=cfg.backend == "interpret",
+      compiler_params=_compiler_params(prob, launch),
+      interpret=launch.interpret,
+      debug=launch.debug,
       name="rpe_attention_bwd",
   )(*arrays.values(), do)
   return dict(zip(out_names, outs))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg, q, k, v, qr, w, a, shift, mask):
-  return _forward(cfg, q, k, v, qr, w, a, shift, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(prob, launch, q, k, v, qr, w, a, shift, mask):
+  return _forward(prob, launch, q, k, v, qr, w, a, shift, mask)
 
 
-def _fused_fwd(cfg, q, k, v, qr, w, a, shift, mask):
-  return _forward(cfg, q, k, v, qr, w, a, shift, mask), (q, k, v, qr, w, a, shift, mask)
+def _fused_fwd(prob, launch, q, k, v, qr, w, a, shift, mask):
+  return (_forward(prob, launch, q, k, v, qr, w, a, shift, mask),
+          (q, k, v, qr, w, a, shift, mask))
 
 
-def _fused_bwd(cfg, res, do):
+def _fused_bwd(prob, launch, res, do):
   q, k, v, qr, w, a, shift, mask = res
-  g = _backward(cfg, res, do)
+  g = _backward(prob, launch, res, do)
   dw = da = dshift = None
-  if cfg.geometry != "none":
+  if prob.geometry != "none":
     dqw = g["dqw"]
-    qr_ = qr if cfg.separate_query else q
+    qr_ = qr if prob.separate_query else q
     dw = jnp.einsum("bhtd,bhtn->dn", qr_, dqw, preferred_element_type=dqw.dtype)
     # lane 52 of dw is d loss / d (faithful token); lanes 50/51 are dropped by the .at[].set.
-    if cfg.per_bucket:
+    if prob.per_bucket:
       da = jnp.einsum("bhtd,bhtn->dn", qr_ * mask[:, :, :, None].astype(qr_.dtype), dqw,
                       preferred_element_type=dqw.dtype).astype(a.dtype)
     dw = dw.astype(w.dtype)
-    if cfg.shifted:
+    if prob.shifted:
       dshift = jnp.sum(dqw[..., LANE_SHIFT:LANE_SHIFT + 2], axis=(0, 1, 2)).astype(shift.dtype)
   dmask = None if mask is None else jnp.zeros_like(mask)
   return (g["dq"], g["dk"], g["dv"], g.get("dqr"), dw, da, dshift, dmask)
@@ -486,25 +471,46 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 # ----------------------------------------------------------------------------------------
-# Public entry point
+# The public op and its reference
 # ----------------------------------------------------------------------------------------
 
-def default_block_q(tp: int, backend: str) -> int:
-  if backend == "tpu":
-    return tp
-  return min(tp, max(16, 8192 // tp))
+def _launch(t: int, block_sizes: Optional[BlockSizes], backend: Optional[str],
+            interpret: Optional[bool], debug: bool) -> _Launch:
+  backend = backend or jax.default_backend()
+  if interpret is None:
+    interpret = backend not in ("gpu", "tpu")
+  blocks = block_sizes or BlockSizes.get_default(t, backend)
+  tp = padded_length(t)
+  bq, bq_bwd = blocks.block_q, blocks.block_q_bwd or blocks.block_q
+  for name, n in (("block_q", bq), ("block_q_bwd", bq_bwd)):
+    if n < 1 or tp % n:
+      raise ValueError(f"block_sizes.{name}={n} must divide the padded length {tp}.")
+  return _Launch(block_q=bq, block_q_bwd=bq_bwd, backend=backend, interpret=bool(interpret),
+                 debug=debug)
 
 
-def pallas_attention(q, k, v, rpe=None, *, block_q: Optional[int] = None):
-  """The fused kernel behind `attention(..., impl="pallas")`; same contract as
-  `adpe_jax.kernels.attention.xla_attention`: (B, T, H, hd) x3 -> (B, T, H, hd)."""
+def rpe_attention(q, k, v, rpe: Optional[irpe.RPEOperands] = None, *,
+                  block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
+                  interpret: Optional[bool] = None, debug: bool = False):
+  """Fused multi-head attention with the optional iRPE-K term (`attention(impl="pallas")`).
+
+  Args:
+    q, k, v: (B, T, H, hd); q is already scaled (the logits are q . k).
+    rpe: None or the iRPE operands (`irpe.RPEOperands`); T must be 1 + grid**2.
+    block_sizes: the tiling; None = `BlockSizes.get_default(T, backend)`.
+    backend: the compile target, "gpu" (Triton) or "tpu" (Mosaic TPU); None = jax's
+      default backend.  A cross-platform `.lower(lowering_platforms=...)` names it.
+    interpret: run the kernels in the Pallas interpreter; None = unless the backend is a
+      GPU or a TPU (so on CPU).
+    debug: print the kernels' jaxprs and lowered modules (`pl.pallas_call(debug=True)`).
+
+  Returns:
+    (B, T, H, hd) in v's dtype; the same function as `rpe_attention_reference`.
+  """
   b, t, h, d = q.shape
-  backend = _backend()
-  tp = _next_pow2(t)
+  launch = _launch(t, block_sizes, backend, interpret, debug)
+  tp = padded_length(t)
   dp = _next_pow2(d)
-  bq = block_q or default_block_q(tp, backend)
-  if tp % bq or bq > tp:
-    raise ValueError(f"block_q={bq} must divide the padded length {tp}.")
   dtype = q.dtype
   acc = jnp.promote_types(dtype, jnp.float32)
 
@@ -533,8 +539,35 @@ def pallas_attention(q, k, v, rpe=None, *, block_q: Optional[int] = None):
       shift = rpe.adv.astype(acc)
     if kind != "none":
       mask = jnp.pad(jnp.asarray(rpe.query_mask).astype(acc), ((0, 0), (0, tp - t)))[:, None]
-  cfg = _Cfg(t=t, tp=tp, dp=dp, bq=bq, geometry=geometry, shifted=kind == "coordinate",
-             per_bucket=kind == "embedding", faithful=kind == "embedding_faithful",
-             separate_query=separate, grid=grid, backend=backend)
-  out = _fused(cfg, prep(q), prep(k), prep(v), qr, w, a, shift, mask)
+  prob = _Problem(t=t, tp=tp, dp=dp, geometry=geometry, shifted=kind == "coordinate",
+                  per_bucket=kind == "embedding", faithful=kind == "embedding_faithful",
+                  separate_query=separate, grid=grid)
+  out = _fused(prob, launch, prep(q), prep(k), prep(v), qr, w, a, shift, mask)
   return out[:, :, :t, :d].transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+def _f32_or_wider(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def rpe_attention_reference(q, k, v, rpe: Optional[irpe.RPEOperands] = None, *,
+                            heads_first: bool = False):
+  """The plain-jnp reference, `attention(impl="xla")` and the model's original math:
+
+      softmax_f32(q k^T + irpe.rpe_bias(q_rpe)) v,    q_rpe = rpe.query if given, else q.
+
+  q, k, v: (B, T, H, hd), or (B, H, T, hd) with `heads_first` (then `rpe.query` is
+  head-major too); returns the same layout in v's dtype.  Materialises the (B, H, T, T)
+  logits and bias.  `models.vit.Attention` calls it head-major under `xla`.
+  """
+  if not heads_first:
+    def swap(x):
+      return x.transpose(0, 2, 1, 3)
+    if rpe is not None and rpe.query is not None:
+      rpe = rpe.replace(query=swap(rpe.query))
+    return swap(rpe_attention_reference(swap(q), swap(k), swap(v), rpe, heads_first=True))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+  if rpe is not None:
+    logits = logits + irpe.rpe_bias(q if rpe.query is None else rpe.query, rpe)
+  probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)

@@ -1,4 +1,7 @@
-"""Flax (linen) models: ViT blocks and the MAE+ pretraining model."""
+"""Flax (linen) models: ViT blocks (`vit`), the MAE+ pretraining model (`mae`), the
+fine-tune classifier (`classifier`), the scanned / unrolled parameter layout (`layout`)
+and the ViT variants (`variants`).
 
-from adpe_jax.models.mae import MAEPlus, patchify, unpatchify, norm_pix_loss  # noqa: F401
-from adpe_jax.models.variants import VARIANTS, model_kwargs  # noqa: F401
+Nothing is re-exported: import the submodule that owns a name (`adpe_jax.models.mae.MAEPlus`),
+so that importing a light submodule (`layout`) does not import the whole model.
+"""

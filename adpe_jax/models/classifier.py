@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax import posembed
+from adpe_jax.models import posembed
 from adpe_jax.models.mae import patchify
 from adpe_jax.models.vit import LN_EPS, Attention, Mlp, _f32_or_wider, xavier_uniform
 

@@ -18,8 +18,8 @@ collection is absent (use `variables.get("adversary", {})`).  The frozen-encoder
   APE + embedding   adversary/adv_token (1, 1, D)   the mask token itself (spec 4.2, 9.6)
   APE + coordinate  adversary/adv_token (2,)        (column, row) shift of masked patches'
                                                     sin-cos coordinates (spec 4.3)
-  RPE + embedding   adversary/*/rpe_k/adv_token | adv_table   (adpe_jax.rpe, spec 4.4)
-  RPE + coordinate  adversary/*/rpe_k/adv_shift             (adpe_jax.rpe, spec 4.5)
+  RPE + embedding   adversary/*/rpe_k/adv_token | adv_table   (adpe_jax.models.irpe, spec 4.4)
+  RPE + coordinate  adversary/*/rpe_k/adv_shift             (adpe_jax.models.irpe, spec 4.5)
 
 Block layout: `blocks_i/...`, `decoder_blocks_i/...` per block (the default), or with
 `scan_blocks=True` one `nn.scan` per stack, `blocks/...` and `decoder_blocks/...` with a
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax import posembed
-from adpe_jax.rpe import ADVERSARY
+from adpe_jax.adversary import ADVERSARY
+from adpe_jax.models import posembed
 from adpe_jax.models.vit import LN_EPS, Block, _f32_or_wider, xavier_uniform
 
 Dtype = Any

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax.kernels.attention import attention, resolve_impl, xla_attention_heads_first
+from adpe_jax.kernels.attention import attention, resolve_impl
+from adpe_jax.kernels.rpe_attention import rpe_attention_reference
+from adpe_jax.models.irpe import RelativePositionKey
 
 Dtype = Any
 LN_EPS = 1e-6
@@ -96,7 +98,7 @@ class Attention(nn.Module):
   qkv output feature f = s*D + h*hd + d for s in (q, k, v), head h (the torch layout),
   so one reshape gives (B, T, 3, H, hd) with no transposes of the weights.
 
-  `rpe` is None (APE models) or a dict of `adpe_jax.rpe.RelativePositionKey` fields
+  `rpe` is None (APE models) or a dict of `adpe_jax.models.irpe.RelativePositionKey` fields
   (grid, lookup, adversary).  Faithful to the pretraining model (spec 5.3): the RPE term
   uses the *scaled* query; fine-tune models set `rpe_unscaled_query` (spec 9.2).
 
@@ -135,7 +137,7 @@ class Attention(nn.Module):
     q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
     q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=True)
-    out = xla_attention_heads_first(q_scaled, k, v, rpe_ops)
+    out = rpe_attention_reference(q_scaled, k, v, rpe_ops, heads_first=True)
     return _HeadMajorProj(self.dtype, name="proj")(out)
 
   def _rpe_operands(self, q, q_scaled, query_mask, heads_first: bool):
@@ -144,7 +146,6 @@ class Attention(nn.Module):
     on as `query`, in the attention call's layout) for `rpe_unscaled_query`."""
     if self.rpe is None:
       return None
-    from adpe_jax.rpe import RelativePositionKey  # noqa: PLC0415 (keeps APE import light)
     q_rpe = q if self.rpe_unscaled_query else q_scaled
     if not heads_first:
       q_rpe = q_rpe.transpose(0, 2, 1, 3)

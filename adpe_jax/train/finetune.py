@@ -27,12 +27,12 @@ from absl import logging
 from flax import traverse_util
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, posembed, storage
+from adpe_jax import data, parallel, storage
 from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
 from adpe_jax.errors import ConfigError, InitError
-from adpe_jax.models import layout
+from adpe_jax.models import layout, posembed
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adpe_jax import parallel
-from adpe_jax.models import MAEPlus
+from adpe_jax.models.mae import MAEPlus
 
 
 # -- features ------------------------------------------------------------------------------

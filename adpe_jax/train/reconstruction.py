@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from adpe_jax import storage
-from adpe_jax.models import MAEPlus, patchify, unpatchify
+from adpe_jax.models.mae import MAEPlus, patchify, unpatchify
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

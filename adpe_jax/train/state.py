@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax.models import MAEPlus, model_kwargs
 from adpe_jax.models.classifier import ViTClassifier
+from adpe_jax.models.mae import MAEPlus
+from adpe_jax.models.variants import model_kwargs
 
 
 @flax.struct.dataclass

@@ -1,4 +1,7 @@
-"""iRPE-K relative position encoding for the RPE family of AdPE (spec 4.4, 4.5, 5).
+"""iRPE-K relative position encoding: geometry and reference math (spec 4.4, 4.5, 5).
+
+Pure jnp / numpy; the Flax module that declares the table and the adversary is
+`adpe_jax.models.irpe.RelativePositionKey`.
 
 Configuration (fixed, as in the original): contextual mode, "product" method, ONE table
 shared by all heads, keys only, the cls token in its own bucket (skip = 1),
@@ -25,28 +28,23 @@ QW = q W followed by a gather of bucket(i, j) (`integer_bias`), and the continuo
 materialising R (a matmul with constant-structure bilinear weights) and contracting it
 with one einsum ('bhid,dij->bhij').  `integer_table` materialises the integer R (a
 one-hot matmul), the form the integer term had before; `benchmarks/rpe_bias.py` times
-the two.  `RelativePositionKey`
-declares the table and the adversary and hands them on as `RPEOperands`; the fused
-Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same term from
-QW = q W and bucket / corner ids without materialising anything of size T x T per query.
+the two.  The fused Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same
+term from QW = q W and bucket / corner ids without materialising anything of size T x T
+per query.
 
-Adversaries live in the Flax variable collection ``"adversary"`` (not ``"params"``),
-zero-initialised like the original; the names are the original's:
+The adversary (`RPEOperands.adversary`, spec 4.4 / 4.5; the variables are declared by
+`RelativePositionKey`) acts on masked query rows only:
 
-* ``"embedding_faithful"`` -- ``adv_token`` a (head_dim,), the original's: for masked
-  query rows the table becomes W + a 1^T (the same vector in EVERY bucket, cls too), so
-  the bias gains q_i . a, a constant over keys j.  Softmax ignores a per-row constant:
-  this is a mathematical NO-OP (spec 4.4 / 9.1); its gradient is pure round-off.
-  Kept for checkpoint / reference compatibility.
-* ``"embedding"`` -- our working variant: ``adv_table`` A (head_dim, 50); masked query
-  rows read W + A through the same lookup, i.e. the bias gains
+* ``"embedding_faithful"`` -- a token a (head_dim,), the original's: the table becomes
+  W + a 1^T (the same vector in EVERY bucket, cls too), so the bias gains q_i . a, a
+  constant over keys j.  Softmax ignores a per-row constant: this is a mathematical
+  NO-OP (spec 4.4 / 9.1); its gradient is pure round-off.
+* ``"embedding"`` -- our working variant: a table A (head_dim, 50); masked query rows
+  read W + A through the same lookup, i.e. the bias gains
   mask[b, i] * q_i . A[:, bucket(i, j)] (a per-bucket perturbation).
-* ``"coordinate"`` -- ``adv_shift`` (2,) = (row shift, col shift) added to the relative
-  offset of masked query rows; always uses the continuous lookup (visible rows and cls
-  use the zero-shift continuous table).  Spec 4.5.
-
-The adversary is read only where masked query rows exist: a call with
-``query_mask=None`` (e.g. frozen-encoder features) needs no ``"adversary"`` collection.
+* ``"coordinate"`` -- a shift (2,) = (row shift, col shift) added to the relative offset
+  of masked query rows; always uses the continuous lookup (visible rows and cls use the
+  zero-shift continuous table).  Spec 4.5.
 """
 
 from __future__ import annotations
@@ -59,7 +57,6 @@ from typing import Any, Optional
 import numpy as np
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 ALPHA, BETA, GAMMA = 1.9, 3.8, 15.2
 BETA_INT = int(BETA)                 # 3
@@ -67,7 +64,6 @@ SIDE = 2 * BETA_INT + 1              # 7 buckets per axis
 NUM_BUCKETS = SIDE * SIDE + 1        # 50
 CLS_BUCKET = NUM_BUCKETS - 1         # 49
 
-ADVERSARY = "adversary"               # the Flax variable collection of the adversary
 LOOKUPS = ("integer", "continuous")
 ADVERSARIES = ("none", "embedding_faithful", "embedding", "coordinate")
 
@@ -205,13 +201,14 @@ def continuous_table(table: jax.Array, grid: int, shift: jax.Array) -> jax.Array
 
 
 # ----------------------------------------------------------------------------------------
-# Module
+# The logit term
 # ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class RPEOperands:
   """Everything the iRPE-K logit term needs besides the query: what an attention
-  implementation (`adpe_jax.kernels.attention`) receives from `RelativePositionKey`.
+  implementation (`adpe_jax.kernels.attention`) receives, e.g. from
+  `adpe_jax.models.irpe.RelativePositionKey`.
 
   table: the raw ``lookup_table`` parameter (head_dim, 50), param dtype.
   adv: the raw adversary (``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) /
@@ -258,7 +255,8 @@ def integer_bias(qw: jax.Array, grid: int) -> jax.Array:
 
 def rpe_bias(q_scaled: jax.Array, ops: RPEOperands) -> jax.Array:
   """The logit term (B, H, T, T) from queries (B, H, T, hd): the reference computation
-  used by the `xla` attention and by `RelativePositionKey`.
+  used by the `xla` attention (`rpe_attention.rpe_attention_reference`) and by
+  `adpe_jax.models.irpe.RelativePositionKey`.
 
   Integer lookup: QW = q W, then a gather (`integer_bias`); the embedding adversary's
   masked rows read q (W + A) = QW + q A, from one matmul against [W, A].  Continuous
@@ -301,60 +299,3 @@ def rpe_bias(q_scaled: jax.Array, ops: RPEOperands) -> jax.Array:
   # (a no-op under softmax).
   delta = jnp.einsum("bhid,d->bhi", q_scaled, adv.astype(dtype))[..., None]
   return bias + mask.astype(dtype) * delta
-
-
-class RelativePositionKey(nn.Module):
-  """iRPE-K logit bias (B, H, T, T) from scaled queries (spec 4.4, 4.5, 5.3, 5.5).
-
-  Attributes:
-    head_dim: per-head width (the table is shared by all heads).
-    grid: patch grid side; T must be 1 + grid**2 (cls first).
-    lookup: "integer" (spec 5.2/5.3) or "continuous" (spec 4.5/5.5, zero shift for every
-      row unless the coordinate adversary shifts masked rows).
-    adversary: "none" | "embedding_faithful" | "embedding" | "coordinate" (see module doc).
-      "coordinate" always uses the continuous lookup, whatever ``lookup`` says.
-    param_dtype: dtype of the parameters; computation runs in q's dtype (the continuous
-      lookup's geometry and sampling in at least float32, then cast to q's dtype).
-
-  Params: ``lookup_table`` (head_dim, 50) [torch ``rpe_k.lookup_table_weight`` (1, hd, 50)].
-  Collection "adversary": ``adv_token`` (head_dim,) / ``adv_table`` (head_dim, 50) /
-  ``adv_shift`` (2,), read only when ``query_mask`` is given.
-
-  ``operands(q, mask)`` declares / reads the variables and returns `RPEOperands` (what
-  the fused attention kernels take); ``__call__`` is ``rpe_bias(q, operands(q, mask))``.
-  """
-
-  head_dim: int
-  grid: int
-  lookup: str = "integer"
-  adversary: str = "none"
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def operands(self, q_scaled: jax.Array, query_mask: Optional[jax.Array] = None) -> RPEOperands:
-    if self.lookup not in LOOKUPS:
-      raise ValueError(f"lookup must be one of {LOOKUPS}, got {self.lookup!r}.")
-    if self.adversary not in ADVERSARIES:
-      raise ValueError(f"adversary must be one of {ADVERSARIES}, got {self.adversary!r}.")
-    *_, t, hd = q_scaled.shape
-    if hd != self.head_dim:
-      raise ValueError(f"q head dim {hd} != head_dim {self.head_dim}.")
-    if t != 1 + self.grid * self.grid:
-      raise ValueError(f"sequence length {t} != 1 + grid**2 = {1 + self.grid ** 2} (cls first).")
-    lookup = "continuous" if self.adversary == "coordinate" else self.lookup
-    zeros = nn.initializers.zeros
-    w = self.param("lookup_table", zeros, (self.head_dim, NUM_BUCKETS), self.param_dtype)
-    plain = RPEOperands(table=w, adv=None, query_mask=None, grid=self.grid, lookup=lookup,
-                        adversary="none")
-    if self.adversary == "none" or (query_mask is None and not self.is_initializing()):
-      return plain
-    name, shape = {"embedding_faithful": ("adv_token", (self.head_dim,)),
-                   "embedding": ("adv_table", (self.head_dim, NUM_BUCKETS)),
-                   "coordinate": ("adv_shift", (2,))}[self.adversary]
-    adv = self.variable(ADVERSARY, name, jnp.zeros, shape, self.param_dtype).value
-    if query_mask is None:
-      return plain
-    return plain.replace(adv=adv, query_mask=jnp.asarray(query_mask), adversary=self.adversary)
-
-  def __call__(self, q_scaled: jax.Array, query_mask: Optional[jax.Array] = None) -> jax.Array:
-    return rpe_bias(q_scaled, self.operands(q_scaled, query_mask))
