@@ -1,18 +1,18 @@
-# The two set-up commands (README): `make demo` and `make test`.
+# The set-up commands (README): `make demo`, `make test` and `make lint`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install data clean
+.PHONY: test lint demo install data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,9 @@ data:
 test: install data
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check adpe_jax configs launch tests benchmarks
 
 demo: install data
 	$(PY) -m adpe_jax.main --config=configs/demo.py --workdir=runs/demo

@@ -1,3 +1,3 @@
 """adpe_jax: AdPE (adversarial positional embeddings) and MAE+ pretraining in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -400,6 +400,46 @@ def test_process_shards_are_disjoint_and_rebuild_the_global_batch(train):
     np.testing.assert_array_equal(local, global_images[:, 8 * p:8 * (p + 1)])
 
 
+# The ids contract (PretrainPipeline's docstring): process p of P holds the examples at global
+# positions p*L .. p*L+L-1 (L = G/P); its row k*L + i is crop k of its i-th example, and that
+# row's id is the row it has in the one-process batch, k*G + p*L + i. Written out by hand for
+# G = 8 images, 2 crops (one-process rows 0-7 are crop 0, rows 8-15 crop 1):
+EXPECTED_IDS = {
+    1: [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]],
+    2: [[0, 1, 2, 3, 8, 9, 10, 11],
+        [4, 5, 6, 7, 12, 13, 14, 15]],
+    4: [[0, 1, 8, 9],
+        [2, 3, 10, 11],
+        [4, 5, 12, 13],
+        [6, 7, 14, 15]],
+}
+
+
+def test_row_ids_are_the_one_process_rows_for_any_process_count():
+  """The masks are drawn per (step, id), so the ids alone make masks independent of the
+  process count: each process's ids are the hand-written rows above at every step (epochs
+  0-2), and scattering every process's images to their ids rebuilds the one-process batch,
+  whose ids are 0..rows-1."""
+  images = np.random.default_rng(0).integers(0, 256, (20, 12, 12, 3)).astype(np.uint8)
+  source = data.ArraySource(images)   # 20 distinct examples: 2 steps of 8 per epoch
+  global_batch, crops, size = 8, 2, 8
+  whole = data.PretrainPipeline(source, global_batch, size, crops, seed=3, num_threads=1)
+  for step in (0, 3, 5):
+    one = whole.get_batch(step)
+    np.testing.assert_array_equal(one["ids"], EXPECTED_IDS[1][0])
+    for count, expected in EXPECTED_IDS.items():
+      rebuilt = np.full_like(one["images"], np.nan)
+      for index in range(count):
+        part = data.PretrainPipeline(source, global_batch, size, crops, seed=3,
+                                     process_index=index, process_count=count,
+                                     num_threads=1).get_batch(step)
+        assert part["ids"].dtype == np.int32 and part["ids"].shape == (crops * global_batch
+                                                                       // count,)
+        np.testing.assert_array_equal(part["ids"], expected[index], err_msg=f"{count=} {index=}")
+        rebuilt[part["ids"]] = part["images"]
+      np.testing.assert_array_equal(rebuilt, one["images"], err_msg=f"{count=} {step=}")
+
+
 def test_iterate_stops_its_thread_and_reraises_source_errors():
   class Broken(data.ArraySource):
     def __getitem__(self, index):

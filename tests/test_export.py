@@ -1,4 +1,6 @@
-"""Weights out: convert.to_torch (exact inverse of from_torch) and the timm export.
+"""Weights out: convert.to_torch (exact inverse of from_torch) and the timm export; our
+classifier's readouts (the fine-tune head, the probe's and k-NN's features) against timm's
+pooling on the exported weights.
 
 timm's VisionTransformer is the reference (PyPI timm, CPU torch: the `test` extra).  The
 PyPI torchvision wheels timm depends on are CUDA builds that fail to import next to the
@@ -8,6 +10,7 @@ PyPI torchvision wheels timm depends on are CUDA builds that fail to import next
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -25,8 +28,10 @@ from flax import traverse_util
 
 from adpe_jax import checkpoint, convert, export
 from adpe_jax.config import pretrain as pretrain_config
+from adpe_jax.config import probe as probe_config
 from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
+from adpe_jax.train import evaluate
 from adpe_jax.train.state import build_model, init_variables
 from adpe_jax.train.state import build_classifier, init_classifier_params
 from adpe_jax.train import mixup
@@ -198,6 +203,70 @@ def test_finetuned_classifier_equals_timm_vit(timm_vit):
   with torch.no_grad():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   assert _rel_err(logits, want) < 1e-5
+
+
+def _timm_forward(timm_vit, state_dict, x, **kw):
+  """timm's VisionTransformer(**kw) with `state_dict` loaded strictly, applied to NHWC `x`."""
+  ref = timm_vit(**kw)
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                      strict=True)
+  ref.eval()
+  with torch.no_grad():
+    return ref(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)).numpy()
+
+
+def _perturbed(params, seed):
+  """Params with every leaf moved off its init (LayerNorm scales != 1, biases != 0, a cls
+  token unlike the patch tokens), so that no readout matches another by accident."""
+  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
+  return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape, a.dtype),
+                      params)
+
+
+def test_token_pool_classifier_equals_timm_token_pool(timm_vit):
+  """global_pool=False classifies the cls token after the final norm: timm's
+  global_pool="token" (norm -> x[:, 0] -> head) on the same weights gives the same logits."""
+  model = ViTClassifier(num_classes=10, image_size=28, patch_size=4, embed_dim=32, depth=2,
+                        num_heads=4, global_pool=False)
+  p = _perturbed(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"], 1)
+  assert "norm" in p and "fc_norm" not in p
+  x = _real_images()
+  logits = jax.jit(lambda q, im: model.apply({"params": q}, im))(p, x)
+  want = _timm_forward(timm_vit, export.timm_state_dict(p, {}), x, img_size=28, patch_size=4,
+                       embed_dim=32, depth=2, num_heads=4, num_classes=10, global_pool="token")
+  assert _rel_err(logits, want) < 1e-5
+
+
+def test_probe_readouts_equal_timm_pooling(timm_vit):
+  """The frozen encoder the linear probe and the k-NN entry read (evaluate.load_encoder,
+  model.pool) equals timm's headless ViT on the same weights: "cls" (the probe's default,
+  MAE's linear probe) is global_pool="token" (final norm, then token 0); "mean" is
+  global_pool="avg" without fc_norm (final norm, then the patch-token mean); "avg" (MAE's
+  --global_pool probe) is global_pool="avg" with an identity-affine fc_norm in place of the
+  final norm."""
+  assert probe_config.linprobe_config().model.pool == "cls"
+  x = _real_images()
+  for pool in evaluate.POOLS:
+    c = probe_config.apply_smoke(probe_config.linprobe_config())
+    c.model.pool = pool
+    encoder, _, _ = evaluate.load_encoder(c)
+    params = _perturbed(encoder.params, 2)
+    feats = dataclasses.replace(encoder, params=params).features(x, 4)
+    m = encoder.fn.module
+    geometry = dict(img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+                    depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_classes=0)
+    sd = export.timm_state_dict(params, {})
+    if pool == "cls":
+      want = _timm_forward(timm_vit, sd, x, global_pool="token", **geometry)
+    elif pool == "mean":
+      want = _timm_forward(timm_vit, sd, x, global_pool="avg", fc_norm=False, **geometry)
+    else:
+      sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+      sd["fc_norm.weight"] = np.ones(m.embed_dim, np.float32)
+      sd["fc_norm.bias"] = np.zeros(m.embed_dim, np.float32)
+      want = _timm_forward(timm_vit, sd, x, global_pool="avg", fc_norm=True, **geometry)
+    assert feats.shape == want.shape == (len(x), m.embed_dim), pool
+    assert _rel_err(feats, want) < 1e-5, pool
 
 
 def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):

@@ -84,8 +84,12 @@ class PretrainPipeline:
     prefetch: batches `iterate` prepares ahead of the consumer.
     scale, ratio: RandomResizedCrop ranges (spec 1.1: --scale_min 0.08, --scale_max 1.0).
 
-  `get_batch(step)` returns
-  {"images": float32 (num_crops * local_batch, image_size, image_size, 3)}.
+  `get_batch(step)` (and each batch `iterate` yields) is
+  {"images": float32 (num_crops * local_batch, image_size, image_size, 3),
+   "ids": int32 (num_crops * local_batch,)}: row k * local_batch + i is crop k of this process's
+  i-th example, and its id is the row it has in the one-process batch,
+  k * global_batch_size + process_index * local_batch + i; the train step draws that row's mask
+  from (step, id).
   """
 
   def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4,

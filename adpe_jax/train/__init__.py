@@ -1,1 +1,2 @@
-"""Pretraining: state, optimizer, the compiled step and the loop."""
+"""The training tasks: pretraining, fine-tuning, linear probe and k-NN (state, optimizers, the
+compiled steps, the loops and the evaluators)."""
