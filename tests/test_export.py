@@ -150,15 +150,18 @@ def test_to_torch_inverts_from_torch_for_every_kind(kind, tmp_path):
   params, _, _ = checkpoint.restore_params(tmp_path)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, v["params"])
-  sd = convert.to_torch(v, config)
-  back = convert.from_torch(sd, config)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  sd = convert.to_torch(v, model.grid)
+  back = convert.from_torch(sd, shapes, grid=model.grid)
   fa, fb = traverse_util.flatten_dict(back), traverse_util.flatten_dict(
       jax.tree.map(np.asarray, dict(v)))
   assert set(fa) == set(fb)
   for k in fa:
     assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
   # torch tensors (as torch.save would hold them) convert the same way.
-  back_t = convert.from_torch({k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, config)
+  back_t = convert.from_torch({k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, shapes,
+                              grid=model.grid)
   assert all(np.array_equal(a, fb[k]) for k, a in traverse_util.flatten_dict(back_t).items())
 
 

@@ -354,10 +354,9 @@ def test_load_init_from_the_originals_pth(pretrained, tmp_path, monkeypatch):
   """The original's .pth (convert.to_torch of our checkpoint) initialises the same weights;
   without torch the error is one sentence."""
   torch = pytest.importorskip("torch")
-  from adpe_jax import checkpoint, defaults, finetune_defaults  # noqa: PLC0415
+  from adpe_jax import checkpoint, finetune_defaults  # noqa: PLC0415
   pre = checkpoint.restore_params(pretrained)[0]
-  pre_cfg = defaults.seed_config("rpe", "coordinate", "smoke")
-  sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, pre_cfg)
+  sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, grid=7)
   path = tmp_path / "checkpoint-399.pth"
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, path)
   c = finetune_defaults.recipe("base", 2, "smoke")

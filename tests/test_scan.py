@@ -302,15 +302,18 @@ def test_scanned_checkpoint_exports_and_converts_as_unrolled(scanned_run):
   assert set(sd) == set(want) and "blocks.1.attn.qkv.weight" in sd
   assert all(np.array_equal(sd[k], want[k]) for k in sd)
   # The original's names: identical state dicts; from_torch gives the config's layout back.
-  t1, t0 = convert.to_torch(vs, c), convert.to_torch(v, c)
+  grid = build_model(c).grid
+  t1, t0 = convert.to_torch(vs, grid), convert.to_torch(v, grid)
   assert set(t1) == set(t0) and all(np.array_equal(t1[k], t0[k]) for k in t0)
-  back = convert.from_torch(t1, c)
+  shapes = lambda cfg: jax.eval_shape(  # noqa: E731
+      lambda: init_variables(build_model(cfg), jax.random.key(0)))
+  back = convert.from_torch(t1, shapes(c), grid=grid)
   assert layout.is_scanned(back["params"])
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.device_get(vs))):
     assert np.array_equal(a, b)
   c0 = defaults.seed_config("rpe", "coordinate", "smoke")
   c0.model.scan_blocks = False
-  assert "blocks_0" in convert.from_torch(t1, c0)["params"]
+  assert "blocks_0" in convert.from_torch(t1, shapes(c0), grid=grid)["params"]
 
 
 def test_scanned_checkpoint_initialises_a_finetune(scanned_run):

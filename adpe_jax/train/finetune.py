@@ -222,7 +222,7 @@ def _encoder_from_torch(sd: dict) -> tuple[dict, np.ndarray | None]:
     if top.startswith("decoder") or top in ("mask_token", "pos_embed", "head", "fc_norm") or (
         name.endswith("no_shift") or "adv" in name.split(".")[-1]):
       continue
-    path, arr = convert.convert_tensor(name, value, convert._is_layernorm(name))  # noqa: SLF001
+    path, arr = convert.convert_tensor(name, value, convert.is_layernorm(name))
     flat[path] = arr
   pos = sd.get("pos_embed")
   return traverse_util.unflatten_dict(flat), (None if pos is None else np.asarray(pos))
