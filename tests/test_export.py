@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adpe_jax import checkpoint, convert, defaults, export
+from adpe_jax import checkpoint, convert, defaults, export, weights
 from adpe_jax.models import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_model, init_variables
@@ -147,7 +147,7 @@ def test_to_torch_inverts_from_torch_for_every_kind(kind, tmp_path):
   v = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(2), x.shape), v)
   with checkpoint.Checkpointer(tmp_path, 1, metadata={"k": "-".join(kind)}) as ckpt:
     ckpt.maybe_save(1, {"params": v["params"], "adversary": v["adversary"]}, force=True)
-  params, _, _ = checkpoint.restore_params(tmp_path)
+  params = weights.load(tmp_path).params
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, v["params"])
   model = build_model(config)
@@ -200,10 +200,12 @@ def test_finetuned_classifier_equals_timm_vit(timm_vit):
   assert _rel_err(logits, want) < 1e-5
 
 
-def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
+def test_mae_finetune_pth_initialises_the_same_classifier(timm_vit, tmp_path):
   """A facebookresearch/mae fine-tune checkpoint (timm's VisionTransformer with global
   pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
-  the same function: with the same fc_norm and head, the logits equal timm's."""
+  the same function: its fc_norm and head fit, are loaded, and the logits equal timm's.
+  Into a model with another number of classes the head starts fresh (fc_norm is loaded,
+  as the original's strict=False load does)."""
   from adpe_jax import finetune_defaults  # noqa: PLC0415
   from adpe_jax.train import finetune as ft  # noqa: PLC0415
   torch.manual_seed(0)
@@ -218,20 +220,24 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
   c.init = str(path)
   model = ft.build_classifier(c)
   fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
-  params, info = ft.load_init(c, model, fresh)
+  params, info = weights.init_classifier(c, model, fresh)
   assert info["init"] == str(path)
-  # fc_norm and head start fresh in a fine-tune (as the original): give timm ours.
-  ours_sd = export.timm_state_dict(params, {})
-  heads = {k: torch.from_numpy(np.array(v)) for k, v in ours_sd.items()
-           if k.startswith(("fc_norm.", "head."))}
-  assert sorted(heads) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-  ref.load_state_dict(heads, strict=False)
+  assert (info["init_kind"], info["init_head"]) == ("mae", "loaded")
   ref.eval()
   x = _real_images()
   logits = jax.jit(lambda q, im: model.apply({"params": q}, im))(params, x)
   with torch.no_grad():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   assert _rel_err(logits, want) < 1e-5
+  c.data.num_classes = 7
+  model = ft.build_classifier(c)
+  fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
+  params, info = weights.init_classifier(c, model, fresh)
+  assert info["init_head"] == "fresh"
+  jax.tree.map(np.testing.assert_array_equal, params["head"], fresh["head"])
+  np.testing.assert_array_equal(params["fc_norm"]["scale"], ref.fc_norm.weight.detach().numpy())
+  np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                ref.blocks[1].mlp.fc2.weight.detach().numpy().T)
 
 
 def test_export_cli_writes_safetensors_and_pth(tmp_path):

@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax import checkpoint, convert, defaults, export, parallel
+from adpe_jax import checkpoint, convert, defaults, export, parallel, weights
 from adpe_jax.models import MAEPlus, layout, model_kwargs
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.state import TrainState, build_model, init_variables
@@ -295,7 +295,8 @@ def scanned_run(tmp_path_factory):
 
 def test_scanned_checkpoint_exports_and_converts_as_unrolled(scanned_run):
   c, v, vs = scanned_run["config"], scanned_run["unrolled"], scanned_run["scanned"]
-  params, run, _ = checkpoint.restore_params(scanned_run["workdir"])
+  w = weights.load(scanned_run["workdir"])
+  params, run = w.params, w.run
   assert layout.is_scanned(params)
   sd = export.timm_state_dict(params, run)
   want = export.timm_state_dict(v["params"], run)
@@ -323,7 +324,7 @@ def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
   c.image_size, c.init = 56, str(scanned_run["workdir"])
   model = ft.build_classifier(c)
   fresh = jax.jit(lambda k: ft.init_params(model, k))(jax.random.key(0))
-  params, info = ft.load_init(c, model, fresh)
+  params, info = weights.init_classifier(c, model, fresh)
   assert info["init_adversary"] == "coordinate" and "blocks" not in params
   pre = scanned_run["unrolled"]["params"]
   for i in range(2):

@@ -45,7 +45,8 @@ PKG = ROOT / "adpe_jax"
 # (1) No local-only file call left on run paths.
 
 RUN_FILE_MODULES = ("train/pretrain.py", "train/metrics.py", "train/reconstruction.py",
-                    "checkpoint.py", "data/folder.py", "data/sources.py", "storage.py")
+                    "checkpoint.py", "weights.py", "data/folder.py", "data/sources.py",
+                    "storage.py")
 
 # os.* that name or touch a path. os.fspath / os.environ are fine: they read no file.
 OS_PATH_CALLS = {"makedirs", "mkdir", "listdir", "scandir", "walk", "remove", "unlink",
