@@ -9,13 +9,17 @@ backbone / detectron2's ViTDet after their own MAE-checkpoint conversion): cls_t
 pos_embed (1, 1+L, D), patch_embed.proj.{weight,bias}, blocks.i.{norm1, attn.qkv,
 attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}, and
   * pretraining: norm.{weight,bias} (the encoder's final LayerNorm); pos_embed = the fixed
-    sin-cos table of the pretraining grid; decoder, mask token and adversary dropped;
-    load into timm.models.VisionTransformer(img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes=0, global_pool='token') -- or 'avg' pooling over the same
-    tokens (what k-NN uses here);
+    sin-cos table of the pretraining grid; decoder, mask token and adversary dropped.
+    Load strictly into timm.models.VisionTransformer(img_size, patch_size, embed_dim,
+    depth, num_heads, num_classes=0) with
+      global_pool='token'              -> norm(x)[:, 0], the cls token (MAE's linear probe);
+      global_pool='avg', fc_norm=False -> the mean of norm(x)'s patch tokens (what k-NN
+                                          uses here, `MAEPlus.features`).
+    Not with global_pool='avg' alone: timm then defaults to fc_norm=True, which expects
+    fc_norm.* in place of norm.*, and a strict load refuses this state dict;
   * fine-tuning: the learned pos_embed, fc_norm.* and head.* (global pooling, timm
     VisionTransformer(global_pool='avg', fc_norm=True, num_classes=K)), or norm.* with
-    cls pooling.
+    cls pooling (global_pool='token').
 iRPE models: timm's ViT has no relative-position term; the tables are written under the
 original's names (`blocks.i.attn.rpe_k.lookup_table_weight`, (1, head_dim, 50)), which a
 timm model loaded with strict=False ignores -- and then computes a different function.

@@ -166,21 +166,40 @@ def test_to_torch_inverts_from_torch_for_every_kind(kind, tmp_path):
 
 
 def test_pretrained_encoder_equals_timm_vit(timm_vit):
+  """What export's docstring promises for a pretraining encoder, in timm: a strict load
+  with global_pool='token' reads the cls token after norm, with global_pool='avg',
+  fc_norm=False the mean of norm(x)'s patch tokens; global_pool='avg' alone refuses it."""
   model = MAEPlus(image_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4,
                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
   params = init_variables(model, jax.random.key(0))["params"]
+  params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(5), a.shape),
+                        params)  # no zero biases / unit norms: each tensor matters
   x = _real_images()
   ours = jax.jit(lambda p, im: model.apply({"params": p}, im, method=MAEPlus.features))(params, x)
   sd = export.timm_state_dict(params, {"image_size": 28, "model": {"patch_size": 4}})
-  ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=0,
-                 global_pool="avg", fc_norm=False)
-  missing, unexpected = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-                                            strict=True)
-  assert not missing and not unexpected
-  ref.eval()
-  with torch.no_grad():
-    feats = ref.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-  assert _rel_err(ours, feats[:, 1:].mean(1).numpy()) < 1e-5
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  kw = dict(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+
+  def timm_out(**pool):
+    ref = timm_vit(**kw, **pool)
+    missing, unexpected = ref.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    ref.eval()
+    with torch.no_grad():
+      return ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+  assert _rel_err(ours, timm_out(global_pool="avg", fc_norm=False)) < 1e-5
+  # The cls readout: the same encoder as a cls-token classifier trunk of ours.
+  cls_model = ViTClassifier(num_classes=2, image_size=28, patch_size=4, embed_dim=32, depth=2,
+                            num_heads=4, global_pool=False, drop_path=0.0)
+  cls_params = cls_model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
+  cls_params = dict(cls_params, **{k: v for k, v in params.items()
+                                   if k in ("patch_embed", "cls_token", "norm")
+                                   or k.startswith("blocks_")})
+  cls = jax.jit(lambda p, im: cls_model.apply({"params": p}, im, features="cls"))(cls_params, x)
+  assert _rel_err(cls, timm_out(global_pool="token")) < 1e-5
+  with pytest.raises(RuntimeError, match="fc_norm"):
+    timm_out(global_pool="avg")
 
 
 def test_finetuned_classifier_equals_timm_vit(timm_vit):
