@@ -20,8 +20,8 @@ older ones are removed after a newer one is complete.
 from the configured state, whose run metadata differs, whose files cannot be read, or
 whose arrays do not match the checksums written with them raises `CheckpointError`.
 A checkpoint of the other block layout (model.scan_blocks) is refused in one sentence
-naming that field; `restore_params` returns the params in the layout they were saved in
-(`adpe_jax.models.layout.to_unrolled` / `to_scanned` convert).
+naming that field.  Reading only the `params` of a checkpoint (to fine-tune, probe or
+export an encoder) is `adpe_jax.weights.load`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
 except ImportError:  # pragma: no cover
   _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
-_STATE = "state"
-_META = "meta"
+# The two orbax items of a step directory (`adpe_jax.weights` reads them without a
+# Checkpointer).
+STATE_ITEM = "state"
+META_ITEM = "meta"
 _FORMAT = 1
 
 
@@ -112,7 +114,7 @@ def _sums(xs):
 _SUMS_JIT: dict = {}
 
 
-def _checksums(tree) -> dict[str, int]:
+def checksums(tree) -> dict[str, int]:
   flat = [(p, x) for p, x in _flat(tree) if _summable(x.dtype)]
   if not flat:
     return {}
@@ -125,7 +127,7 @@ def _checksums(tree) -> dict[str, int]:
   try:
     sums = np.asarray(jax.device_get(_SUMS_JIT[mesh](leaves)))
   except Exception as e:  # noqa: BLE001 (e.g. leaves on several meshes): no checksums
-    logging.warning("checkpoint checksums skipped: %s", _short(e))
+    logging.warning("checkpoint checksums skipped: %s", short_error(e))
     return {}
   return {p: int(v) for (p, _), v in zip(flat, sums)}
 
@@ -195,7 +197,7 @@ def _metadata_mismatches(saved: dict, current: dict) -> list[str]:
   return out
 
 
-def _short(e: BaseException, limit: int = 400) -> str:
+def short_error(e: BaseException, limit: int = 400) -> str:
   """The innermost cause's message, on one line (tensorstore wraps it in a long spec)."""
   seen = set()
   while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
@@ -272,10 +274,10 @@ class Checkpointer:
     self._cleaned_tmp = False
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state_handler, meta_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
-    registry.add(_STATE, ocp.args.StandardSave, state_handler)
-    registry.add(_STATE, ocp.args.StandardRestore, state_handler)
-    registry.add(_META, ocp.args.JsonSave, meta_handler)
-    registry.add(_META, ocp.args.JsonRestore, meta_handler)
+    registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
+    registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
+    registry.add(META_ITEM, ocp.args.JsonSave, meta_handler)
+    registry.add(META_ITEM, ocp.args.JsonRestore, meta_handler)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.keep,
         enable_async_checkpointing=True,
@@ -311,11 +313,11 @@ class Checkpointer:
     path = self.step_path(step)
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(
-          **{_META: ocp.args.JsonRestore()}))[_META]
+          **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
     except Exception as e:  # noqa: BLE001 (any read failure is a bad checkpoint)
       raise CheckpointError(
-          f"checkpoint {path} has no readable run metadata ({path / _META}: "
-          f"{_short(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
+          f"checkpoint {path} has no readable run metadata ({path / META_ITEM}: "
+          f"{short_error(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
     if not isinstance(meta, dict):
       raise CheckpointError(f"checkpoint {path} holds run metadata of type "
                             f"{type(meta).__name__} instead of a JSON object, {_UNCHANGED}.")
@@ -351,15 +353,15 @@ class Checkpointer:
     # 1. Tree, shapes and dtypes against what the checkpoint says it holds (orbax alone
     #    casts dtypes silently and names no leaf on a shape mismatch).
     try:
-      item = self._manager.item_metadata(step)[_STATE]
+      item = self._manager.item_metadata(step)[STATE_ITEM]
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(
-          f"checkpoint {path} has unreadable array metadata ({_short(e)}); its files may "
+          f"checkpoint {path} has unreadable array metadata ({short_error(e)}); its files may "
           f"be truncated or corrupt, {_UNCHANGED}.") from e
     tree = getattr(item, "tree", None)
     if tree is None:
       raise CheckpointError(
-          f"checkpoint {path} has no array metadata ({path / _STATE}/_METADATA "
+          f"checkpoint {path} has no array metadata ({path / STATE_ITEM}/_METADATA "
           f"missing or unreadable); its files may be truncated or corrupt, {_UNCHANGED}.")
     saved_flat, wanted_flat = dict(_flat(tree)), dict(_flat(abstract_state))
     saved_layout, wanted_layout = _block_layout(saved_flat), _block_layout(wanted_flat)
@@ -388,11 +390,11 @@ class Checkpointer:
     # 2. The arrays, straight into the requested shardings.
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+          **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
       restored = jax.block_until_ready(restored)
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(
-          f"checkpoint {path} could not be read ({_short(e)}); its files may be truncated "
+          f"checkpoint {path} could not be read ({short_error(e)}); its files may be truncated "
           f"or corrupt, {_UNCHANGED}.") from e
     if jax.tree.structure(restored) != jax.tree.structure(abstract_state):
       raise CheckpointError(f"checkpoint {path} restored into a tree other than the "
@@ -401,7 +403,7 @@ class Checkpointer:
     # 3. Contents against the checksums written at save time (silent corruption).
     want = meta.get("checksums") or {}
     if want:
-      got = _checksums(restored)  # {} if they cannot be computed: then unchecked
+      got = checksums(restored)  # {} if they cannot be computed: then unchecked
       bad = [p for p, v in want.items() if p in got and got[p] != v]
       if bad:
         more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
@@ -424,7 +426,7 @@ class Checkpointer:
         try:  # a symlink is refused (shutil.rmtree locally) and left alone
           storage.rmtree(p)
         except Exception as e:  # noqa: BLE001 (as ignore_errors: the save goes on)
-          logging.warning("could not remove %s: %s", p, _short(e))
+          logging.warning("could not remove %s: %s", p, short_error(e))
 
   def maybe_save(self, step: int, state, force: bool = False) -> bool:
     """Start an asynchronous save when step % every_steps == 0 (step > 0) or `force`.
@@ -442,9 +444,9 @@ class Checkpointer:
     if not self._cleaned_tmp:
       self._cleanup_tmp()
     meta = {"format": _FORMAT, "step": step, "data_step": step, "run": self.metadata,
-            "checksums": _checksums(state)}
+            "checksums": checksums(state)}
     self._manager.save(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}),
+        **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
         force=True)
     self._pending_step = step
     logging.info("saving checkpoint %s (asynchronously)", self.step_path(step))
@@ -457,7 +459,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       step, self._pending_step = self._pending_step, None
       where = self.step_path(step) if step is not None else self.directory
-      raise CheckpointError(f"saving checkpoint {where} failed ({_short(e)}).") from e
+      raise CheckpointError(f"saving checkpoint {where} failed ({short_error(e)}).") from e
     self._pending_step = None
 
   def close(self) -> None:
@@ -476,49 +478,3 @@ class Checkpointer:
 # ---------------------------------------------------------------------------------------
 
 
-def restore_params(path) -> tuple[dict, dict, str]:
-  """The `params` of a checkpoint of ours (e.g. to fine-tune a pretrained encoder).
-
-  `path`: a run's workdir (its newest checkpoint), its `checkpoints/` directory, or one
-  `checkpoints/<step>` directory.  Only `params` is read (orbax partial restore: no
-  optimizer state, no adversary), onto the default device as numpy-backed arrays, and
-  checked against the checksums written at save time.  Returns (params, the run metadata
-  the checkpoint was written with, the step directory).  Raises CheckpointError.
-  """
-  p = storage.resolve(path)
-  if not p.exists():
-    raise CheckpointError(f"checkpoint path {path} does not exist.")
-  if (p / "checkpoints").is_dir():
-    p = p / "checkpoints"
-  if not (p / _STATE).is_dir():
-    steps = sorted(int(d.name) for d in p.iterdir() if d.name.isdigit() and (d / _STATE).is_dir())
-    if not steps:
-      raise CheckpointError(f"{path} holds no checkpoint of ours (no checkpoints/<step>/"
-                            f"{_STATE} directory).")
-    p = p / str(steps[-1])
-  try:
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(p / _META)
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(p / _STATE)
-    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-    if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {p} holds no 'params' tree.")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-                            tree["params"])
-    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), tree["params"])
-    params = checkpointer.restore(p / _STATE, args=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": args},
-        partial_restore=True))["params"]
-  except CheckpointError:
-    raise
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {p} could not be read ({_short(e)}).") from e
-  want = {k: v for k, v in (meta.get("checksums") or {}).items() if k.startswith("params/")}
-  if want:
-    got = _checksums({"params": params})
-    bad = [k for k, v in want.items() if k in got and got[k] != v]
-    if bad:
-      raise CheckpointError(f"checkpoint {p} holds {bad[0]} whose data does not match the "
-                            f"checksum written at save time; its files are corrupt.")
-  return params, meta.get("run", {}), str(p)

@@ -12,10 +12,15 @@ Layout rules (tests/data/README.md):
   * RPE `*.rpe_k.lookup_table_weight` (1, hd, 50) -> `*/rpe_k/lookup_table` (hd, 50);
     `*.rpe_k.adv_token` (1, hd, 1) -> (hd,); `*.rpe_k.adv_shift` (2,) unchanged.
   * The frozen `pos_embed`, `decoder_pos_embed` (fixed sin-cos, recomputed by the model)
-    and `*.rpe_k.no_shift` are not parameters here; `pos_embed` is checked against our
-    table so a checkpoint of another geometry is refused.
+    and `*.rpe_k.no_shift` are not parameters here; `pos_embed` is checked against the
+    table of the model's grid so a checkpoint of another geometry is refused.
   * A scanned model (config model.scan_blocks, `adpe_jax.models.layout`): `from_torch`
-    returns its layout (`blocks/...` with a leading depth axis); `to_torch` takes either.
+    returns the layout of the shapes it is given (`blocks/...` with a leading depth axis);
+    `to_torch` takes either.
+
+The model is described by its parameter shapes (and grid), not by a config: this module
+knows no config field and imports nothing of `adpe_jax.train`.  Reading a `.pth` file and
+loading it into a classifier is `adpe_jax.weights`.
 """
 
 from __future__ import annotations
@@ -76,33 +81,36 @@ def collection_of(name: str) -> str:
   return ADVERSARY if "adv" in name.split(".")[-1] else "params"
 
 
-def _is_layernorm(name: str) -> bool:
+def is_layernorm(name: str) -> bool:
+  """Whether the original's tensor `name` belongs to a LayerNorm (its `weight` -> `scale`)."""
   leaf = name.split(".")[-2] if "." in name else ""
   return leaf in ("norm", "norm1", "norm2", "decoder_norm", "fc_norm")
 
 
-def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
-  """Official AdPE pretraining state dict -> Flax `{'params': ..., 'adversary': ...}` for
-  `MAEPlus` (`adversary` is {} for a model without one).
+def from_torch(state_dict: Mapping[str, Any], shapes: Mapping[str, Any],
+               grid: int | None = None, dtype=None) -> dict:
+  """Official AdPE pretraining state dict -> Flax `{'params': ..., 'adversary': ...}`
+  (`adversary` is {} for a model without one).
 
   Args:
     state_dict: name -> array (torch tensors or numpy), e.g. `checkpoint['model']`.
-    config: the experiment ConfigDict (its `model` and `image_size` fix the geometry).
+    shapes: the model's variables or their shapes, `{'params': ..., 'adversary': ...}`
+      (e.g. `jax.eval_shape` of the init); their block layout (scanned or unrolled) is
+      the layout returned.
+    grid: patches per side; the state dict's `pos_embed` / `decoder_pos_embed` are checked
+      against the fixed sin-cos table of this grid (None: not checked).
     dtype: optional numpy dtype to cast to (default: keep).
   Raises:
-    ConversionError naming the keys or shapes that do not fit the config.
+    ConversionError naming the keys or shapes that do not fit `shapes`.
   """
-  from adpe_jax.train.state import build_model, init_variables  # noqa: PLC0415 (a cycle)
-  import jax  # noqa: PLC0415
-
-  model = build_model(config)
+  scanned = layout.is_scanned(shapes.get("params", {}))
   # Names are matched block by block (unrolled); a scanned model's tree is stacked at the end.
-  shapes = jax.eval_shape(lambda: init_variables(model.clone(scan_blocks=False),
-                                                 jax.random.key(0)))
+  unrolled = {col: layout.to_unrolled(dict(shapes.get(col, {}) or {}))
+              for col in ("params", ADVERSARY)}
   # One flat namespace (collection, *path): the original's names tell the collections
   # apart -- its adversary tensors are the ones named `*adv*`.
   expected = {(col,) + k: v for col in ("params", ADVERSARY)
-              for k, v in traverse_util.flatten_dict(shapes[col]).items()}
+              for k, v in traverse_util.flatten_dict(unrolled[col]).items()}
 
   flat = {}
   for name, value in state_dict.items():
@@ -110,16 +118,15 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
       value = value.detach().cpu().numpy()
     value = np.asarray(value)
     if name.endswith(FROZEN_SUFFIXES):
-      if name in ("pos_embed", "decoder_pos_embed"):
-        table = posembed.sincos_table(model.grid, value.shape[-1])
+      if name in ("pos_embed", "decoder_pos_embed") and grid is not None:
+        table = posembed.sincos_table(grid, value.shape[-1])
         if value.reshape(-1).shape != table.reshape(-1).shape or not np.allclose(
             value.reshape(table.shape), table, atol=1e-5):
           raise ConversionError(
               f"state dict entry {name!r} {value.shape} is not the fixed sin-cos table of a "
-              f"{model.grid}x{model.grid} grid (config image_size={model.image_size}, "
-              f"patch_size={model.patch_size}).")
+              f"{grid}x{grid} grid, the model's.")
       continue
-    path, arr = convert_tensor(name, value, _is_layernorm(name))
+    path, arr = convert_tensor(name, value, is_layernorm(name))
     if dtype is not None:
       arr = arr.astype(dtype)
     flat[(collection_of(name),) + path] = arr
@@ -128,16 +135,16 @@ def from_torch(state_dict: Mapping[str, Any], config, dtype=None) -> dict:
   unexpected = sorted("/".join(k) for k in flat if k not in expected)
   if missing or unexpected:
     raise ConversionError(
-        f"state dict does not fit the configured model (model.variant, model.pe, "
-        f"model.adversary): missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+        f"state dict does not fit the model's parameters (its variant, pe or adversary "
+        f"differ): missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
         f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}.")
-  bad = [f"{'/'.join(k)} {flat[k].shape} != {expected[k].shape}"
-         for k in expected if flat[k].shape != expected[k].shape]
+  bad = [f"{'/'.join(k)} {flat[k].shape} != {tuple(expected[k].shape)}"
+         for k in expected if flat[k].shape != tuple(expected[k].shape)]
   if bad:
-    raise ConversionError(f"state dict shapes do not fit the configured model: {bad[:4]}.")
+    raise ConversionError(f"state dict shapes do not fit the model's parameters: {bad[:4]}.")
   out = {col: traverse_util.unflatten_dict({k[1:]: v for k, v in flat.items() if k[0] == col})
          for col in ("params", ADVERSARY)}
-  return layout.to_scanned(out) if model.scan_blocks else out
+  return layout.to_scanned(out) if scanned else out
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -177,13 +184,14 @@ def tensor_to_torch(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.n
   return name, value
 
 
-def to_torch(variables: Mapping[str, Any], config=None, with_pos_embed: bool = True) -> dict:
+def to_torch(variables: Mapping[str, Any], grid: int | None = None) -> dict:
   """Flax `{'params', 'adversary'}` of `MAEPlus` -> the original's state dict (numpy arrays).
 
-  The inverse of `from_torch`: `from_torch(to_torch(v, config), config) == v` exactly.
-  `variables` may have either block layout (a scanned one is unrolled first).  With a
-  config (and `with_pos_embed`), the fixed `pos_embed` / `decoder_pos_embed` sin-cos
-  tables (1, 1+L, D) are added as the original's checkpoints hold them.
+  The inverse of `from_torch`: `from_torch(to_torch(v, grid), v, grid) == v` exactly.
+  `variables` may have either block layout (a scanned one is unrolled first).  With the
+  `grid` (patches per side), the fixed `pos_embed` / `decoder_pos_embed` sin-cos tables
+  (1, 1+L, D) are added as the original's checkpoints hold them (D read from `cls_token`
+  and `decoder_embed`).
   """
   out = {}
   for col in ("params", ADVERSARY):
@@ -191,10 +199,10 @@ def to_torch(variables: Mapping[str, Any], config=None, with_pos_embed: bool = T
     for path, value in traverse_util.flatten_dict(tree).items():
       name, arr = tensor_to_torch(path, np.asarray(value))
       out[name] = arr
-  if config is not None and with_pos_embed:
-    from adpe_jax.train.state import build_model  # noqa: PLC0415 (a cycle)
-    model = build_model(config)
-    out["pos_embed"] = posembed.sincos_table(model.grid, model.embed_dim)[None].astype(np.float32)
-    out["decoder_pos_embed"] = posembed.sincos_table(
-        model.grid, model.decoder_embed_dim)[None].astype(np.float32)
+  if grid is not None:
+    out["pos_embed"] = posembed.sincos_table(grid, out["cls_token"].shape[-1])[None].astype(
+        np.float32)
+    if "decoder_embed.weight" in out:
+      out["decoder_pos_embed"] = posembed.sincos_table(
+          grid, out["decoder_embed.weight"].shape[0])[None].astype(np.float32)
   return out

@@ -1,20 +1,25 @@
-"""Export a run's encoder as a timm `VisionTransformer` state dict.
+"""Export an encoder or classifier as a timm `VisionTransformer` state dict.
 
   python -m adpe_jax.export --workdir=DIR --out=FILE.safetensors   (or FILE.pth)
 
-DIR is a pretraining or fine-tuning workdir of ours (its newest checkpoint's `params`).
-Keys and layouts are timm's (and mmsegmentation's MAE backbone / detectron2's ViTDet
-after their own MAE-checkpoint conversion): cls_token, pos_embed (1, 1+L, D),
-patch_embed.proj.{weight,bias}, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
-mlp.fc2}.{weight,bias}, and
+DIR is anything `adpe_jax.weights.load` reads: a pretraining or fine-tuning workdir of
+ours (its newest checkpoint's `params`), one `checkpoints/<step>` directory, or the
+original's / MAE's `.pth`.  Keys and layouts are timm's (and mmsegmentation's MAE
+backbone / detectron2's ViTDet after their own MAE-checkpoint conversion): cls_token,
+pos_embed (1, 1+L, D), patch_embed.proj.{weight,bias}, blocks.i.{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}, and
   * pretraining: norm.{weight,bias} (the encoder's final LayerNorm); pos_embed = the fixed
-    sin-cos table of the pretraining grid; decoder, mask token and adversary dropped;
-    load into timm.models.VisionTransformer(img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes=0, global_pool='token') -- or 'avg' pooling over the same
-    tokens (what k-NN uses here);
+    sin-cos table of the pretraining grid; decoder, mask token and adversary dropped.
+    Load strictly into timm.models.VisionTransformer(img_size, patch_size, embed_dim,
+    depth, num_heads, num_classes=0) with
+      global_pool='token'              -> norm(x)[:, 0], the cls token (MAE's linear probe);
+      global_pool='avg', fc_norm=False -> the mean of norm(x)'s patch tokens (what k-NN
+                                          uses here, `MAEPlus.features`).
+    Not with global_pool='avg' alone: timm then defaults to fc_norm=True, which expects
+    fc_norm.* in place of norm.*, and a strict load refuses this state dict;
   * fine-tuning: the learned pos_embed, fc_norm.* and head.* (global pooling, timm
     VisionTransformer(global_pool='avg', fc_norm=True, num_classes=K)), or norm.* with
-    cls pooling.
+    cls pooling (global_pool='token').
 iRPE models: timm's ViT has no relative-position term; the tables are written under the
 original's names (`blocks.i.attn.rpe_k.lookup_table_weight`, (1, head_dim, 50)), which a
 timm model loaded with strict=False ignores -- and then computes a different function.
@@ -30,18 +35,22 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from adpe_jax import convert
+from adpe_jax import convert, weights
+from adpe_jax.errors import CheckpointError
 from adpe_jax.models import layout, posembed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
+                               "(or a step directory, or the original's / MAE's .pth).")
 _OUT = flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")
 
 _ENCODER_TOP = ("patch_embed", "cls_token", "pos_embed", "norm", "fc_norm", "head")
 
 
-def timm_state_dict(params: dict, run: dict) -> dict[str, np.ndarray]:
+def timm_state_dict(params: dict, run: dict, pos_embed: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
   """Our params (MAEPlus, scanned or not, or ViTClassifier) + the run metadata -> timm ViT
-  state dict."""
+  state dict.  Params without a pos_embed (pretraining) get `pos_embed` ((1+L, D), e.g.
+  `Weights.pos_embed`) or else the sin-cos table of the grid in `run`."""
   flat = traverse_util.flatten_dict(layout.to_unrolled(dict(params)))
   out = {}
   for path, value in flat.items():
@@ -49,7 +58,9 @@ def timm_state_dict(params: dict, run: dict) -> dict[str, np.ndarray]:
       continue  # decoder, mask token
     name, arr = convert.tensor_to_torch(path, np.asarray(value))
     out[name] = np.ascontiguousarray(arr, np.float32)
-  if "pos_embed" not in out:  # pretraining: the fixed table of the pretraining grid
+  if "pos_embed" not in out and pos_embed is not None:
+    out["pos_embed"] = np.asarray(pos_embed, np.float32).reshape(1, -1, pos_embed.shape[-1])
+  elif "pos_embed" not in out:  # pretraining: the fixed table of the pretraining grid
     grid = int(run["image_size"]) // int(run["model"]["patch_size"])
     out["pos_embed"] = posembed.sincos_table(grid, out["cls_token"].shape[-1])[None].astype(
         np.float32)
@@ -66,19 +77,17 @@ def save(state_dict: dict[str, np.ndarray], out: str) -> None:
     save_file(state_dict, out)
   elif out.endswith((".pth", ".pt")):
     try:
-      import torch  # noqa: PLC0415
-    except ImportError as e:
-      raise SystemExit("error: writing .pth needs torch (CPU is enough: pip install torch), "
-                       "which is not installed; write .safetensors instead.") from e
+      torch = weights.import_torch(f"writing {out}")
+    except CheckpointError as e:
+      raise SystemExit(f"error: {str(e).rstrip('.')}; write .safetensors instead.") from e
     torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, out)
   else:
     raise SystemExit(f"error: --out={out!r} must end in .safetensors or .pth.")
 
 
 def export(workdir: str, out: str) -> dict[str, np.ndarray]:
-  from adpe_jax import checkpoint  # noqa: PLC0415
-  params, run, _ = checkpoint.restore_params(workdir)
-  state_dict = timm_state_dict(params, run)
+  w = weights.load(workdir)
+  state_dict = timm_state_dict(w.params, w.run, w.pos_embed)
   save(state_dict, out)
   return state_dict
 
@@ -88,7 +97,6 @@ def main(argv):
   if not _WORKDIR.value or not _OUT.value:
     print("error: both --workdir and --out are required.", file=sys.stderr)
     sys.exit(2)
-  from adpe_jax.checkpoint import CheckpointError  # noqa: PLC0415
   try:
     sd = export(_WORKDIR.value, _OUT.value)
   except CheckpointError as e:

@@ -263,7 +263,8 @@ def ours_worker(spec) -> None:
   same_weights, check_loss = False, None
   if spec.get("weights"):
     ref = dict(np.load(spec["weights"]))
-    variables = convert.from_torch(ref, c, dtype=np.float32)
+    variables = convert.from_torch(ref, {"params": state.params, "adversary": state.adversary},
+                                   grid=model.grid, dtype=np.float32)
     loss_fn = jax.jit(lambda v, x, z: model.apply(v, x, noise=z)[0])
     check_loss = float(loss_fn(variables, images, noise_np))
     ok = (jax.tree.structure(variables["params"]) == jax.tree.structure(state.params) and

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adpe_jax import checkpoint, convert, export
+from adpe_jax import checkpoint, convert, export, weights
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.config import probe as probe_config
 from adpe_jax.models.mae import MAEPlus
@@ -155,37 +155,59 @@ def test_to_torch_inverts_from_torch_for_every_kind(kind, tmp_path):
   v = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(2), x.shape), v)
   with checkpoint.Checkpointer(tmp_path, 1, metadata={"k": "-".join(kind)}) as ckpt:
     ckpt.maybe_save(1, {"params": v["params"], "adversary": v["adversary"]}, force=True)
-  params, _, _ = checkpoint.restore_params(tmp_path)
+  params = weights.load(tmp_path).params
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params, v["params"])
-  sd = convert.to_torch(v, config)
-  back = convert.from_torch(sd, config)
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  sd = convert.to_torch(v, model.grid)
+  back = convert.from_torch(sd, shapes, grid=model.grid)
   fa, fb = traverse_util.flatten_dict(back), traverse_util.flatten_dict(
       jax.tree.map(np.asarray, dict(v)))
   assert set(fa) == set(fb)
   for k in fa:
     assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
   # torch tensors (as torch.save would hold them) convert the same way.
-  back_t = convert.from_torch({k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, config)
+  back_t = convert.from_torch({k: torch.from_numpy(np.array(a)) for k, a in sd.items()}, shapes,
+                              grid=model.grid)
   assert all(np.array_equal(a, fb[k]) for k, a in traverse_util.flatten_dict(back_t).items())
 
 
 def test_pretrained_encoder_equals_timm_vit(timm_vit):
+  """What export's docstring promises for a pretraining encoder, in timm: a strict load
+  with global_pool='token' reads the cls token after norm, with global_pool='avg',
+  fc_norm=False the mean of norm(x)'s patch tokens; global_pool='avg' alone refuses it."""
   model = MAEPlus(image_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4,
                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
   params = init_variables(model, jax.random.key(0))["params"]
+  params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(5), a.shape),
+                        params)  # no zero biases / unit norms: each tensor matters
   x = _real_images()
   ours = jax.jit(lambda p, im: model.apply({"params": p}, im, method=MAEPlus.features))(params, x)
   sd = export.timm_state_dict(params, {"image_size": 28, "model": {"patch_size": 4}})
-  ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=0,
-                 global_pool="avg", fc_norm=False)
-  missing, unexpected = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-                                            strict=True)
-  assert not missing and not unexpected
-  ref.eval()
-  with torch.no_grad():
-    feats = ref.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-  assert _rel_err(ours, feats[:, 1:].mean(1).numpy()) < 1e-5
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  kw = dict(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+
+  def timm_out(**pool):
+    ref = timm_vit(**kw, **pool)
+    missing, unexpected = ref.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    ref.eval()
+    with torch.no_grad():
+      return ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+  assert _rel_err(ours, timm_out(global_pool="avg", fc_norm=False)) < 1e-5
+  # The cls readout: the same encoder as a cls-token classifier trunk of ours.
+  cls_model = ViTClassifier(num_classes=2, image_size=28, patch_size=4, embed_dim=32, depth=2,
+                            num_heads=4, global_pool=False, drop_path=0.0)
+  cls_params = cls_model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
+  cls_params = dict(cls_params, **{k: v for k, v in params.items()
+                                   if k in ("patch_embed", "cls_token", "norm")
+                                   or k.startswith("blocks_")})
+  cls = jax.jit(lambda p, im: cls_model.apply({"params": p}, im, features="cls"))(cls_params, x)
+  assert _rel_err(cls, timm_out(global_pool="token")) < 1e-5
+  with pytest.raises(RuntimeError, match="fc_norm"):
+    timm_out(global_pool="avg")
 
 
 def test_finetuned_classifier_equals_timm_vit(timm_vit):
@@ -274,6 +296,15 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
   pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
   the same function: with the same fc_norm and head, the logits equal timm's."""
   from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
+
+
+def test_mae_finetune_pth_initialises_the_same_classifier(timm_vit, tmp_path):
+  """A facebookresearch/mae fine-tune checkpoint (timm's VisionTransformer with global
+  pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
+  the same function: its fc_norm and head fit, are loaded, and the logits equal timm's.
+  Into a model with another number of classes the head starts fresh (fc_norm is loaded,
+  as the original's strict=False load does)."""
+  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
   from adpe_jax.train import finetune as ft  # noqa: PLC0415
   torch.manual_seed(0)
   ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10,
@@ -287,20 +318,24 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
   c.init = str(path)
   model = build_classifier(c)
   fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
-  params, info = ft.load_init(c, model, fresh)
+  params, info = weights.init_classifier(c, model, fresh)
   assert info["init"] == str(path)
-  # fc_norm and head start fresh in a fine-tune (as the original): give timm ours.
-  ours_sd = export.timm_state_dict(params, {})
-  heads = {k: torch.from_numpy(np.array(v)) for k, v in ours_sd.items()
-           if k.startswith(("fc_norm.", "head."))}
-  assert sorted(heads) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-  ref.load_state_dict(heads, strict=False)
+  assert (info["init_kind"], info["init_head"]) == ("mae", "loaded")
   ref.eval()
   x = _real_images()
   logits = jax.jit(lambda q, im: model.apply({"params": q}, im))(params, x)
   with torch.no_grad():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   assert _rel_err(logits, want) < 1e-5
+  c.data.num_classes = 7
+  model = build_classifier(c)
+  fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
+  params, info = weights.init_classifier(c, model, fresh)
+  assert info["init_head"] == "fresh"
+  jax.tree.map(np.testing.assert_array_equal, params["head"], fresh["head"])
+  np.testing.assert_array_equal(params["fc_norm"]["scale"], ref.fc_norm.weight.detach().numpy())
+  np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                ref.blocks[1].mlp.fc2.weight.detach().numpy().T)
 
 
 def test_export_cli_writes_safetensors_and_pth(tmp_path):

@@ -15,7 +15,7 @@ from flax import traverse_util
 from adpe_jax import convert
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import layout
-from adpe_jax.train.state import build_model
+from adpe_jax.train.state import build_model, init_variables
 from conftest import DATA
 
 VARIANTS = {
@@ -43,6 +43,13 @@ def reference_config(name):
   return c
 
 
+def _from_torch(state_dict, c, dtype=None):
+  """convert.from_torch into the variables' shapes of the model of config `c`."""
+  model = build_model(c)
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  return convert.from_torch(state_dict, shapes, grid=model.grid, dtype=dtype)
+
+
 def _rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
@@ -58,7 +65,7 @@ def run_reference(name, scan_blocks=False):
   state_dict = {k: v for k, v in ref.items()
                 if not k.startswith("grad/") and k not in
                 ("images", "noise", "ids_shuffle", "loss", "pred", "mask", "latent")}
-  variables = convert.from_torch(state_dict, c, dtype=dtype)
+  variables = _from_torch(state_dict, c, dtype=dtype)
   images = ref["images"].transpose(0, 2, 3, 1).astype(dtype)
   noise = ref["noise"]
 
@@ -79,7 +86,7 @@ def run_reference(name, scan_blocks=False):
   for k, v in ref.items():
     if k.startswith("grad/"):
       name_ = k[len("grad/"):]
-      path, arr = convert.convert_tensor(name_, v, convert._is_layernorm(name_))
+      path, arr = convert.convert_tensor(name_, v, convert.is_layernorm(name_))
       ref_grads[(convert.collection_of(name_),) + path] = arr
   has_adversary = VARIANTS[name][1] != "none"
   assert bool(variables["adversary"]) == has_adversary
@@ -130,12 +137,12 @@ def test_from_torch_refuses_other_geometry_and_unknown_keys():
   c = reference_config("ape_adv0")
   from adpe_jax.models import posembed
   ok = dict(state_dict, pos_embed=posembed.sincos_table(7, 64)[None])
-  convert.from_torch(ok, c)  # the original's own 7x7 table is accepted
+  _from_torch(ok, c)  # the original's own 7x7 table is accepted
   bad = dict(state_dict, pos_embed=posembed.sincos_table(14, 64)[None])
   with pytest.raises(convert.ConversionError, match="7x7 grid"):
-    convert.from_torch(bad, c)
+    _from_torch(bad, c)
   with pytest.raises(convert.ConversionError, match="unexpected"):
-    convert.from_torch(dict(state_dict, **{"blocks.9.norm1.weight": np.ones(64)}), c)
+    _from_torch(dict(state_dict, **{"blocks.9.norm1.weight": np.ones(64)}), c)
   c.model.pe = "rpe"
   with pytest.raises(convert.ConversionError, match="missing"):
-    convert.from_torch(state_dict, c)
+    _from_torch(state_dict, c)

@@ -241,8 +241,8 @@ FT = ["--config=configs/finetune_vitb_rpe_interp.py:smoke", "--config.data.sourc
 
 
 def _final_params(workdir):
-  from adpe_jax import checkpoint  # noqa: PLC0415
-  return checkpoint.restore_params(workdir)[0]
+  from adpe_jax import weights  # noqa: PLC0415
+  return weights.load(workdir).params
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST not installed (make data)")
@@ -340,16 +340,17 @@ PE_TYPES = {0: ("ape", "integer"), 1: ("rpe", "integer"), 2: ("rpe", "continuous
 
 @pytest.mark.parametrize("pe_type", [0, 1, 2])
 def test_load_init_from_our_pretraining(pretrained, pe_type):
-  from adpe_jax import checkpoint  # noqa: PLC0415
+  from adpe_jax import weights  # noqa: PLC0415
   from adpe_jax.config import finetune as finetune_config
   pe, lookup = PE_TYPES[pe_type]
   c = finetune_config.recipe("base", pe, "smoke", rpe_lookup=lookup)
   c.image_size, c.init = 56, str(pretrained)          # 14x14 fine-tune grid from a 7x7 one
   model = build_classifier(c)
   fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
-  params, info = ft.load_init(c, model, fresh)
-  pre = layout.to_unrolled(checkpoint.restore_params(pretrained)[0])  # scanned seed config
+  params, info = weights.init_classifier(c, model, fresh)
+  pre = layout.to_unrolled(weights.load(pretrained).params)  # scanned seed config
   assert info["init_pos_grid"] == 7 and info["init_adversary"] == "coordinate"
+  assert info["init_kind"] == "ours" and info["init_head"] == "fresh"
   np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc1"]["kernel"],
                                 pre["blocks_1"]["mlp"]["fc1"]["kernel"])
   np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])
@@ -364,26 +365,25 @@ def test_load_init_from_the_originals_pth(pretrained, tmp_path, monkeypatch):
   """The original's .pth (convert.to_torch of our checkpoint) initialises the same weights;
   without torch the error is one sentence."""
   torch = pytest.importorskip("torch")
-  from adpe_jax import checkpoint  # noqa: PLC0415
-  from adpe_jax.config import pretrain as pretrain_config
+  from adpe_jax import errors, weights  # noqa: PLC0415
   from adpe_jax.config import finetune as finetune_config
-  pre = checkpoint.restore_params(pretrained)[0]
-  pre_cfg = pretrain_config.seed_config("rpe", "coordinate", "smoke")
-  sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, pre_cfg)
+  pre = weights.load(pretrained).params
+  sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, grid=7)
   path = tmp_path / "checkpoint-399.pth"
   torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, path)
   c = finetune_config.recipe("base", "rpe", "smoke", rpe_lookup="continuous")
   model = build_classifier(c)
   fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
   c.init = str(pretrained)
-  ours, _ = ft.load_init(c, model, fresh)
+  ours, _ = weights.init_classifier(c, model, fresh)
   c.init = str(path)
-  theirs, _ = ft.load_init(c, model, fresh)
+  theirs, info = weights.init_classifier(c, model, fresh)
+  assert info["init_kind"] == "original_pretrain" and info["init_head"] == "fresh"
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
                ours, theirs)
   monkeypatch.setitem(sys.modules, "torch", None)
-  with pytest.raises(ft.InitError, match="needs torch"):
-    ft.load_init(c, model, fresh)
+  with pytest.raises(errors.InitError, match="needs torch"):
+    weights.init_classifier(c, model, fresh)
 
 
 # -- preemption and the non-finite stop: the pretraining machinery, reached from fine-tuning --

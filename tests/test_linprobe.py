@@ -59,12 +59,12 @@ def test_knn_cli_equals_knn_eval_of_the_pretraining_model(pretrained, tmp_path):
   assert (summary["encoder"]["pe"], summary["encoder"]["rpe_lookup"]) == ("rpe", "continuous") and summary["init_adversary"] == "coordinate"
   assert (summary["train_examples"], summary["test_examples"], summary["k"]) == (500, 200, 20)
   # Independent path: the pretraining model (MAEPlus.features) on params read by
-  # checkpoint.restore_params, images by data.labelled_arrays, knn.knn_eval.
-  from adpe_jax import checkpoint, data  # noqa: PLC0415
+  # weights.load, images by data.labelled_arrays, knn.knn_eval.
+  from adpe_jax import data, weights  # noqa: PLC0415
   from adpe_jax.config import pretrain as pretrain_config
   from adpe_jax.train.state import build_model  # noqa: PLC0415
   model = build_model(pretrain_config.seed_config("rpe", "coordinate", "smoke"))
-  params = checkpoint.restore_params(pretrained)[0]
+  params = weights.load(pretrained).params
   train = data.labelled_arrays(data.get_source("fashion_mnist", "train"), 28, 500)
   test = data.labelled_arrays(data.get_source("fashion_mnist", "test"), 28, 200)
   want = knn.knn_eval(model, params, *train, *test, k=20, batch_size=64)["knn_top1"]
@@ -91,8 +91,8 @@ LP = ["--config=configs/linprobe_vitb.py:smoke"]
 
 
 def _probe_params(workdir):
-  from adpe_jax import checkpoint  # noqa: PLC0415
-  return checkpoint.restore_params(workdir)[0]
+  from adpe_jax import weights  # noqa: PLC0415
+  return weights.load(workdir).params
 
 
 @needs_fmnist

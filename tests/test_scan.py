@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax import checkpoint, convert, export, parallel
+from adpe_jax import checkpoint, convert, export, parallel, weights
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.models import layout
 from adpe_jax.models.mae import MAEPlus
@@ -299,22 +299,26 @@ def scanned_run(tmp_path_factory):
 
 def test_scanned_checkpoint_exports_and_converts_as_unrolled(scanned_run):
   c, v, vs = scanned_run["config"], scanned_run["unrolled"], scanned_run["scanned"]
-  params, run, _ = checkpoint.restore_params(scanned_run["workdir"])
+  w = weights.load(scanned_run["workdir"])
+  params, run = w.params, w.run
   assert layout.is_scanned(params)
   sd = export.timm_state_dict(params, run)
   want = export.timm_state_dict(v["params"], run)
   assert set(sd) == set(want) and "blocks.1.attn.qkv.weight" in sd
   assert all(np.array_equal(sd[k], want[k]) for k in sd)
   # The original's names: identical state dicts; from_torch gives the config's layout back.
-  t1, t0 = convert.to_torch(vs, c), convert.to_torch(v, c)
+  grid = build_model(c).grid
+  t1, t0 = convert.to_torch(vs, grid), convert.to_torch(v, grid)
   assert set(t1) == set(t0) and all(np.array_equal(t1[k], t0[k]) for k in t0)
-  back = convert.from_torch(t1, c)
+  shapes = lambda cfg: jax.eval_shape(  # noqa: E731
+      lambda: init_variables(build_model(cfg), jax.random.key(0)))
+  back = convert.from_torch(t1, shapes(c), grid=grid)
   assert layout.is_scanned(back["params"])
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.device_get(vs))):
     assert np.array_equal(a, b)
   c0 = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   c0.model.scan_blocks = False
-  assert "blocks_0" in convert.from_torch(t1, c0)["params"]
+  assert "blocks_0" in convert.from_torch(t1, shapes(c0), grid=grid)["params"]
 
 
 def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
@@ -324,7 +328,7 @@ def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
   c.image_size, c.init = 56, str(scanned_run["workdir"])
   model = build_classifier(c)
   fresh = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(0))
-  params, info = ft.load_init(c, model, fresh)
+  params, info = weights.init_classifier(c, model, fresh)
   assert info["init_adversary"] == "coordinate" and "blocks" not in params
   pre = scanned_run["unrolled"]["params"]
   for i in range(2):

@@ -13,10 +13,11 @@ and the frozen encoders they read:
 
 The feature batches go through `knn_metric.extract_features` (padded last batch, one
 compile per batch shape, mesh-sharded).  A stand-alone encoder is the fine-tune model's
-trunk (`ViTClassifier`, global_pool=False, no drop path) read out by `pool`: "cls"
-norm(x)[:, 0] (MAE's linear probe default), "avg" LayerNorm-without-affine of the
-patch-token mean (MAE's --global_pool), "mean" the mean of norm(x)'s patch tokens (equal
-to `MAEPlus.features`, what the pretraining k-NN measures).
+trunk (`ViTClassifier`, global_pool=False, no drop path) loaded with
+`weights.init_classifier` (as fine-tuning), read out by `pool`: "cls" norm(x)[:, 0]
+(MAE's linear probe default), "avg" LayerNorm-without-affine of the patch-token mean
+(MAE's --global_pool), "mean" the mean of norm(x)'s patch tokens (equal to
+`MAEPlus.features`, what the pretraining k-NN measures).
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, storage
+from adpe_jax import data, parallel, storage, weights
 from adpe_jax.config import probe as probe_config
-from adpe_jax.errors import ConfigError, InitError
+from adpe_jax.errors import CheckpointError, ConfigError, InitError
 from adpe_jax.train import knn_metric
 from adpe_jax.train.state import build_classifier, init_classifier_params
 
@@ -285,8 +285,11 @@ def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
                          ("image_size", c.image_size <= 0)) if v]
   if auto:
     run = None
-    if c.init and not c.init.endswith((".pth", ".pt", ".bin")):
-      run = _run_metadata(c.init)
+    if c.init:
+      try:
+        run = weights.metadata(c.init)
+      except CheckpointError as e:
+        raise InitError(f"config field init={c.init!r} cannot be used: {e}") from e
     if run is None:
       what = (f"config.init={c.init!r} is a PyTorch checkpoint" if c.init
               else "config.init is empty (random init)")
@@ -309,27 +312,6 @@ def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
   return c
 
 
-def _run_metadata(path: str) -> dict:
-  """The run metadata of our newest checkpoint under `path` (an InitError if none)."""
-  p = storage.resolve(path)
-  if not p.exists():
-    raise InitError(f"config field init={path!r} does not exist.")
-  d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-  if not (d / "meta").is_dir():
-    steps = sorted(int(x.name) for x in d.iterdir() if x.name.isdigit() and (x / "meta").is_dir())
-    if not steps:
-      raise InitError(f"config field init={path!r} holds no checkpoint of ours (no "
-                      f"checkpoints/<step>/ directory) and is not a .pth file.")
-    d = d / str(steps[-1])
-  try:
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(d / "meta")
-  except Exception as e:  # noqa: BLE001
-    raise InitError(f"config field init={path!r}: checkpoint {d} has no readable run "
-                    f"metadata ({ckpt_lib._short(e)}).") from e  # noqa: SLF001
-  return meta.get("run", {}) if isinstance(meta, dict) else {}
-
-
 def build_encoder_model(config):
   """The frozen `ViTClassifier` trunk of a resolved config (`resolve_encoder_fields`)."""
   probe_config.validate_encoder(config)
@@ -339,13 +321,12 @@ def build_encoder_model(config):
 def load_encoder(config) -> tuple[FrozenEncoder, dict, ml_collections.ConfigDict]:
   """(encoder, info for summary.json, the resolved config) of `config.init` ("" = the
   random init of `config.seed`), read out by `config.model.pool`."""
-  from adpe_jax.train.finetune import load_init  # noqa: PLC0415 (until weights.py)
   c = resolve_encoder_fields(config)
   model = build_encoder_model(c)
   params = jax.jit(lambda k: init_classifier_params(model, k))(jax.random.key(c.seed))
   info: dict[str, Any] = {"init": c.init or "random"}
   if c.init:
-    params, info = load_init(c, model, params)
+    params, info = weights.init_classifier(c, model, params)
   params = {k: v for k, v in params.items() if k not in ("head", "fc_norm")}
   info.update(encoder={"variant": c.model.variant, "patch_size": c.model.patch_size,
                        "pe": c.model.pe, "rpe_lookup": c.model.rpe_lookup,

@@ -24,15 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, storage
+from adpe_jax import data, parallel, weights
 from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
-from adpe_jax.errors import ConfigError, InitError
-from adpe_jax.models import layout, posembed
+from adpe_jax.errors import ConfigError
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim
@@ -85,115 +83,6 @@ def make_train_step(model, tx, accum_steps: int, lr_fn, num_classes: int, smooth
   return train_step
 
 
-# -- initial weights (config.init) ------------------------------------------------------------
-
-def _torch_state_dict(path: str) -> dict:
-  try:
-    import torch  # noqa: PLC0415
-  except ImportError as e:
-    raise InitError(f"config field init={path!r} is a PyTorch checkpoint, and reading it needs "
-                    f"torch (CPU is enough: pip install torch), which is not installed.") from e
-  try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-  except Exception as e:  # noqa: BLE001
-    raise InitError(f"config field init={path!r} could not be read by torch.load ({e}).") from e
-  sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-  if not isinstance(sd, dict):
-    raise InitError(f"config field init={path!r} holds no state dict ('model' entry).")
-  return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
-
-
-def _encoder_from_torch(sd: dict) -> tuple[dict, np.ndarray | None]:
-  """The original's (pretraining or fine-tune) state dict -> our encoder params + pos_embed."""
-  from adpe_jax import convert  # noqa: PLC0415
-  flat = {}
-  for name, value in sd.items():
-    top = name.split(".")[0]
-    if top.startswith("decoder") or top in ("mask_token", "pos_embed", "head", "fc_norm") or (
-        name.endswith("no_shift") or "adv" in name.split(".")[-1]):
-      continue
-    path, arr = convert.convert_tensor(name, value, convert._is_layernorm(name))  # noqa: SLF001
-    flat[path] = arr
-  pos = sd.get("pos_embed")
-  return traverse_util.unflatten_dict(flat), (None if pos is None else np.asarray(pos))
-
-
-def load_init(config, model: ViTClassifier, fresh: dict) -> tuple[dict, dict]:
-  """`fresh` (initialised params) with the encoder of `config.init` loaded into it.
-
-  Returns (params, info for summary.json).  pos_embed = the source's position table
-  (pretraining: the fixed sin-cos of its grid) resized with torch's bicubic to the
-  fine-tune grid; head / fc_norm stay fresh (head trunc-normal 2e-5).
-  """
-  path = config.init
-  d = model.embed_dim
-  info: dict[str, Any] = {"init": path}
-  if path.endswith((".pth", ".pt", ".bin")):
-    if not storage.resolve(path).exists():
-      raise InitError(f"config field init={path!r} does not exist.")
-    encoder, pos = _encoder_from_torch(_torch_state_dict(path))
-    if model.global_pool:
-      encoder.pop("norm", None)  # the original deletes the encoder's final norm
-    if pos is None:
-      raise InitError(f"config field init={path!r} has no pos_embed entry.")
-    pos = pos.reshape(-1, pos.shape[-1])
-    source_pe = "rpe" if any("rpe_k" in "/".join(k) for k in
-                             traverse_util.flatten_dict(encoder)) else "ape"
-  else:
-    try:
-      params, run, step_dir = ckpt_lib.restore_params(path)
-    except ckpt_lib.CheckpointError as e:
-      raise InitError(f"config field init={path!r} cannot be used: {e}") from e
-    # A scanned pretraining model's blocks/... (leading depth axis) -> blocks_i: the
-    # classifier stays unrolled (per-layer drop path, layer-wise lr decay by name).
-    params = layout.to_unrolled(dict(params))
-    info["init_checkpoint"] = step_dir
-    if run.get("model", {}).get("patch_size") not in (None, config.model.patch_size):
-      raise InitError(
-          f"config field init={path!r} was pretrained with patch size "
-          f"{run['model']['patch_size']}, but model.patch_size={config.model.patch_size}.")
-    encoder = {k: v for k, v in params.items() if k in ("patch_embed", "cls_token")
-               or k.startswith("blocks_")}
-    if not model.global_pool and "norm" in params:
-      encoder["norm"] = params["norm"]
-    grid = run.get("image_size", 0) // max(run.get("model", {}).get("patch_size", 1), 1)
-    if grid < 1:
-      raise InitError(f"config field init={path!r}: its run metadata gives no image size.")
-    pos = posembed.sincos_table(grid, d)
-    source_pe = run.get("model", {}).get("pe", "ape")
-    info["init_adversary"] = run.get("adversary", {}).get("kind")
-  if source_pe == "ape" and model.pe == "rpe":
-    raise InitError(f"config field init={path!r} is an APE encoder (no iRPE tables), so it "
-                    f"cannot initialise model.pe={config.model.pe!r}; use model.pe='ape'.")
-  if source_pe == "rpe" and model.pe == "ape":
-    logging.warning("init %s has iRPE tables; model.pe=ape drops them (as the original's "
-                    "strict=False load)", path)
-    encoder = traverse_util.unflatten_dict(
-        {k: v for k, v in traverse_util.flatten_dict(encoder).items() if "rpe_k" not in k})
-  want = traverse_util.flatten_dict(fresh)
-  got = traverse_util.flatten_dict(encoder)
-  missing = sorted("/".join(k) for k in want if k not in got
-                   and k[0] not in ("head", "fc_norm", "pos_embed", "norm"))
-  bad = [f"{'/'.join(k)} {tuple(np.shape(v))} vs {tuple(want[k].shape)}"
-         for k, v in got.items() if k in want and tuple(np.shape(v)) != tuple(want[k].shape)]
-  extra = sorted("/".join(k) for k in got if k not in want)
-  if missing or bad or extra:
-    what = (f"lacks {missing[0]}" if missing else f"has {bad[0]}" if bad
-            else f"has {extra[0]}, which the model does not")
-    raise InitError(f"config field init={path!r} does not fit model.variant="
-                    f"{config.model.variant!r} / model.pe={config.model.pe!r}: it {what}.")
-  if pos.shape[-1] != d or int(round(np.sqrt(pos.shape[0] - 1))) ** 2 + 1 != pos.shape[0]:
-    raise InitError(f"config field init={path!r} has a position table of shape {pos.shape}, "
-                    f"not (1 + grid**2, {d}).")
-  info["init_pos_grid"] = int(round(np.sqrt(pos.shape[0] - 1)))
-  merged = dict(want)
-  merged.update({k: jnp.asarray(v, want[k].dtype) for k, v in got.items()})
-  merged[("pos_embed",)] = jnp.asarray(posembed.resize_table(pos, model.grid)[None],
-                                       want[("pos_embed",)].dtype)
-  return traverse_util.unflatten_dict(merged), info
-
-
-# -- the task ---------------------------------------------------------------------------------
 
 def run_metadata(config) -> dict:
   m = config.model
@@ -237,7 +126,7 @@ def finetune(config, workdir: str) -> dict:
   resuming = ckpt.latest_step() is not None
   params = jax.jit(lambda k: init_classifier_params(model, k))(init_key)
   if config.init and not resuming:
-    params, info = load_init(config, model, params)
+    params, info = weights.init_classifier(config, model, params)
   # Host copies: the state is then created straight into its (possibly sharded) layout.
   state = jax.jit(create, out_shardings=state_sharding)(jax.device_get(params))
   del params
