@@ -211,6 +211,9 @@ def short_error(e: BaseException, limit: int = 400) -> str:
 _UNCHANGED = "nothing on disk was changed"
 
 
+_QUIET_INSTALLED = False
+
+
 def quiet_orbax_teardown() -> None:
   """Silence orbax's leftover reads after a refused checkpoint (orbax-checkpoint 0.12.8).
 
@@ -220,18 +223,17 @@ def quiet_orbax_teardown() -> None:
   our one-sentence error.  Only that exact error is dropped; installed once, when
   `restore` refuses a checkpoint.
   """
-  if getattr(sys.excepthook, "_adpe_quiet", False):
+  global _QUIET_INSTALLED
+  if _QUIET_INSTALLED:
     return
+  _QUIET_INSTALLED = True
 
   def noise(exc) -> bool:
     return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
   prev_except, prev_thread, prev_unraisable = (sys.excepthook, threading.excepthook,
                                                sys.unraisablehook)
-  def excepthook(t, v, tb):
-    return None if noise(v) else prev_except(t, v, tb)
-  excepthook._adpe_quiet = True
-  sys.excepthook = excepthook
+  sys.excepthook = lambda t, v, tb: None if noise(v) else prev_except(t, v, tb)
   threading.excepthook = lambda a: None if noise(a.exc_value) else prev_thread(a)
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else prev_unraisable(u)
 
@@ -314,7 +316,7 @@ class Checkpointer:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(
           **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
-    except Exception as e:  # noqa: BLE001 (any read failure is a bad checkpoint)
+    except Exception as e:
       raise CheckpointError(
           f"checkpoint {path} has no readable run metadata ({path / META_ITEM}: "
           f"{short_error(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
@@ -354,7 +356,7 @@ class Checkpointer:
     #    casts dtypes silently and names no leaf on a shape mismatch).
     try:
       item = self._manager.item_metadata(step)[STATE_ITEM]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise CheckpointError(
           f"checkpoint {path} has unreadable array metadata ({short_error(e)}); its files may "
           f"be truncated or corrupt, {_UNCHANGED}.") from e
@@ -392,7 +394,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
       restored = jax.block_until_ready(restored)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise CheckpointError(
           f"checkpoint {path} could not be read ({short_error(e)}); its files may be truncated "
           f"or corrupt, {_UNCHANGED}.") from e
@@ -456,7 +458,7 @@ class Checkpointer:
     """Block until the save in flight (if any) is complete on disk."""
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       step, self._pending_step = self._pending_step, None
       where = self.step_path(step) if step is not None else self.directory
       raise CheckpointError(f"saving checkpoint {where} failed ({short_error(e)}).") from e

@@ -57,7 +57,8 @@ def _flax_path(name: str) -> tuple[str, ...]:
   return tuple(out)
 
 
-def convert_tensor(name: str, value: np.ndarray, is_layernorm: bool) -> tuple[tuple[str, ...], np.ndarray]:
+def convert_tensor(name: str, value: np.ndarray,
+                   is_layernorm: bool) -> tuple[tuple[str, ...], np.ndarray]:
   """One torch tensor (or its gradient) -> (flax param path, array in Flax layout)."""
   value = np.asarray(value)
   path = list(_flax_path(name))

@@ -29,14 +29,14 @@ def _explain_bad_flags(argv, error) -> str:
       module = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(module)
       config = module.get_config(arg or None)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001 (any failure becomes one sentence)
       return f"config file {config_arg!r} could not be loaded: {e}"
     for a in argv:
       if a.startswith("--config."):
         field = a[len("--config."):].split("=", 1)[0]
         node = config
         for part in field.split("."):
-          if not hasattr(node, "keys") or part not in node.keys():
+          if not hasattr(node, "keys") or part not in node:
             if field in RENAMED_FIELDS:
               return f"config field {field!r} (from {a}) {RENAMED_FIELDS[field]}"
             return (f"config field {field!r} (from {a}) does not exist in {path}; "
@@ -48,7 +48,7 @@ def _explain_bad_flags(argv, error) -> str:
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (any failure becomes one sentence)
     print(f"error: {_explain_bad_flags(argv, e)}", file=sys.stderr)
     sys.exit(2)
 
@@ -67,7 +67,7 @@ def main(argv):
     # Exit without interpreter teardown: a refused checkpoint leaves orbax reads in flight
     # (checkpoint.quiet_orbax_teardown).  Nothing is pending: the error precedes any save.
     os._exit(2)
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     if jax.process_count() <= 1:
       raise
     stop.lost_peer_exit(e, config.distributed.heartbeat_timeout_seconds)

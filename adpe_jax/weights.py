@@ -25,7 +25,8 @@
                        same tensors either way.
 
 A `.pth` (also `.pt`, `.bin`) is read with torch (`import_torch`: the package's one
-import of it, lazy; CPU is enough) and each tensor renamed and re-laid-out by `adpe_jax.convert.convert_tensor`.
+import of it, lazy; CPU is enough) and each tensor renamed and re-laid-out by
+`adpe_jax.convert.convert_tensor`.
 The fixed sin-cos `pos_embed` / `decoder_pos_embed` of a pretraining checkpoint and the
 iRPE `no_shift` buffers are not parameters; `Weights.pos_embed` is the position table the
 encoder was trained with, whatever the source.
@@ -128,7 +129,7 @@ def _step_dir(path, p):
 def _read_meta(step_dir) -> dict:
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / META_ITEM)
-  except Exception as e:  # noqa: BLE001 (any read failure is a bad checkpoint)
+  except Exception as e:
     raise CheckpointError(f"checkpoint {step_dir} has no readable run metadata "
                           f"({short_error(e)}).") from e
   if not isinstance(meta, dict):
@@ -155,7 +156,7 @@ def _load_ours(path, p) -> Weights:
         partial_restore=True))["params"]
   except CheckpointError:
     raise
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise CheckpointError(f"checkpoint {step_dir} could not be read ({short_error(e)}).") from e
   want = {k: v for k, v in (meta.get("checksums") or {}).items() if k.startswith("params/")}
   if want:
@@ -198,7 +199,7 @@ def _torch_checkpoint(path, p) -> tuple[dict, Any]:
   torch = import_torch(f"reading the PyTorch checkpoint {path}")
   try:  # the original's and MAE's files hold an argparse.Namespace: a full unpickle
     ckpt = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=False)
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise CheckpointError(f"PyTorch checkpoint {path} could not be read by torch.load "
                           f"({short_error(e)}).") from e
   sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None

@@ -28,15 +28,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from adpe_jax import parallel  # noqa: E402
+from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models.variants import VARIANTS  # noqa: E402
-from adpe_jax.train import optimizer as optim  # noqa: E402
-from adpe_jax.train.state import build_model, create_train_state  # noqa: E402
-from adpe_jax.train.step import make_train_step  # noqa: E402
+from adpe_jax.models.variants import VARIANTS
+from adpe_jax.train import optimizer as optim
+from adpe_jax.train.state import build_model, create_train_state
+from adpe_jax.train.step import make_train_step
 
 PATCH = {"base": 16, "large": 16, "huge": 14}
 

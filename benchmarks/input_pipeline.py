@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adpe_jax import data  # noqa: E402
-from adpe_jax.data import multicrop  # noqa: E402
+from adpe_jax import data
+from adpe_jax.data import multicrop
 
 
 def _time_get_batch(pipe, steps: int) -> tuple[float, float]:
@@ -60,8 +60,8 @@ def _synthetic(num_examples: int, lazy: bool):
 
 def _jpeg_folder(num_examples: int) -> str:
   """num_examples 256x256 RGB JPEGs (smooth random content, quality 90) in 2 class folders."""
-  import tempfile  # noqa: PLC0415
-  from PIL import Image  # noqa: PLC0415
+  import tempfile
+  from PIL import Image
   root = tempfile.mkdtemp(prefix="adpe_jpeg256_")
   rng = np.random.default_rng(0)
   for i in range(num_examples):
@@ -91,7 +91,7 @@ def main() -> None:
     if case.startswith("fmnist28"):
       source, size, batch = data.get_source("fashion_mnist", "train"), 28, args.batch
     elif case == "jpeg112":
-      from adpe_jax.data.folder import FolderSource  # noqa: PLC0415
+      from adpe_jax.data.folder import FolderSource
       source = FolderSource(_jpeg_folder(max(2 * args.batch112, 512)))
       size, batch = 112, args.batch112
     else:

@@ -90,7 +90,7 @@ FIT_MARGIN = 0.9
 
 
 def VARIANT_DEPTH(variant: str) -> int:  # noqa: N802
-  from adpe_jax.models.variants import VARIANTS as TABLE  # noqa: PLC0415
+  from adpe_jax.models.variants import VARIANTS as TABLE
   return TABLE[variant][1]
 
 
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     return 2
   # Fake CPU devices: must be set before jax is imported.
   if args.backend == "cpu" and "jax" in sys.modules:
-    import jax  # noqa: PLC0415
+    import jax
     if jax.device_count() != args.devices or jax.default_backend() != "cpu":
       print(f"memory_plan.py: error: jax is already initialised with {jax.device_count()} "
             f"{jax.default_backend()} devices; run this script in its own process",
@@ -197,10 +197,10 @@ def main(argv=None) -> int:
 
 class Planner:
   def __init__(self, args):
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from adpe_jax import parallel  # noqa: PLC0415
-    from adpe_jax.config import pretrain as pretrain_config  # noqa: PLC0415
+    import jax
+    import numpy as np
+    from adpe_jax import parallel
+    from adpe_jax.config import pretrain as pretrain_config
     self.jax, self.np, self.defaults, self.parallel = jax, np, pretrain_config, parallel
     self.args = args
     self.t0 = time.time()
@@ -236,9 +236,9 @@ class Planner:
   def abstract(self, config, mesh, depth=None):
     """(model, abstract sharded state, shardings, jitted step) -- as build_training."""
     jax = self.jax
-    from adpe_jax.train import optimizer as optim  # noqa: PLC0415
-    from adpe_jax.train.state import build_model, create_train_state  # noqa: PLC0415
-    from adpe_jax.train.step import make_train_step  # noqa: PLC0415
+    from adpe_jax.train import optimizer as optim
+    from adpe_jax.train.state import build_model, create_train_state
+    from adpe_jax.train.step import make_train_step
     model = build_model(config)
     if depth is not None and depth != model.depth:
       model = model.clone(depth=depth)
@@ -262,8 +262,8 @@ class Planner:
     return model, state, shardings, step
 
   def batch_spec(self, config, mesh):
-    from adpe_jax.train import pretrain  # noqa: PLC0415
-    return pretrain._batch_spec(config, self.parallel.batch_sharding(mesh))  # noqa: SLF001
+    from adpe_jax.train import pretrain
+    return pretrain._batch_spec(config, self.parallel.batch_sharding(mesh))
 
   def key_spec(self, mesh):
     jax = self.jax
@@ -307,13 +307,13 @@ class Planner:
   def residual_bytes(self, config, model) -> int:
     """Activations kept for the backward pass of one micro-step on one device."""
     jax, np = self.jax, self.np
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax.numpy as jnp
     try:
-      from jax._src.ad_checkpoint import saved_residuals  # noqa: PLC0415
+      from jax._src.ad_checkpoint import saved_residuals
     except ImportError as e:  # pragma: no cover
       raise PlanError(f"this jax has no saved_residuals ({e})") from None
-    from adpe_jax.train.state import init_variables  # noqa: PLC0415
-    from adpe_jax.train.step import make_loss_fn  # noqa: PLC0415
+    from adpe_jax.train.state import init_variables
+    from adpe_jax.train.step import make_loss_fn
     n = config.num_crops * config.batch_size // config.accum_steps // self.args.devices
     v = jax.eval_shape(lambda k: init_variables(model, k), jax.random.key(0))
     batch = {"images": jax.ShapeDtypeStruct((n, config.image_size, config.image_size, 3),
@@ -388,7 +388,7 @@ class Planner:
 
   def self_check(self):
     """The abstract step compiles to the same buffers as build_training's real one."""
-    from adpe_jax.train import pretrain  # noqa: PLC0415
+    from adpe_jax.train import pretrain
     c = self.pretrain_config.seed_config(self.args.pe, self.args.adversary, "smoke")
     c.batch_size, c.accum_steps, c.model.dtype = 2 * self.args.devices, 2, self.args.dtype
     c.mesh.fsdp = max(f for f in self.args.fsdp)

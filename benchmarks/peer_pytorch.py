@@ -91,7 +91,7 @@ def _pin_threads(n: int) -> None:
 
 
 def _images(spec):
-  import numpy as np  # noqa: PLC0415
+  import numpy as np
   n, s = spec["crops"], spec["image_size"]
   rng = np.random.default_rng(spec["seed"])
   images = rng.normal(size=(n, 3, s, s)).astype(np.float32)  # NCHW, like the original's
@@ -125,18 +125,18 @@ def original_worker(spec) -> None:
   out = _proto_out()
   _pin_threads(spec["threads"])
   sys.path[:0] = [str(SHIMS), spec["timm_dir"], spec["reference_src"]]
-  import peer_compat  # noqa: PLC0415
+  import peer_compat
   shims = peer_compat.install()
-  import warnings  # noqa: PLC0415
+  import warnings
   warnings.filterwarnings("ignore")
-  import importlib  # noqa: PLC0415
-  from functools import partial  # noqa: PLC0415
-  from types import SimpleNamespace  # noqa: PLC0415
+  import importlib
+  from functools import partial
+  from types import SimpleNamespace
 
-  import numpy as np  # noqa: PLC0415
-  import timm  # noqa: PLC0415
-  import torch  # noqa: PLC0415
-  from torch import nn  # noqa: PLC0415
+  import numpy as np
+  import timm
+  import torch
+  from torch import nn
 
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(spec["seed"])
@@ -227,13 +227,13 @@ def ours_worker(spec) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={spec['devices']}")
   sys.path.insert(0, str(REPO))
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
+  import jax
+  import numpy as np
 
-  from adpe_jax import convert, parallel  # noqa: PLC0415
+  from adpe_jax import convert, parallel
   from adpe_jax.config import pretrain as pretrain_config
-  from adpe_jax.models import variants  # noqa: PLC0415
-  from adpe_jax.train.pretrain import build_training  # noqa: PLC0415
+  from adpe_jax.models import variants
+  from adpe_jax.train.pretrain import build_training
 
   m = spec["model"]
   dims = (m["embed_dim"], m["depth"], m["num_heads"], m["decoder_dim"], m["decoder_depth"],

@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from adpe_jax.kernels import irpe  # noqa: E402
-from adpe_jax.kernels.attention import attention  # noqa: E402
+from adpe_jax.kernels import irpe
+from adpe_jax.kernels.attention import attention
 
 SHAPES = {"pretrain": (256, 12, 50, 64), "finetune": (64, 12, 197, 64)}
 QUICK = {"pretrain": (4, 2, 50, 64), "finetune": (2, 2, 197, 64)}

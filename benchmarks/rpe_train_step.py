@@ -25,17 +25,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
-from adpe_jax import adversary as adv_lib  # noqa: E402
-from adpe_jax import flops as flops_lib  # noqa: E402
-from adpe_jax.models.mae import MAEPlus  # noqa: E402
-from adpe_jax.models.variants import model_kwargs  # noqa: E402
-from adpe_jax.train.optimizer import decay_mask  # noqa: E402
-from adpe_jax.train.state import create_train_state  # noqa: E402
-from adpe_jax.train.step import make_train_step  # noqa: E402
+from adpe_jax import adversary as adv_lib
+from adpe_jax import flops as flops_lib
+from adpe_jax.models.mae import MAEPlus
+from adpe_jax.models.variants import model_kwargs
+from adpe_jax.train.optimizer import decay_mask
+from adpe_jax.train.state import create_train_state
+from adpe_jax.train.step import make_train_step
 
 # Dense bf16 peak FLOP/s (vendor data sheets); adpe_jax.train.metrics has the same table
 # but imports absl and etils.

@@ -98,22 +98,22 @@ if ARGS is not None:  # XLA reads its flags once, at backend start: set them bef
     flags += f" --xla_force_host_platform_device_count={ARGS.host_devices}"
   os.environ["XLA_FLAGS"] = (flags + " " + ARGS.xla_flags).strip()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from adpe_jax import parallel  # noqa: E402
+from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import variants  # noqa: E402
-from adpe_jax.train.metrics import device_peak_flops  # noqa: E402
-from adpe_jax.train.pretrain import build_training, step_flops  # noqa: E402
+from adpe_jax.models import variants
+from adpe_jax.train.metrics import device_peak_flops
+from adpe_jax.train.pretrain import build_training, step_flops
 
 
 def load_config(spec: str):
   if not spec:
     return pretrain_config.base_config()
   path, _, arg = spec.partition(":")
-  import importlib.util  # noqa: PLC0415
+  import importlib.util
   module_spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -252,8 +252,8 @@ def main(args) -> None:
     if after > peak:
       peak = after
     print(f"peak after the steps: {how}; used {peak / 1e9:.1f} GFLOP/s", flush=True)
-  print(f"\n| case | compile_s | ms/step | img/s | GFLOP/img | MFU | MiB/img | vs base | "
-        f"min ms | vs base (min) |")
+  print("\n| case | compile_s | ms/step | img/s | GFLOP/img | MFU | MiB/img | vs base | "
+        "min ms | vs base (min) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for label, run in runs.items():
     ms = 1000 * float(np.median(run["times"]))
@@ -284,11 +284,11 @@ def _op_class(name: str) -> str:
 
 def profile(label: str, run: dict, n: int, peak: float, top: int = 12) -> None:
   """Trace n steps; print time by op class and source op (from the HLO metadata)."""
-  import collections  # noqa: PLC0415
-  import glob  # noqa: PLC0415
-  import gzip  # noqa: PLC0415
-  import re  # noqa: PLC0415
-  import tempfile  # noqa: PLC0415
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
   source = {}
   for line in run["step"].as_text().splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)

@@ -34,7 +34,6 @@ from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import evaluate
 from adpe_jax.train.state import build_model, init_variables
 from adpe_jax.train.state import build_classifier, init_classifier_params
-from adpe_jax.train import mixup
 
 torch = pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +82,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 @pytest.fixture(scope="module")
 def timm_module():
   try:
-    import timm  # noqa: PLC0415
+    import timm
   except ImportError as e:
     if "timm" in str(e) and "torchvision" not in str(e):
       pytest.skip("timm is not installed (pip install -e '.[test]')")
@@ -111,16 +110,16 @@ def test_randaugment_ops_match_timm(timm_module):
   """Each op of adpe_jax.data.finetune.RandAugment is timm's AugmentOp, pixel for pixel
   (create_transform's hparams: ImageNet-mean fill, bicubic), at several magnitudes and
   both signs (timm draws the sign with random.random(); seeded here to know it)."""
-  import random  # noqa: PLC0415
-  from PIL import Image  # noqa: PLC0415
-  from adpe_jax.data import finetune as ft_data  # noqa: PLC0415
+  import random
+  from PIL import Image
+  from adpe_jax.data import finetune as ft_data
   aa = importlib.import_module("timm.data.auto_augment")
   hparams = dict(translate_const=int(28 * 0.45), img_mean=ft_data.FILL,
                  interpolation=Image.BICUBIC)
   rng = np.random.default_rng(0)
   base = rng.integers(0, 256, (7, 7, 3)).astype(np.uint8)
   img = Image.fromarray(base).resize((28, 28), Image.BICUBIC)   # smooth colour image
-  assert aa._RAND_INCREASING_TRANSFORMS == list(ft_data.RAND_INCREASING_OPS)  # noqa: SLF001
+  assert list(ft_data.RAND_INCREASING_OPS) == aa._RAND_INCREASING_TRANSFORMS
   for name in ft_data.RAND_INCREASING_OPS:
     for m in (0.0, 4.5, 9.0):
       for seed in (0, 3):
@@ -135,8 +134,8 @@ def test_randaugment_ops_match_timm(timm_module):
 
 def _real_images(n=8, size=28):
   if os.path.exists(FMNIST):
-    from adpe_jax.data import read_idx  # noqa: PLC0415
-    from adpe_jax.data.multicrop import normalize  # noqa: PLC0415
+    from adpe_jax.data import read_idx
+    from adpe_jax.data.multicrop import normalize
     raw = read_idx(FMNIST)[:n, :, :, None]
     return normalize(np.ascontiguousarray(raw))
   return np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
@@ -295,7 +294,6 @@ def test_mae_finetune_pth_initialises_the_same_encoder(timm_vit, tmp_path):
   """A facebookresearch/mae fine-tune checkpoint (timm's VisionTransformer with global
   pooling and fc_norm, saved as {"model": state_dict}) initialises our fine-tune model to
   the same function: with the same fc_norm and head, the logits equal timm's."""
-  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
 
 
 def test_mae_finetune_pth_initialises_the_same_classifier(timm_vit, tmp_path):
@@ -304,8 +302,7 @@ def test_mae_finetune_pth_initialises_the_same_classifier(timm_vit, tmp_path):
   the same function: its fc_norm and head fit, are loaded, and the logits equal timm's.
   Into a model with another number of classes the head starts fresh (fc_norm is loaded,
   as the original's strict=False load does)."""
-  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
-  from adpe_jax.train import finetune as ft  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config
   torch.manual_seed(0)
   ref = timm_vit(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10,
                  global_pool="avg", fc_norm=True)
@@ -355,7 +352,7 @@ def test_export_cli_writes_safetensors_and_pth(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["irpe_tables"] is False
     outs[ext] = out
-  from safetensors.numpy import load_file  # noqa: PLC0415
+  from safetensors.numpy import load_file
   st = load_file(str(outs["safetensors"]))
   pt = {k: t.numpy() for k, t in torch.load(outs["pth"], weights_only=True)["model"].items()}
   assert set(st) == set(pt) and all(np.array_equal(st[k], pt[k]) for k in st)
@@ -368,7 +365,6 @@ def test_export_cli_writes_safetensors_and_pth(tmp_path):
 
 
 def test_mixup_targets_match_timm(timm_module):
-  from adpe_jax.train import finetune as ft  # noqa: PLC0415
   mixup = importlib.import_module("timm.data.mixup")
   y = np.array([3, 1, 4, 1, 5, 9, 2, 6])
   x = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype(np.float32)

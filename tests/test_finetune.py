@@ -20,7 +20,6 @@ from adpe_jax import convert
 from adpe_jax.data import finetune as ft_data
 from adpe_jax.models import layout, posembed
 from adpe_jax.models.classifier import ViTClassifier
-from adpe_jax.train import finetune as ft
 from adpe_jax.train.state import build_classifier, init_classifier_params
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train import mixup
@@ -73,7 +72,7 @@ def test_resize_table_is_torch_bicubic(old, new):
   np.testing.assert_array_equal(got[0], table[0])  # cls row kept
   np.testing.assert_allclose(got[1:].reshape(new, new, 16), want, rtol=0, atol=1e-12)
   try:
-    import torch  # noqa: PLC0415
+    import torch
   except ImportError:
     return
   t = torch.from_numpy(table[1:].reshape(1, old, old, 16)).permute(0, 3, 1, 2)
@@ -111,7 +110,7 @@ def test_layer_decay_groups_match_param_groups_lrd():
   params = jax.eval_shape(lambda: init_classifier_params(model, jax.random.key(0)))
   scales = optim.lr_scales(params, 3, 0.65)
   decay = optim.classifier_decay_mask(params)
-  from flax import traverse_util  # noqa: PLC0415
+  from flax import traverse_util
   named, ours = {}, {}
   for path, leaf in traverse_util.flatten_dict(params).items():
     name, arr = convert.tensor_to_torch(path, np.zeros(leaf.shape, np.float32))
@@ -201,17 +200,17 @@ def test_mixup_params_switch_and_beta():
 
 def test_random_erasing_and_randaugment_deterministic():
   img = np.zeros((28, 28, 3), np.float32)
-  erased = [ft_data.random_erasing(img.copy(), ft_data._rng(0, 3, 0, i), 0.25)  # noqa: SLF001
+  erased = [ft_data.random_erasing(img.copy(), ft_data._rng(0, 3, 0, i), 0.25)
             for i in range(400)]
   frac = np.mean([np.any(e != 0) for e in erased])
   assert 0.18 < frac < 0.32
   areas = [np.mean(e != 0) for e in erased if np.any(e != 0)]
   assert min(areas) >= 0.015 and max(areas) <= 0.4  # (h, w rounded)
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image
   ra = ft_data.RandAugment("rand-m9-mstd0.5-inc1")
   src = Image.fromarray((np.arange(28 * 28 * 3) % 255).astype(np.uint8).reshape(28, 28, 3))
-  a = np.asarray(ra(src, ft_data._rng(0, 2, 0, 5)))  # noqa: SLF001
-  b = np.asarray(ra(src, ft_data._rng(0, 2, 0, 5)))  # noqa: SLF001
+  a = np.asarray(ra(src, ft_data._rng(0, 2, 0, 5)))
+  b = np.asarray(ra(src, ft_data._rng(0, 2, 0, 5)))
   np.testing.assert_array_equal(a, b)
   for name in ft_data.RAND_INCREASING_OPS:  # every op runs at both ends of the range
     for m in (0.0, 10.0):
@@ -241,7 +240,7 @@ FT = ["--config=configs/finetune_vitb_rpe_interp.py:smoke", "--config.data.sourc
 
 
 def _final_params(workdir):
-  from adpe_jax import weights  # noqa: PLC0415
+  from adpe_jax import weights
   return weights.load(workdir).params
 
 
@@ -300,8 +299,8 @@ CONFIGS = ["finetune_vitb_ape", "finetune_vitb_rpe", "finetune_vitb_rpe_interp",
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_finetune_configs_load_and_validate(name):
-  import importlib.util  # noqa: PLC0415
-  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
+  import importlib.util
+  from adpe_jax.config import finetune as finetune_config
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -340,7 +339,7 @@ PE_TYPES = {0: ("ape", "integer"), 1: ("rpe", "integer"), 2: ("rpe", "continuous
 
 @pytest.mark.parametrize("pe_type", [0, 1, 2])
 def test_load_init_from_our_pretraining(pretrained, pe_type):
-  from adpe_jax import weights  # noqa: PLC0415
+  from adpe_jax import weights
   from adpe_jax.config import finetune as finetune_config
   pe, lookup = PE_TYPES[pe_type]
   c = finetune_config.recipe("base", pe, "smoke", rpe_lookup=lookup)
@@ -365,7 +364,7 @@ def test_load_init_from_the_originals_pth(pretrained, tmp_path, monkeypatch):
   """The original's .pth (convert.to_torch of our checkpoint) initialises the same weights;
   without torch the error is one sentence."""
   torch = pytest.importorskip("torch")
-  from adpe_jax import errors, weights  # noqa: PLC0415
+  from adpe_jax import errors, weights
   from adpe_jax.config import finetune as finetune_config
   pre = weights.load(pretrained).params
   sd = convert.to_torch({"params": jax.tree.map(np.asarray, pre), "adversary": {}}, grid=7)

@@ -2,7 +2,6 @@
 parallelism, each device holds its part of every sharded tensor, runs resume across the
 two layouts; remat and bf16 train as the float32 step does."""
 
-import json
 import math
 
 import jax

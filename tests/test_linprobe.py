@@ -60,9 +60,9 @@ def test_knn_cli_equals_knn_eval_of_the_pretraining_model(pretrained, tmp_path):
   assert (summary["train_examples"], summary["test_examples"], summary["k"]) == (500, 200, 20)
   # Independent path: the pretraining model (MAEPlus.features) on params read by
   # weights.load, images by data.labelled_arrays, knn.knn_eval.
-  from adpe_jax import data, weights  # noqa: PLC0415
+  from adpe_jax import data, weights
   from adpe_jax.config import pretrain as pretrain_config
-  from adpe_jax.train.state import build_model  # noqa: PLC0415
+  from adpe_jax.train.state import build_model
   model = build_model(pretrain_config.seed_config("rpe", "coordinate", "smoke"))
   params = weights.load(pretrained).params
   train = data.labelled_arrays(data.get_source("fashion_mnist", "train"), 28, 500)
@@ -91,7 +91,7 @@ LP = ["--config=configs/linprobe_vitb.py:smoke"]
 
 
 def _probe_params(workdir):
-  from adpe_jax import weights  # noqa: PLC0415
+  from adpe_jax import weights
   return weights.load(workdir).params
 
 
@@ -185,7 +185,7 @@ def test_lars_is_maes():
 def test_encoder_is_frozen():
   """Steps change the probe only: the encoder's arrays are neither donated nor changed, and
   no gradient reaches them (stop_gradient)."""
-  from adpe_jax.config import probe as probe_config  # noqa: PLC0415
+  from adpe_jax.config import probe as probe_config
   c = probe_config.apply_smoke(probe_config.linprobe_config())
   encoder, _, _ = evaluate.load_encoder(c)
   enc_params = jax.device_put(encoder.params)
@@ -213,8 +213,8 @@ def test_encoder_is_frozen():
 def test_pools_and_configs():
   """The readouts: "mean" is MAEPlus.features' pooling, "cls" the normed cls token, "avg" a
   LayerNorm without affine of the raw patch-token mean; the linprobe configs load."""
-  import importlib.util  # noqa: PLC0415
-  from adpe_jax.config import probe as probe_config  # noqa: PLC0415
+  import importlib.util
+  from adpe_jax.config import probe as probe_config
   c = probe_config.apply_smoke(probe_config.knn_config())
   encoder, _, _ = evaluate.load_encoder(c)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 28, 28, 3)), jnp.float32)

@@ -251,8 +251,8 @@ def test_gelu_exact_is_the_erf_gelu_in_each_dtype():
   """vit.gelu_exact: float64 = x/2 erfc(-x/sqrt 2) to round-off (the fidelity contract);
   float32 = x/2 (1 + erf(x/sqrt 2)), torch's float32 formula, within its float32 rounding of
   the exact value, and torch's float32 GELU (not the tanh approximation)."""
-  import math  # noqa: PLC0415
-  from adpe_jax.models.vit import gelu_exact  # noqa: PLC0415
+  import math
+  from adpe_jax.models.vit import gelu_exact
   x = np.linspace(-9.0, 9.0, 3601)
   want = np.array([v / 2 * math.erfc(-v / math.sqrt(2)) for v in x])
   with jax.enable_x64(True):
@@ -264,7 +264,7 @@ def test_gelu_exact_is_the_erf_gelu_in_each_dtype():
   # float32 rounding of x/2 (1 + erf): a few ulps of 1 times |x| (1 + erf cancels for x < 0)
   assert np.all(np.abs(got32 - want32) <= 4e-7 * np.maximum(1.0, np.abs(x32)))
   try:
-    import torch  # noqa: PLC0415
+    import torch
   except ImportError:
     return
   t = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32))).numpy()

@@ -11,7 +11,6 @@ ones do, and resuming with the other layout is refused in one sentence.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
@@ -286,7 +285,7 @@ def test_lowered_train_loss_does_not_grow_with_depth():
 def scanned_run(tmp_path_factory):
   """A scanned pretraining checkpoint (RPE + coordinate, the seed smoke config) and its
   variables."""
-  from adpe_jax.train.pretrain import run_metadata  # noqa: PLC0415
+  from adpe_jax.train.pretrain import run_metadata
   c = pretrain_config.seed_config("rpe", "coordinate", "smoke")
   assert c.model.scan_blocks
   v = _live_variables(build_model(c).clone(scan_blocks=False), dtype=np.float32)
@@ -322,8 +321,7 @@ def test_scanned_checkpoint_exports_and_converts_as_unrolled(scanned_run):
 
 
 def test_scanned_checkpoint_initialises_a_finetune(scanned_run):
-  from adpe_jax.config import finetune as finetune_config  # noqa: PLC0415
-  from adpe_jax.train import finetune as ft  # noqa: PLC0415
+  from adpe_jax.config import finetune as finetune_config
   c = finetune_config.recipe("base", "rpe", "smoke", rpe_lookup="continuous")
   c.image_size, c.init = 56, str(scanned_run["workdir"])
   model = build_classifier(c)

@@ -123,9 +123,7 @@ def local_file_calls(source: str, module: str) -> list[str]:
         what = f"from {mod} import ..."
     elif isinstance(node, ast.Attribute) and _dotted(node):
       name = _dotted(node)
-      if name.startswith("os.path.") or name.split(".")[0] in BANNED_MODULES - {"os.path"}:
-        what = name
-      elif name.startswith("os.") and name.split(".")[1] in OS_PATH_CALLS:
+      if name.startswith("os.path.") or name.split(".")[0] in BANNED_MODULES - {"os.path"} or name.startswith("os.") and name.split(".")[1] in OS_PATH_CALLS:
         what = name
     elif isinstance(node, ast.Call):
       name = _dotted(node.func)
@@ -281,7 +279,7 @@ class _FakeGcsHandler(http.server.BaseHTTPRequestHandler):
       return 304
     return None
 
-  def do_GET(self):  # noqa: N802
+  def do_GET(self):
     parts, query = self._target()
     if parts[1:4] != ["storage", "v1", "b"] or len(parts) < 6 or parts[5] != "o":
       return self._send(400, {"error": f"not faked: GET {self.path}"})
@@ -319,7 +317,7 @@ class _FakeGcsHandler(http.server.BaseHTTPRequestHandler):
       items = [self._meta(bucket, n, base / n) for n in sorted(names)]
     self._send(200, {"kind": "storage#objects", "items": items})
 
-  def do_POST(self):  # noqa: N802
+  def do_POST(self):
     parts, query = self._target()
     data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
     if parts[1:5] != ["upload", "storage", "v1", "b"] or query.get("uploadType") != "media":
@@ -336,7 +334,7 @@ class _FakeGcsHandler(http.server.BaseHTTPRequestHandler):
       self.generations[str(f)] = (time.time_ns(), f.stat().st_mtime_ns)
       return self._send(200, self._meta(bucket, name, f))
 
-  def do_DELETE(self):  # noqa: N802
+  def do_DELETE(self):
     parts, query = self._target()
     f = self.root / parts[4] / urllib.parse.unquote("/".join(parts[6:]))
     with self.lock:
@@ -376,10 +374,10 @@ def fake_gcs(tmp_path_factory):
     hierarchical_namespace_enabled = False
 
   cloud_storage = types.ModuleType("google.cloud.storage")
-  cloud_storage.Client = lambda *a, **k: types.SimpleNamespace(  # noqa: ARG005
+  cloud_storage.Client = lambda *a, **k: types.SimpleNamespace(
       get_bucket=lambda name: FlatBucket())
 
-  saved = {k: fsspec_registry._registry.get(k) for k in ("gs", "gcs")}  # noqa: SLF001
+  saved = {k: fsspec_registry._registry.get(k) for k in ("gs", "gcs")}
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("TENSORSTORE_GCS_HTTP_URL", f"http://127.0.0.1:{server.server_address[1]}")
     mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "offline")
@@ -388,17 +386,17 @@ def fake_gcs(tmp_path_factory):
     mp.setitem(sys.modules, "google.cloud.storage", cloud_storage)
     for proto in ("gs", "gcs"):
       fsspec.register_implementation(proto, FakeGcsFileSystem, clobber=True)
-    epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # noqa: SLF001
+    epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()
     gcs_utils.get_bucket.cache_clear()
     try:
       yield types.SimpleNamespace(root=root, requests=_FakeGcsHandler.requests)
     finally:
       for proto, impl in saved.items():
         if impl is None:
-          fsspec_registry._registry.pop(proto, None)  # noqa: SLF001
+          fsspec_registry._registry.pop(proto, None)
         else:
           fsspec.register_implementation(proto, impl, clobber=True)
-      epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # noqa: SLF001
+      epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()
       gcs_utils.get_bucket.cache_clear()
       server.shutdown()
       server.server_close()

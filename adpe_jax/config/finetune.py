@@ -24,7 +24,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   """ViT-B/16 fine-tune at 224 px, APE (pe_type 0), batch 1024 (spec 1.2, 6)."""
   c = ml_collections.ConfigDict()
   c.task = "finetune"
-  c.init = ""                 # --finetune: pretraining workdir / checkpoint dir / .pth; "" = random init
+  c.init = ""                 # --finetune: a workdir / checkpoint dir / .pth; "" = random init
   c.seed = 0
   c.image_size = 224          # --input_size
   c.batch_size = 1024         # images per optimizer step, global (--batch_size x GPUs x accum)

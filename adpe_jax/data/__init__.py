@@ -19,7 +19,7 @@ from adpe_jax.data.synthetic import SyntheticSource
 def __getattr__(name):
   # `adpe_jax.data.TfdsSource` without importing tensorflow_datasets at package import.
   if name == "TfdsSource":
-    from adpe_jax.data.tfds_source import TfdsSource
+    from adpe_jax.data.tfds_source import TfdsSource  # noqa: PLC0415 (tensorflow_datasets)
     return TfdsSource
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -28,6 +28,7 @@ __all__ = [
     "ArraySource", "CropParams", "DataError", "FashionMnistSource", "FolderSource", "IMAGENET_MEAN",
     "IMAGENET_STD", "PretrainPipeline", "Source", "Subset", "SyntheticSource", "TfdsSource",
     "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
-    "epoch_permutation", "from_config", "get_source", "labelled_arrays", "normalize", "pil_resized_crop",
+    "epoch_permutation", "from_config", "get_source", "labelled_arrays", "normalize",
+    "pil_resized_crop",
     "read_idx", "resized_crops",
 ]

@@ -236,7 +236,7 @@ class PretrainPipeline:
             return
           step += 1
         put(("end", None))
-      except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
         put(("error", e))
 
     producer = threading.Thread(target=produce, name="adpe_data_prefetch", daemon=True)

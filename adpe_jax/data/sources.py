@@ -85,7 +85,7 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
     return FolderSource(root, split=split, **options)
   if kind == "tfds" and arg:
     # Imported here: keeps tensorflow_datasets out of `import adpe_jax.data`.
-    from adpe_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
+    from adpe_jax.data.tfds_source import TfdsSource  # noqa: PLC0415 (tensorflow_datasets)
     return TfdsSource(arg, split=split, data_dir=data_dir, **options)
   if kind == "synthetic":
     if arg:

@@ -35,13 +35,13 @@ class TfdsSource:
   def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                manual_dir: str | None = None, download: bool = False, image_key: str = "image",
                label_key: str = "label", max_in_memory_bytes: int = 2 << 30):
-    import tensorflow_datasets as tfds  # lazy: see module docstring.
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (lazy: see module docstring)
 
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
     try:
       builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types (DatasetNotFoundError, ValueError, ...).
+    except Exception as e:  # noqa: BLE001 (tfds raises DatasetNotFoundError, ValueError, ...)
       raise DataError(f"tfds has no dataset {name!r} ({type(e).__name__}: {e}).") from None
     prepared = _is_prepared(builder)
     if not prepared and download:
@@ -49,7 +49,7 @@ class TfdsSource:
       try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare(download_config=config)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001
         raise DataError(f"tfds could not prepare {name!r} in {builder.data_dir} "
                         f"({type(e).__name__}: {e}).") from None
       prepared = True
@@ -58,7 +58,7 @@ class TfdsSource:
     self._in_memory = None
     try:
       self._examples = builder.as_data_source(split=split)  # ArrayRecord: random access from disk.
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       if not prepared:
         manual = f" --manual_dir={manual_dir}" if manual_dir else " [--manual_dir=DIR]"
         shown_dir = data_dir or "~/tensorflow_datasets"
@@ -94,14 +94,14 @@ class TfdsSource:
 def _is_prepared(builder) -> bool:
   try:
     return bool(builder.is_prepared())
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001
     return False
 
 
 def _num_classes(info, label_key: str) -> int | None:
   try:
     return int(info.features[label_key].num_classes)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001
     return None
 
 
@@ -116,7 +116,7 @@ def _as_hwc(image) -> np.ndarray:
 
 def _read_into_memory(builder, split, image_key, label_key):
   """TFRecord fallback: decodes the split once through tf.data into lists of numpy images."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (lazy: see module docstring)
 
   images, labels = [], []
   for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):

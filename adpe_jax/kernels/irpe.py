@@ -129,7 +129,8 @@ def integer_table(table: jax.Array, grid: int) -> jax.Array:
 def piecewise_index_cont(x: jax.Array) -> jax.Array:
   """Continuous piecewise index g~(x) (spec 4.5), element-wise and differentiable.
 
-  g~(x) = x if |x| <= alpha, else sign(x) * min(beta, alpha + ln(|x|/alpha)/ln(gamma/alpha)*(beta-alpha)).
+  g~(x) = x if |x| <= alpha,
+          else sign(x) * min(beta, alpha + ln(|x|/alpha)/ln(gamma/alpha)*(beta-alpha)).
   The inside/outside test carries no gradient; the unused branch's log argument is made
   safe so the gradient never becomes NaN (e.g. at x = 0).  The min passes the gradient
   when the value equals beta (torch ``clip(max=beta)`` semantics).
@@ -143,7 +144,8 @@ def piecewise_index_cont(x: jax.Array) -> jax.Array:
   return jnp.where(inside, x, jnp.sign(x) * mag)
 
 
-def continuous_pixels(grid: int, shift: jax.Array, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+def continuous_pixels(grid: int, shift: jax.Array,
+                      dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """Sampling positions (in 7x7 table pixels) for the patch pairs, each (L, L).
 
   Returns (pix_b, pix_a): pix_b, from the ROW offset, indexes the LAST table axis;

@@ -349,7 +349,7 @@ def _specs(prob: _Problem, arrays: dict, bq: Optional[int]):
     geo = lambda b, h, i: (0, i, 0)         # noqa: E731
     const = lambda b, h, i: (0, 0)          # noqa: E731
   else:
-    row = full_bh = lambda b, h: (b, h, 0, 0)  # noqa: E731
+    row = full_bh = lambda b, h: (b, h, 0, 0)
     mrow = lambda b, h: (b, 0, 0)              # noqa: E731
     geo = lambda b, h: (0, 0, 0)               # noqa: E731
     const = lambda b, h: (0, 0)                # noqa: E731

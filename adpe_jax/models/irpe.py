@@ -37,7 +37,8 @@ class RelativePositionKey(nn.Module):
     lookup: "integer" (spec 5.2/5.3) or "continuous" (spec 4.5/5.5, zero shift for every
       row unless the coordinate adversary shifts masked rows).
     adversary: "none" | "embedding_faithful" | "embedding" | "coordinate" (the math:
-      `adpe_jax.kernels.irpe`).  "coordinate" always uses the continuous lookup, whatever ``lookup`` says.
+      `adpe_jax.kernels.irpe`).  "coordinate" always uses the continuous lookup, whatever
+      ``lookup`` says.
     param_dtype: dtype of the parameters; computation runs in q's dtype (the continuous
       lookup's geometry and sampling in at least float32, then cast to q's dtype).
 

@@ -23,8 +23,6 @@ trunk (`ViTClassifier`, global_pool=False, no drop path) loaded with
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -85,7 +83,8 @@ def labelled_features(encoder: FrozenEncoder, source, image_size: int,
   chunk = max(batch_size, chunk // batch_size * batch_size)
   feats, labels = [], []
   for lo in range(0, n, chunk):
-    view = source if (lo == 0 and n <= chunk) else data.Subset(source, np.arange(lo, min(n, lo + chunk)))
+    view = (source if (lo == 0 and n <= chunk)
+            else data.Subset(source, np.arange(lo, min(n, lo + chunk))))
     images, y = data.labelled_arrays(view, image_size, min(chunk, n - lo),
                                      crop_fraction=crop_fraction)
     feats.append(encoder.features(images, batch_size, mesh))

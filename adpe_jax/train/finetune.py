@@ -21,7 +21,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
@@ -31,7 +30,6 @@ from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
 from adpe_jax.errors import ConfigError
-from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.mixup import mix_batch, soft_cross_entropy

@@ -97,10 +97,8 @@ def _knn_predict(train_feats, train_labels, test_feats, *, k: int, num_classes: 
   sim = jnp.matmul(test_feats, train_feats.T, precision=jax.lax.Precision.HIGHEST)
   top_sim, top_idx = jax.lax.top_k(sim, k)              # (C, k)
   top_labels = train_labels[top_idx]                    # (C, k)
-  if temperature is None:
-    weights = jnp.ones_like(top_sim)
-  else:
-    weights = jnp.exp(top_sim / temperature)
+  weights = (jnp.ones_like(top_sim) if temperature is None
+             else jnp.exp(top_sim / temperature))
   votes = (jax.nn.one_hot(top_labels, num_classes, dtype=jnp.float32)
            * weights[..., None]).sum(axis=1)            # (C, num_classes)
   return jnp.argmax(votes, axis=-1)                     # first max = smallest class on ties

@@ -184,7 +184,8 @@ def linprobe(config, workdir: str) -> dict:
   # 4. Resume.
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
                                config.keep_checkpoints,
-                               metadata=run_metadata(config, resolved), upgrade=check.upgrade_run_metadata)
+                               metadata=run_metadata(config, resolved),
+                               upgrade=check.upgrade_run_metadata)
   restored = ckpt.restore(ckpt_lib.abstract_of(state))
   if restored is not None:
     state = restored

@@ -34,7 +34,8 @@ def split_micro(batch: dict, accum: int) -> dict:
   return jax.tree.map(f, batch)
 
 
-MASK_STREAM = 0x6D61736B  # fold_in constant of the per-id mask noise ("mask"; micro keys are 0..accum-1)
+# fold_in constant of the per-id mask noise ("mask"; micro keys are 0..accum-1)
+MASK_STREAM = 0x6D61736B
 
 
 def with_mask_noise(batch: dict, key: jax.Array, num_patches: int) -> dict:

@@ -84,11 +84,11 @@ class _EasyDict(dict):
 def install(real_torchvision: bool = False) -> dict:
   """Installs the shims; returns {name: 'real' | 'shim'} for the report."""
   used = {}
-  import numpy as np  # noqa: PLC0415
-  import torch  # noqa: PLC0415
+  import numpy as np
+  import torch
 
   try:
-    import torch._six  # noqa: F401, PLC0415
+    import torch._six
     used["torch._six"] = "real"
   except ImportError:
     six = types.ModuleType("torch._six")
@@ -109,7 +109,7 @@ def install(real_torchvision: bool = False) -> dict:
   have_tv = False
   if real_torchvision:
     try:
-      import torchvision  # noqa: F401, PLC0415
+      import torchvision  # noqa: F401
       have_tv = True
     except Exception:  # noqa: BLE001 (a broken CUDA build raises RuntimeError)
       for n in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
@@ -119,7 +119,7 @@ def install(real_torchvision: bool = False) -> dict:
   used["torchvision"] = "real" if have_tv else "shim"
 
   try:
-    import easydict  # noqa: F401, PLC0415
+    import easydict  # noqa: F401
     used["easydict"] = "real"
   except ImportError:
     mod = types.ModuleType("easydict")

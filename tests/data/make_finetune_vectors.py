@@ -49,16 +49,16 @@ BATCH, SEED = 4, 0
 
 def child(reference_src: str, timm_dir: str, out_dir: str) -> None:
   sys.path[:0] = [str(SHIMS), timm_dir, reference_src]
-  import peer_compat  # noqa: PLC0415
+  import peer_compat
   shims = peer_compat.install()
-  import importlib  # noqa: PLC0415
-  import warnings  # noqa: PLC0415
-  from functools import partial  # noqa: PLC0415
+  import importlib
+  import warnings
+  from functools import partial
 
-  import numpy as np  # noqa: PLC0415
-  import timm  # noqa: PLC0415
-  import torch  # noqa: PLC0415
-  from torch import nn  # noqa: PLC0415
+  import numpy as np
+  import timm
+  import torch
+  from torch import nn
 
   warnings.filterwarnings("ignore")
   assert timm.__version__ == "0.3.2", timm.__version__
@@ -97,7 +97,7 @@ def main() -> None:
   ap.add_argument("--out", default=str(HERE), help="output directory (default: tests/data)")
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
-  if args._child:  # noqa: SLF001
+  if args._child:
     child(args.reference_src, args.timm_dir, args.out)
     return
   r = subprocess.run([sys.executable, __file__, "--_child", "--reference-src",
