@@ -33,6 +33,7 @@ from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train import evaluate
 from adpe_jax.train.state import build_model, init_variables
+from adpe_jax.train import mixup
 from adpe_jax.train.state import build_classifier, init_classifier_params
 
 torch = pytest.importorskip("torch")
@@ -365,10 +366,10 @@ def test_export_cli_writes_safetensors_and_pth(tmp_path):
 
 
 def test_mixup_targets_match_timm(timm_module):
-  mixup = importlib.import_module("timm.data.mixup")
+  timm_mixup = importlib.import_module("timm.data.mixup")
   y = np.array([3, 1, 4, 1, 5, 9, 2, 6])
   x = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype(np.float32)
   for lam in (1.0, 0.62, 0.2):
-    want = mixup.mixup_target(torch.from_numpy(y), 10, lam=lam, smoothing=0.1).numpy()
+    want = timm_mixup.mixup_target(torch.from_numpy(y), 10, lam=lam, smoothing=0.1).numpy()
     got = mixup.mix_batch(x, y, lam, False, np.zeros(4, np.int32), 10, 0.1)[1]
     np.testing.assert_allclose(got, want, atol=1e-6)
