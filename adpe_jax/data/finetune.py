@@ -7,7 +7,7 @@ original / MAE call it):
   (`RandAugment` below, Pillow ops) -> ToTensor -> Normalize -> RandomErasing(0.25, pixel
   mode, one region) (`random_erasing` below).
 Mixup / CutMix (timm `Mixup`, batch mode) is drawn here per micro-batch (`mixup_params`)
-and applied inside the compiled step (`adpe_jax.train.finetune.mix_batch`).
+and applied inside the compiled step (`adpe_jax.train.mixup.mix_batch`).
 
 No maintained JAX/TF implementation reproduces timm's RandAugment (TF Model Garden's and
 big_vision's RandAugment use another op set, magnitudes and no per-op probability /
