@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP := $(VENV)/.installed
+# The exact tested versions (setup.cfg declares ranges): CI installs exactly these.
+CONSTRAINTS := .ci/constraints.txt
 
 .PHONY: test lint demo install data clean
 
@@ -11,8 +13,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install -q -e '.[test,lint]'
+$(STAMP): $(PY) setup.cfg pyproject.toml $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -25,7 +25,7 @@
 #   PASS_ENV                   names of local variables to forward, e.g. "LIBTPU_INIT_ARGS XLA_FLAGS"
 #   DETACH=1                   start the run in the background (nohup setsid) on each worker, so it
 #                              survives the ssh session; output goes to LOG_FILE [adpe_run.log in $HOME]
-#   JAX_VERSION                --install: the jax[tpu] version [the jax== pin in setup.cfg]
+#   JAX_VERSION                --install: the jax[tpu] version [the tested jax in .ci/constraints.txt]
 set -euo pipefail
 
 usage() {
@@ -100,8 +100,8 @@ ssh=(gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_flags[@]}")
 case $mode in
   install)
     # Copy this checkout (tracked and untracked, not ignored: no .venv, runs/, caches) to
-    # every worker and install it with jax[tpu] at the version setup.cfg pins.
-    jax_version=${JAX_VERSION:-$(sed -n 's/^[[:space:]]*jax==\([^[:space:]]*\).*/\1/p' "$root/setup.cfg")}
+    # every worker and install it with jax[tpu] at the tested version (.ci/constraints.txt).
+    jax_version=${JAX_VERSION:-$(sed -n 's/^jax==\([^[:space:]]*\).*/\1/p' "$root/.ci/constraints.txt")}
     jax_req="jax[tpu]${jax_version:+==${jax_version}}"
     tarball=$(mktemp "${TMPDIR:-/tmp}/adpe_jax_src.XXXXXX")
     trap 'rm -f "$tarball"' EXIT
