@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from adpe_jax import storage
 from adpe_jax.errors import CheckpointError
+from adpe_jax.models.layout import PREFIXES
 
 try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
   from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX
@@ -165,7 +166,6 @@ def _tree_mismatches(saved: dict, wanted: dict) -> list[str]:
 def _block_layout(flat: dict) -> str | None:
   """"scanned" (params/blocks/..., model.scan_blocks) or "unrolled" (params/blocks_0/...),
   from the flat keys of a state tree; the stack names are `layout.PREFIXES`."""
-  from adpe_jax.models.layout import PREFIXES  # noqa: PLC0415 (as parallel.py: no flax here)
   if any(k.startswith(tuple(f"params/{p}/" for p in PREFIXES)) for k in flat):
     return "scanned"
   if any(k.startswith(tuple(f"params/{p}_" for p in PREFIXES)) for k in flat):

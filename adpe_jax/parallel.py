@@ -25,6 +25,7 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from adpe_jax.errors import MeshError
+from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -155,7 +156,6 @@ def state_shardings(mesh: Mesh, tree, min_size: int = FSDP_MIN_SIZE):
   Leaves under a scanned `blocks` / `decoder_blocks` entry are (depth, *block shape): the
   block shape decides as unrolled, and the depth axis stays unsharded.
   """
-  from adpe_jax.models import layout  # noqa: PLC0415 (keeps this module free of flax)
   size = mesh.shape[FSDP]
 
   def one(path, x):

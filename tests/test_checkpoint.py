@@ -147,6 +147,29 @@ def test_keep_last_n_and_latest_step(tmp_path):
   assert_trees_equal(again.restore(abstract_of(tiny_state(0)), step=8), tiny_state(8))
 
 
+def test_fine_tune_checkpoint_of_the_pe_type_vocabulary_resumes(tmp_path):
+  """A fine-tune / probe checkpoint written with model.pe_type (0.1.0) resumes into today's
+  model.pe + model.rpe_lookup once its run metadata is upgraded; without the upgrade the
+  same checkpoint is refused."""
+  from adpe_jax.config.validate import upgrade_run_metadata
+  old = {"task": "finetune", "model": {"variant": "test", "pe_type": 2, "global_pool": True}}
+  new = {"task": "finetune",
+         "model": {"variant": "test", "pe": "rpe", "rpe_lookup": "continuous", "global_pool": True}}
+  ck = Checkpointer(str(tmp_path), every_steps=0, metadata=old)
+  ck.maybe_save(3, tiny_state(3), force=True)
+  ck.close()
+  with pytest.raises(CheckpointError, match="pe_type"):
+    Checkpointer(str(tmp_path), every_steps=0, metadata=new).restore(abstract_of(tiny_state(0)))
+  ck = Checkpointer(str(tmp_path), every_steps=0, metadata=new, upgrade=upgrade_run_metadata)
+  assert_trees_equal(ck.restore(abstract_of(tiny_state(0))), tiny_state(3))
+  ck.close()
+  for pe_type, (pe, lookup) in {0: ("ape", None), 1: ("rpe", "integer"),
+                                2: ("rpe", "continuous")}.items():
+    run = upgrade_run_metadata({"model": {"pe_type": pe_type, "patch_size": 4}})
+    assert run["model"] == {"pe": pe, "rpe_lookup": lookup, "patch_size": 4}
+  assert upgrade_run_metadata(new) is new
+
+
 def refuse(workdir, abstract, metadata, *needles):
   before = listing(workdir)
   ck = Checkpointer(str(workdir), every_steps=5, metadata=metadata)

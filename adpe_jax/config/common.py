@@ -39,6 +39,29 @@ def distributed() -> ml_collections.ConfigDict:
   return d
 
 
+def labelled_data() -> ml_collections.ConfigDict:
+  """The data block of the supervised tasks (fine-tune, linear probe): ImageNet by default."""
+  d = ml_collections.ConfigDict()
+  d.source = "tfds:imagenet2012"   # fashion_mnist | folder:<dir> | tfds:<name> | synthetic
+  d.dir = ""
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.num_classes = 1000
+  d.num_examples = 0               # synthetic sources only
+  d.num_threads = 0                # 0 = os.cpu_count()
+  return d
+
+
+def top1_eval() -> ml_collections.ConfigDict:
+  """The eval block of the supervised tasks: top-1 / top-5 on data.eval_split."""
+  e = ml_collections.ConfigDict()
+  e.every_steps = 0                # 0 = every epoch (the original)
+  e.batch_size = 1024              # global
+  e.max_examples = 0               # 0 = the whole eval split
+  e.crop_fraction = 0.875          # Resize(size / 0.875) -> CenterCrop(size)
+  return e
+
+
 def add_run_fields(c: ml_collections.ConfigDict, keep_checkpoints: int) -> None:
   """Cadence of the one training loop (adpe_jax/train/loop.py)."""
   c.log_every_steps = 50

@@ -63,20 +63,8 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.aug.mixup_switch_prob = 0.5
   c.aug.smoothing = 0.1
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:imagenet2012"
-  c.data.dir = ""
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
-  c.data.num_examples = 0                  # synthetic sources only
-  c.data.num_threads = 0
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0                   # 0 = every epoch (the original)
-  c.eval.batch_size = 1024                 # global
-  c.eval.max_examples = 0                  # 0 = the whole eval split
-  c.eval.crop_fraction = 0.875             # Resize(size / 0.875) -> CenterCrop(size)
+  c.data = common.labelled_data()
+  c.eval = common.top1_eval()
   return c
 
 

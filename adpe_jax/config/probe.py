@@ -68,7 +68,7 @@ def linprobe_config() -> ml_collections.ConfigDict:
   flip train, Resize(256) -> CenterCrop(224) eval."""
   c = ml_collections.ConfigDict()
   c.task = "linprobe"
-  common.add_cache_field(c)
+  common.add_run_fields(c, keep_checkpoints=2)
   _encoder_fields(c, "cls")
   c.image_size = 224
   c.batch_size = 16384
@@ -80,23 +80,8 @@ def linprobe_config() -> ml_collections.ConfigDict:
   c.min_lr = 0.0
   c.weight_decay = 0.0
   c.momentum = 0.9
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 2
-  c.max_steps_per_run = 0
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:imagenet2012"
-  c.data.dir = ""
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.num_classes = 1000
-  c.data.num_examples = 0     # synthetic sources only
-  c.data.num_threads = 0
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0      # 0 = every epoch
-  c.eval.batch_size = 1024    # feature batches (global)
-  c.eval.max_examples = 0     # 0 = the whole eval split
-  c.eval.crop_fraction = 0.875
+  c.data = common.labelled_data()
+  c.eval = common.top1_eval()  # eval.batch_size: the feature batches
   return c
 
 

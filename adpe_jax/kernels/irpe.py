@@ -27,10 +27,9 @@ Offsets are query minus key: d = pos_i - pos_j; patch n sits at (n // grid, n % 
 QW = q W followed by a gather of bucket(i, j) (`integer_bias`), and the continuous one by
 materialising R (a matmul with constant-structure bilinear weights) and contracting it
 with one einsum ('bhid,dij->bhij').  `integer_table` materialises the integer R (a
-one-hot matmul), the form the integer term had before; `benchmarks/rpe_bias.py` times
-the two.  The fused Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same
-term from QW = q W and bucket / corner ids without materialising anything of size T x T
-per query.
+one-hot matmul), the slower equal form `benchmarks/rpe_bias.py` times against it.
+The fused Pallas kernel (`adpe_jax.kernels.rpe_attention`) computes the same term from
+QW = q W and bucket / corner ids without materialising anything of size T x T per query.
 
 The adversary (`RPEOperands.adversary`, spec 4.4 / 4.5; the variables are declared by
 `RelativePositionKey`) acts on masked query rows only:

@@ -23,6 +23,7 @@ trunk (`ViTClassifier`, global_pool=False, no drop path) loaded with
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -99,6 +100,12 @@ def params_of(state_or_params):
   return getattr(state_or_params, "params", state_or_params)
 
 
+def decode_once(num_examples: int, image_size: int) -> bool:
+  """Whether an eval set is small enough (<= 20000 examples of <= 64 px, <= 1 GiB as
+  float32) to be decoded once and kept, rather than decoded at every evaluation."""
+  return num_examples <= 20000 and image_size <= 64
+
+
 class LabelledImages:
   """The first `max_examples` (0 = all) eval-transformed examples of a source
   (Resize(size / crop_fraction) -> CenterCrop), decoded once when small (<= 20000 of <= 64
@@ -109,7 +116,7 @@ class LabelledImages:
     self.source, self.size, self.crop, self.chunk = source, image_size, crop_fraction, chunk
     self.n = len(source) if max_examples <= 0 else min(max_examples, len(source))
     self.cached = None
-    if self.n <= 20000 and image_size <= 64:
+    if decode_once(self.n, image_size):
       self.cached = data.labelled_arrays(source, image_size, self.n, crop_fraction=crop_fraction)
 
   def features(self, encoder: "FrozenEncoder", batch_size: int, mesh=None):
@@ -136,6 +143,7 @@ class KnnEvaluator:
     self.k, self.temperature = k, temperature
     self.batch_size, self.mesh = batch_size, mesh
     self.every_steps, self.at_end = every_steps, at_end
+    self.seconds = 0.0        # the wall time of the last run
 
   @classmethod
   def from_pretrain_config(cls, config, model, mesh) -> "KnnEvaluator":
@@ -150,10 +158,13 @@ class KnnEvaluator:
 
   def run(self, state_or_params, step: int = 0) -> dict:
     del step
+    t0 = time.time()
     encoder = self.encoder_of(params_of(state_or_params))
     train = self.train.features(encoder, self.batch_size, self.mesh)
     test = self.test.features(encoder, self.batch_size, self.mesh)
-    return {"knn_top1": knn_metric.knn_top1(*train, *test, k=self.k, temperature=self.temperature)}
+    top1 = knn_metric.knn_top1(*train, *test, k=self.k, temperature=self.temperature)
+    self.seconds = time.time() - t0
+    return {"knn_top1": top1}
 
 
 def topk_sums(logits, labels, valid) -> dict:
@@ -198,7 +209,7 @@ class ClassifierEvaluator:
     self.step = jax.jit(eval_step, in_shardings=(None, shard, shard, shard),
                         out_shardings=parallel.replicated(mesh))
     self._cache = None
-    if self.n <= 20000 and self.size <= 64:
+    if decode_once(self.n, self.size):
       self._cache = [self._host_batch(lo) for lo in range(0, self.n, self.batch)]
 
   def _host_batch(self, lo: int):

@@ -168,9 +168,6 @@ def finetune(config, workdir: str) -> dict:
   ckpt.close()
 
   # 6. Summary.
-  summary: dict[str, Any] = {"status": result.status, "steps": result.end_step,
-                             "total_steps": total_steps,
-                             "train_seconds": result.train_seconds, **info}
-  summary.update(loop.best_and_last(result.evals))
+  summary = loop.run_summary(result, total_steps, **info)
   loop.write_summary(workdir, summary)
   return {"state": result.state, "summary": summary, "evals": result.evals}

@@ -27,7 +27,6 @@ variance in the running average (torch the unbiased one); flax's truncated norma
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -213,10 +212,7 @@ def linprobe(config, workdir: str) -> dict:
   ckpt.close()
 
   # 6. Summary.
-  summary: dict[str, Any] = {"status": result.status, "steps": result.end_step,
-                             "total_steps": total_steps, "train_seconds": result.train_seconds,
-                             "feature_seconds": feature_seconds, **info}
-  summary.update(loop.best_and_last(result.evals))
+  summary = loop.run_summary(result, total_steps, feature_seconds=feature_seconds, **info)
   loop.write_summary(workdir, summary)
   return {"state": result.state, "summary": summary, "evals": result.evals, "encoder": encoder,
           "encoder_params": encoder_params}

@@ -115,6 +115,13 @@ def logged_records(workdir, key: str, upto: Optional[int] = None) -> list[dict]:
   return out
 
 
+def run_summary(result: "Result", total_steps: int, **extra) -> dict:
+  """summary.json of a trained run: status, steps, timing, the task's `extra` fields and
+  the best / last top-1 evaluation where the task has one."""
+  return {"status": result.status, "steps": result.end_step, "total_steps": total_steps,
+          "train_seconds": result.train_seconds, **extra, **best_and_last(result.evals)}
+
+
 def best_and_last(evals: list, key: str = "top1") -> dict:
   """best_* / last_* of the evaluation records holding `key` (top-1 and top-5), {} if none."""
   evals = [e for e in evals if key in e]
@@ -140,9 +147,8 @@ class Result:
 
 
 def _due(evaluator, done: int, total_steps: int) -> bool:
-  every = int(getattr(evaluator, "every_steps", 0) or 0)
-  return (every > 0 and done % every == 0) or (
-      getattr(evaluator, "at_end", True) and done == total_steps)
+  every = evaluator.every_steps
+  return (every > 0 and done % every == 0) or (evaluator.at_end and done == total_steps)
 
 
 def _write_result(log: MetricsLog, step: int, result: dict, epoch: float) -> dict:
@@ -173,7 +179,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   log = MetricsLog(workdir, total_steps)
   stop_at = total_steps if config.max_steps_per_run <= 0 else min(
       total_steps, start_step + config.max_steps_per_run)
-  keys = [getattr(e, "key", "") for e in evaluators]
+  keys = [e.key for e in evaluators]
   evals = [r for r in logged_records(workdir, "step", start_step)
            if any(k and k in r for k in keys)]
   history: list = []

@@ -188,15 +188,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # 6. Summary. ---------------------------------------------------------------------------
   final_loss = (result.history[-1]["loss"] if result.history else
                 (loop.logged_records(workdir, "loss") or [{}])[-1].get("loss"))
-  summary = {"status": result.status, "steps": result.end_step, "total_steps": total_steps,
-             "train_seconds": result.train_seconds, "compile_seconds": compile_seconds,
-             "step_flops": flops_per_step, "final_loss": final_loss}
+  summary = loop.run_summary(result, total_steps, compile_seconds=compile_seconds,
+                             step_flops=flops_per_step, final_loss=final_loss)
   if result.status == "finished" and knn is not None:
-    t0 = time.time()
     final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
-    summary["knn_top1"] = final[-1]["knn_top1"] if final else knn.run(result.state, 0)["knn_top1"]
+    # (none only when the last step ran in an earlier process that ended before its summary)
+    summary["knn_top1"] = final[-1]["knn_top1"] if final else knn.run(result.state)["knn_top1"]
+    seconds = knn.seconds
     summary["knn_top1_random_init"] = knn.run(
-        jax.jit(lambda k: init_params(model, k))(setup["init_key"]), 0)["knn_top1"]
-    summary["knn_seconds"] = time.time() - t0
+        jax.jit(lambda k: init_params(model, k))(setup["init_key"]))["knn_top1"]
+    summary["knn_seconds"] = seconds + knn.seconds  # the final and the random-init k-NN
   loop.write_summary(workdir, summary)
   return {"state": result.state, "history": result.history, "summary": summary}
