@@ -82,14 +82,8 @@ def _run(workdir: pathlib.Path, args: list[str], env: dict) -> tuple[dict, float
 
 
 def _last_adversary_record(workdir: pathlib.Path) -> dict:
-  last = {}
-  path = workdir / "metrics.jsonl"
-  if path.exists():
-    for line in path.read_text().splitlines():
-      record = json.loads(line)
-      if "adv_loss_gap" in record:
-        last = record
-  return last
+  from adpe_jax.train.loop import logged_records  # lazily: skips cut lines
+  return (logged_records(workdir, "adv_loss_gap") or [{}])[-1]
 
 
 def run_one(arm: str, seed: int, out: pathlib.Path, opts, env: dict) -> dict:

@@ -32,7 +32,7 @@ from absl import logging
 
 from adpe_jax import parallel, storage
 from adpe_jax.errors import ConfigError
-from adpe_jax.train.metrics import MetricsLog
+from adpe_jax.train.metrics import MetricsLog, parse_records
 from adpe_jax.train.stop import AgreedStop
 
 # metrics of a step that are not averaged into the log record
@@ -98,21 +98,15 @@ def write_summary(workdir, summary: dict) -> None:
 
 def logged_records(workdir, key: str, upto: Optional[int] = None) -> list[dict]:
   """The metrics.jsonl records holding `key` (up to step `upto`), oldest first: a resumed
-  run's evaluations, or its last logged loss."""
-  out = []
+  run's evaluations, or its last logged loss.  Lines that are not records (cut by a kill,
+  a non-UTF-8 byte) are skipped; a non-finite value reads back as None."""
+  path = storage.resolve(workdir) / "metrics.jsonl"
   try:
-    text = storage.read_text(storage.resolve(workdir) / "metrics.jsonl") or ""
+    data = storage.read_bytes(path) if path.exists() else b""
   except OSError:
-    return out
-  for line in text.splitlines():
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(record, dict) and key in record and (
-        upto is None or record.get("step", 0) <= upto):
-      out.append(record)
-  return out
+    return []
+  return [r for r in parse_records(data)
+          if key in r and (upto is None or (r.get("step") or 0) <= upto)]
 
 
 def run_summary(result: "Result", total_steps: int, **extra) -> dict:
@@ -176,7 +170,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   closes it.
   """
   start_step = int(state.step)
-  log = MetricsLog(workdir, total_steps)
+  log = MetricsLog(workdir, total_steps, start_step=start_step)
   stop_at = total_steps if config.max_steps_per_run <= 0 else min(
       total_steps, start_step + config.max_steps_per_run)
   keys = [e.key for e in evaluators]

@@ -7,6 +7,7 @@ model, step and kernels stay importable on machines without TensorFlow.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
@@ -32,17 +33,85 @@ def device_peak_flops(device=None) -> float | None:
   return None
 
 
+def json_value(v):
+  """A metric as strict JSON: a non-finite float (a diverged loss) becomes null -- bare
+  `NaN` / `Infinity` are not JSON and break other readers (jq, pandas' strict mode, JS);
+  log.txt and TensorBoard keep the value itself (nan / inf)."""
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
+
+
+def parse_records(data: bytes) -> list[dict]:
+  """The JSON-object lines of a metrics.jsonl (bytes): a line that is not one (a record
+  cut by a kill, a stray non-UTF-8 byte) is skipped, never an error."""
+  out = []
+  for line in data.decode("utf-8", errors="replace").splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict):
+      out.append(record)
+  return out
+
+
+def trim_for_resume(path, start_step: int) -> int:
+  """Drops, from a metrics.jsonl a resumed run continues, the records of steps after the
+  restored one and a last line cut mid-write; returns how many lines were dropped.
+
+  Those steps ran after the checkpoint the run resumes from: their state is gone and the
+  resumed run logs them again (with the same values -- resume is exact), so keeping them
+  would give two records a step.  A cut line would have the next record appended onto it
+  (two records lost).  Complete lines that are not records are kept as they are.  The
+  file is rewritten only when something is dropped (a temporary file, then a rename).
+  """
+  data = storage.read_bytes(path) if path.exists() else b""
+  if not data:
+    return 0
+  lines = data.split(b"\n")
+  complete, partial = lines[:-1], lines[-1]   # after the last "\n": a cut record or b""
+  kept = []
+  for line in complete:
+    try:
+      record = json.loads(line.decode("utf-8", errors="replace"))
+      step = int(record["step"]) if isinstance(record, dict) and "step" in record else None
+    except (ValueError, TypeError):
+      step = None
+    if step is None or step <= start_step:
+      kept.append(line)
+  dropped = len(complete) - len(kept) + (1 if partial else 0)
+  if dropped:
+    tmp = path.parent / (path.name + ".tmp")
+    storage.write_bytes(tmp, b"".join(line + b"\n" for line in kept))
+    tmp.replace(path)
+  return dropped
+
+
 class MetricsLog:
   """metrics.jsonl (one JSON object per logged step), log.txt, and TensorBoard events.
 
-  Files are appended, so a resumed run continues them.  Only process 0 writes files.
+  Files are appended, so a resumed run continues them (`start_step`: the restored step;
+  records of later steps, and a record cut by a kill, are dropped first: see
+  `trim_for_resume`).  Only process 0 writes files.  Non-finite values are written to
+  metrics.jsonl as null (`json_value`).
   """
 
-  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True,
+               start_step: int | None = None):
     self.workdir = storage.resolve(workdir)  # local or gs://... (etils.epath)
     self.main = jax.process_index() == 0
     self.jsonl = self.workdir / "metrics.jsonl"
     self.text = self.workdir / "log.txt"
+    if self.main and start_step is not None:
+      dropped = trim_for_resume(self.jsonl, int(start_step))
+      if dropped:
+        logging.warning("%s: dropped %d record(s) of steps after the restored step %d (or "
+                        "cut by a kill); the resumed run logs those steps again", self.jsonl,
+                        dropped, start_step)
+      text = storage.read_bytes(self.text) if self.text.exists() else b""
+      if text and not text.endswith(b"\n"):  # a line cut by a kill: start a new one
+        storage.append_text(self.text, "\n")
     self.writer = None
     self.progress = None
     if tensorboard:
@@ -64,7 +133,8 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     step = int(record["step"])
     if self.main:
-      storage.append_text(self.jsonl, json.dumps(record) + "\n")
+      strict = {k: json_value(v) for k, v in record.items()}
+      storage.append_text(self.jsonl, json.dumps(strict, allow_nan=False) + "\n")
       fields = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in record.items() if k != "step")
       storage.append_text(self.text,
