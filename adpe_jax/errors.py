@@ -25,6 +25,16 @@ class CheckpointError(AdpeError, RuntimeError):
   """A checkpoint that cannot be restored into the configured run (nothing is changed)."""
 
 
+class DivergenceError(AdpeError, FloatingPointError):
+  """The loss went non-finite or far above the run's first loss: the run stopped before
+  saving that state, the last good checkpoint is kept; `status` ("non-finite" or
+  "diverged") and `step` (the first bad step) are also in summary.json."""
+
+  def __init__(self, message: str, status: str = "diverged", step: int | None = None):
+    super().__init__(message)
+    self.status, self.step = status, step
+
+
 class InitError(ConfigError):
   """config.init (weights to start from) cannot initialise the configured model."""
 

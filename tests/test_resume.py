@@ -130,10 +130,12 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
   # after a few steps, deterministically.
   w = str(tmp_path)
   c = fmnist_config(total_steps=60, checkpoint_every_steps=2, blr=32.0, warmup_epochs=0.0,
-                    weight_decay=-10.0)
+                    weight_decay=-10.0, divergence_factor=0.0)  # the non-finite stop itself
   with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients at step (\d+)") as e:
     train_and_evaluate(c, w)
   bad = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert (summary["status"], summary["step"]) == ("non-finite", bad)
   from adpe_jax.train.pretrain import run_metadata
   cp = ckpt_lib.Checkpointer(w, 2, metadata=run_metadata(c))
   step = cp.latest_step()
@@ -145,3 +147,33 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
   assert int(restored.step) == step
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
   cp.close()
+
+
+def test_divergence_stops_at_the_first_step_above_the_factor_after_a_resume(tmp_path):
+  # blr=1e2 over a 20-step warmup: the loss stays finite but jumps above 10x its first
+  # value within a few steps (1e4x later), deterministically.
+  kw = dict(total_steps=12, blr=1e2, warmup_epochs=20 / 7500, checkpoint_every_steps=2)
+  ref = tmp_path / "ref"
+  train_and_evaluate(fmnist_config(**kw, divergence_factor=0.0), str(ref))  # every step, no stop
+  per_step = losses(ref)
+  expected = next(s for s in sorted(per_step) if per_step[s] > 10 * per_step[1])
+  # Logged every 2 steps (the checkpoints): the bad step must not open its window, so a
+  # range ("between steps 3 and 4") would not do.
+  assert expected % 2 == 0 and expected > 2, per_step
+  w = tmp_path / "run"
+  c = fmnist_config(**kw, log_every_steps=10)
+  first = train_and_evaluate(fmnist_config(**kw, log_every_steps=10, max_steps_per_run=2), str(w))
+  assert first["summary"]["status"] == "stopped"
+  # The resumed run keeps the first run's reference (its step-1 loss), not its own first.
+  with pytest.raises(FloatingPointError, match=rf"loss diverged at step {expected}; ") as e:
+    train_and_evaluate(c, str(w))
+  from adpe_jax.errors import AdpeError, DivergenceError
+  assert isinstance(e.value, AdpeError) and isinstance(e.value, DivergenceError)
+  kept = max(range(2, expected, 2))      # saved at every 2nd step before the bad one
+  assert f"checkpoints/{kept};" in str(e.value) and "divergence_factor=10" in str(e.value)
+  summary = json.loads((w / "summary.json").read_text())
+  assert (summary["status"], summary["step"], summary["last_checkpoint_step"]) == (
+      "diverged", expected, kept)
+  assert summary["first_loss"] == pytest.approx(per_step[1], rel=1e-6)
+  saved = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == kept

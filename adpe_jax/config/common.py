@@ -68,6 +68,11 @@ def add_run_fields(c: ml_collections.ConfigDict, keep_checkpoints: int) -> None:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = keep_checkpoints
   c.max_steps_per_run = 0     # > 0: stop (with a checkpoint) after this many steps; re-run resumes
+  # Stop (keeping the last good checkpoint) at the first step whose loss exceeds this many
+  # times the run's first loss; <= 0 disables.  Healthy runs stay below 1.0x (smoke runs,
+  # 150 steps, with and without the adversary; MAE's normalised-pixel loss starts near
+  # its maximum); blr=1e2 / 1e3 runs exceed 10x at their first bad step and reach 1e4-1e8x.
+  c.divergence_factor = 10.0
   add_cache_field(c)
 
 

@@ -11,8 +11,11 @@ name:
 Per step: `step_fn(state, step, host_batch) -> (state, metrics)` (device scalars, a
 "finite" flag among them), dispatched without a host sync.  Every `log_every_steps` (and
 before any checkpoint, evaluation or stop) the metrics since the last fetch reach the host
-once, are averaged and logged; a non-finite one stops the run (FloatingPointError naming
-the steps and the last good checkpoint, so the finiteness check precedes every save).
+once, are averaged and logged, and the per-step loss / finite flag of those steps come
+with them (kept on the device meanwhile, so no extra sync): a non-finite step, or a loss
+above `divergence_factor` times the run's first loss, stops the run (`DivergenceError`
+naming that exact step and the last good checkpoint; summary.json says "non-finite" or
+"diverged"), and these checks precede every save.
 Evaluators run every `evaluator.every_steps` and at the last step; SIGTERM / preemption
 is agreed across processes (`stop.AgreedStop`); `max_steps_per_run` ends a run early
 (status "stopped": the same command continues).
@@ -31,8 +34,8 @@ import numpy as np
 from absl import logging
 
 from adpe_jax import parallel, storage
-from adpe_jax.errors import ConfigError
-from adpe_jax.train.metrics import MetricsLog, parse_records
+from adpe_jax.errors import ConfigError, DivergenceError
+from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop
 
 # metrics of a step that are not averaged into the log record
@@ -157,6 +160,45 @@ def _write_result(log: MetricsLog, step: int, result: dict, epoch: float) -> dic
   return record
 
 
+def first_loss(workdir, upto: int) -> Optional[float]:
+  """The loss of the run's first step (of its initial weights), as its first log record
+  holds it: the reference of the divergence stop, read back so a resume keeps it."""
+  for record in logged_records(workdir, "first_loss", upto):
+    if isinstance(record["first_loss"], (int, float)):
+      return float(record["first_loss"])
+  return None
+
+
+def first_bad_step(per_step, first_step: int, reference: Optional[float],
+                   factor: float) -> Optional[tuple[int, float, str]]:
+  """(step, loss, "non-finite" | "diverged") of the first bad step of a logged window.
+
+  `per_step`: the (loss, finite flag) of steps first_step, first_step + 1, ...; a step is
+  bad if its flag is 0 (a non-finite loss or gradient) or, with factor > 0, its loss
+  exceeds factor * reference (NaN compares False: the flag catches it).
+  """
+  for i, (loss, finite) in enumerate(per_step):
+    loss = float(loss)
+    if not finite:
+      return first_step + i, loss, "non-finite"
+    if factor > 0 and reference is not None and loss > factor * reference:
+      return first_step + i, loss, "diverged"
+  return None
+
+
+def _stop_message(kind: str, step: int, loss: float, reference: float, factor: float,
+                  kept: str) -> str:
+  if kind == "non-finite":
+    # "at step N;" is parsed by users' scripts (and tests): keep the number alone there.
+    return (f"non-finite loss or gradients at step {step}; stopping; the last good "
+            f"checkpoint is kept at {kept}; start again with a lower learning rate (config "
+            f"field blr) or look at the data of that step.")
+  return (f"loss diverged at step {step}; stopping: its loss {loss:.4g} is more than config "
+          f"field divergence_factor={factor:g} times the run's first loss {reference:.4g}; "
+          f"the last good checkpoint is kept at {kept}; start again with a lower learning "
+          f"rate (config field blr), or raise divergence_factor (0 disables this check).")
+
+
 def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_steps: int,
           steps_per_epoch: float, evaluators: Sequence[Evaluator] = (),
           log_extras: Optional[Callable] = None, flops_per_step: float = 0.0,
@@ -178,6 +220,9 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
            if any(k and k in r for k in keys)]
   history: list = []
   acc, acc_n = None, 0
+  window: list = []  # (loss, finite) device scalars of each step since the last fetch
+  factor = float(config.get("divergence_factor", 0.0))
+  reference = first_loss(workdir, start_step)  # None: a fresh run, set from its step 1
   accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))  # one dispatch per step
   t_last, step_last, t0 = time.time(), start_step, time.time()
   status = "finished"
@@ -188,6 +233,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
         state, metrics = step_fn(state, step, next(stream))
         acc = metrics if acc is None else accumulate(acc, metrics)
         acc_n += 1
+        window.append((metrics["loss"], metrics["finite"]))
         done = step + 1
         stop = agreed.should_stop(done)  # every host, every step: one agreed stop step
         log.tick(done)
@@ -195,7 +241,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
         due_eval = [e for e in evaluators if _due(e, done, total_steps)]
         if (done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop
             or due_eval):
-          host = jax.device_get(acc)
+          host, per_step = jax.device_get((acc, window))  # one transfer for the window
           now = time.time()
           rate = (done - step_last) / max(now - t_last, 1e-9)
           record = {"step": done}
@@ -205,22 +251,20 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
             record["tflops_per_device"] = flops_per_step * rate / num_devices / 1e12
             if peak_flops:
               record["mfu"] = flops_per_step * rate / (num_devices * peak_flops)
+          if reference is None:  # a fresh run: its step 1 (the initial weights) sets it
+            reference = float(per_step[0][0])
+            record["first_loss"] = reference
+          bad = first_bad_step(per_step, step_last + 1, reference, factor)
           if log_extras is not None:
             record.update(log_extras(state, done))
           log.write(record)
-          if host["finite"] != acc_n:
-            ckpt.wait()
-            where = (f"at step {done}" if done == step_last + 1
-                     else f"between steps {step_last + 1} and {done}")
-            last = ckpt.latest_step()
-            raise FloatingPointError(
-                f"non-finite loss or gradients {where}; stopping; the last good checkpoint "
-                f"is kept at {ckpt.step_path(last) if last else '(none)'}.")
+          if bad is not None:
+            _stop(workdir, ckpt, bad, reference, factor, total_steps)
           history.append(record)
           logging.info("step %d loss %.4f lr %.3g %.1f img/s", done, record["loss"],
                        record.get("lr", float("nan")), record["img_per_s"])
-          acc, acc_n, t_last, step_last = None, 0, now, done
-          ckpt.maybe_save(done, state)  # the finiteness check above precedes every save
+          acc, acc_n, window, t_last, step_last = None, 0, [], now, done
+          ckpt.maybe_save(done, state)  # the checks above precede every save
         elif done % 4 == 0:
           # Bound the dispatch queue (on few CPU cores many queued collective steps can
           # time out); a cheap wait, no transfer to the host.
@@ -248,6 +292,19 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
     status = "stopped"  # by max_steps_per_run: re-running the command continues
   return Result(state=state, status=status, start_step=start_step, end_step=end_step,
                 train_seconds=time.time() - t0, history=history, evals=evals)
+
+
+def _stop(workdir, ckpt, bad: tuple, reference: float, factor: float, total_steps: int):
+  """The non-finite / divergence stop: summary.json says so, then DivergenceError."""
+  step, loss, kind = bad
+  ckpt.wait()  # a save in flight (of a step before the bad one) completes: it is good
+  last = ckpt.latest_step()
+  kept = str(ckpt.step_path(last)) if last else "(none: no checkpoint was saved yet)"
+  write_summary(workdir, {"status": kind, "step": step, "loss": json_value(loss),
+                          "first_loss": json_value(reference), "divergence_factor": factor,
+                          "last_checkpoint_step": last, "total_steps": total_steps})
+  raise DivergenceError(_stop_message(kind, step, loss, reference, factor, kept),
+                         status=kind, step=step)
 
 
 def already_finished(workdir, start_step: int, total_steps: int) -> Optional[dict]:
