@@ -27,6 +27,8 @@ export an encoder) is `adpe_jax.weights.load`.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import threading
 from typing import Any
@@ -197,15 +199,47 @@ def _metadata_mismatches(saved: dict, current: dict) -> list[str]:
   return out
 
 
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")   # tensorstore's
+_QUOTED = re.compile(r'"([^"]*/[^"]*)"')
+
+
+def os_cause(e: BaseException) -> tuple[str, str] | None:
+  """(the errno text, the file) of an OS failure somewhere in `e`'s chain -- an OSError,
+  or tensorstore's message ("...: "<file>": ...: No space left on device
+  [os_error_code='28']") -- or None.  The file may be ""."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and (e.errno or e.strerror):
+      strerror = e.strerror or os.strerror(e.errno)
+      return strerror, str(e.filename or "")
+    text = str(e)
+    m = _OS_ERROR_CODE.search(text)
+    if m:
+      files = _QUOTED.findall(text[:m.start()])
+      return os.strerror(int(m.group(1))), (files[-1] if files else "")
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def short_error(e: BaseException, limit: int = 400) -> str:
-  """The innermost cause's message, on one line (tensorstore wraps it in a long spec)."""
+  """The innermost cause's message, on one line (tensorstore wraps it in a long spec).
+
+  An OS failure (disk full, read-only, permission) leads the text with its errno text and
+  file (`os_cause`), so cutting the rest at `limit` never loses it.
+  """
+  cause = os_cause(e)
   seen = set()
   while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
     seen.add(id(e))
     e = e.__cause__ or e.__context__
   text = " ".join(str(e).split(" See full TensorStore details")[0].split())
   text = text if len(text) <= limit else text[:limit] + "..."
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  if cause is None:
+    return text
+  strerror, filename = cause
+  return f"{strerror}" + (f" at {filename}" if filename else "") + f"; {text}"
 
 
 _UNCHANGED = "nothing on disk was changed"
@@ -454,6 +488,13 @@ class Checkpointer:
     logging.info("saving checkpoint %s (asynchronously)", self.step_path(step))
     return True
 
+  def check(self) -> None:
+    """Raises CheckpointError, at once, if the asynchronous save in flight has failed
+    (the loop calls it at every log step: a full disk is reported there, not at the next
+    save); a no-op while it is still running or when it succeeded."""
+    if self._pending_step is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
   def wait(self) -> None:
     """Block until the save in flight (if any) is complete on disk."""
     try:
@@ -461,7 +502,15 @@ class Checkpointer:
     except Exception as e:
       step, self._pending_step = self._pending_step, None
       where = self.step_path(step) if step is not None else self.directory
-      raise CheckpointError(f"saving checkpoint {where} failed ({short_error(e)}).") from e
+      try:
+        last = self.latest_step()
+      except Exception:  # noqa: BLE001 (the message still names the failed save)
+        last = None
+      kept = (f"the last complete checkpoint is {self.step_path(last)}" if last is not None
+              else "no complete checkpoint was saved yet")
+      raise CheckpointError(
+          f"saving checkpoint {where} failed ({short_error(e)}); {kept}; fix the cause (free "
+          f"disk space, permissions) and re-run the same command to resume.") from e
     self._pending_step = None
 
   def close(self) -> None:

@@ -339,3 +339,30 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
   finally:
     signal.signal(signal.SIGTERM, saved_term)
     signal.signal(signal.SIGINT, saved_int)
+
+
+# The text tensorstore gave when a real 1.2 MB tmpfs filled up mid-save (orbax 0.12.8):
+# the errno text sits ~450 characters in, past the 400 a message keeps.
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "opt_state.0.count/0" in OCDBT database at local file '
+    '"/w/checkpoints/20.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": '
+    'Failed writing: "/w/checkpoints/20.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+    'ocdbt.process_0/d/acd1d0b2e88ddc5816b7b67a9a0e6831": Failed to write 178752 bytes to '
+    "file 5: No space left on device [os_error_code='28'] "
+    '[source locations=\'tensorstore/internal/os/file_util_posix.cc:404\'] ' + "x" * 300)
+
+
+def test_short_error_keeps_the_os_cause_and_its_file():
+  from adpe_jax.checkpoint import short_error
+  text = short_error(ValueError(TENSORSTORE_ENOSPC))
+  assert text.startswith("No space left on device at /w/checkpoints/20.orbax-checkpoint-tmp/"
+                         "state.orbax-checkpoint-tmp/ocdbt.process_0/d/acd1d0b2e88ddc5816b7b")
+  try:
+    try:
+      raise OSError(28, os.strerror(28), "/w/checkpoints/4/meta/metadata")
+    except OSError as inner:
+      raise RuntimeError("commit failed " + "y" * 500) from inner
+  except RuntimeError as outer:
+    text = short_error(outer)
+  assert text.startswith("No space left on device at /w/checkpoints/4/meta/metadata; OSError")
+  assert short_error(ValueError("plain")) == "ValueError: plain"

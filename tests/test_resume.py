@@ -177,3 +177,31 @@ def test_divergence_stops_at_the_first_step_above_the_factor_after_a_resume(tmp_
   assert summary["first_loss"] == pytest.approx(per_step[1], rel=1e-6)
   saved = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
   assert saved[-1] == kept
+
+
+def test_a_failed_save_stops_the_run_at_the_next_log_step_naming_the_cause(tmp_path,
+                                                                           monkeypatch):
+  # Disk full while the save of step 10 is written (in orbax's background thread): the
+  # meta item's write fails as a full disk makes it fail.
+  import errno
+  import orbax.checkpoint as ocp
+  real = ocp.JsonCheckpointHandler._save_fn
+
+  async def full_disk(self, x, directory):
+    if x.get("step") == 10:
+      path = directory / "metadata"
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return await real(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk)
+  w = tmp_path
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    train_and_evaluate(fmnist_config(total_steps=30, checkpoint_every_steps=5), str(w))
+  message = str(e.value)
+  assert "saving checkpoint" in message and "checkpoints/10 failed" in message
+  assert "No space left on device at " in message and "checkpoints/10" in message
+  assert "metadata" in message.split("No space left on device at ")[1].split(";")[0]
+  assert "the last complete checkpoint is " in message and message.count("checkpoints/5") == 1
+  # Reported at a log step soon after (log_every_steps=1), not at the next save (15).
+  logged = max(losses(w))
+  assert 10 < logged < 15, logged

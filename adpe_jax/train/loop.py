@@ -258,6 +258,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
           if log_extras is not None:
             record.update(log_extras(state, done))
           log.write(record)
+          ckpt.check()  # a failed asynchronous save stops the run here, naming the cause
           if bad is not None:
             _stop(workdir, ckpt, bad, reference, factor, total_steps)
           history.append(record)
