@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import signal
 import sys
 
 import jax
@@ -59,7 +60,16 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    tasks.run(config, workdir)
+    with stop.interruptible():  # the loop and its evaluations hold their own guard
+      tasks.run(config, workdir)
+  except stop.PreemptedError as e:
+    name = stop.signal_name(e.signum)
+    print(f"error: interrupted by {name} outside the training steps (starting, restoring, "
+          f"or a task that saves nothing); nothing on disk was lost; re-run the same command "
+          f"to continue.", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + (e.signum or signal.SIGTERM))  # the shell's code for that signal
   except AdpeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()

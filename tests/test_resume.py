@@ -205,3 +205,73 @@ def test_a_failed_save_stops_the_run_at_the_next_log_step_naming_the_cause(tmp_p
   # Reported at a log step soon after (log_every_steps=1), not at the next save (15).
   logged = max(losses(w))
   assert 10 < logged < 15, logged
+
+
+class Watched:
+  """A CLI run whose stderr is read line by line while it runs."""
+
+  def __init__(self, args, **kw):
+    import threading
+    self.lines: list = []
+    self.proc = subprocess.Popen([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 **kw)
+    self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),
+                                   daemon=True)
+    self.reader.start()
+
+  def wait_for(self, text, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and self.proc.poll() is None:
+      if any(text in l for l in list(self.lines)):
+        return
+      time.sleep(0.05)
+    pytest.fail(f"never logged {text!r}: {''.join(self.lines)[-3000:]}")
+
+  def finish(self, timeout=180):
+    rc = self.proc.wait(timeout=timeout)
+    self.reader.join(timeout=10)
+    return rc, "".join(self.lines)
+
+
+def test_sigterm_during_the_end_of_run_knn_saves_says_so_and_the_rerun_evaluates(tmp_path):
+  # The k-NN over 20000 + 5000 Fashion-MNIST images takes seconds: long enough to be
+  # interrupted; the trained state is saved before it.
+  args = ["--config=configs/vitb_ape.py:smoke", f"--workdir={tmp_path}",
+          "--config.data.source=fashion_mnist", "--config.total_steps=4",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
+          "--config.eval.knn_source=fashion_mnist", "--config.eval.knn_train_examples=20000",
+          "--config.eval.knn_test_examples=5000"]
+  summary = lambda: json.loads((tmp_path / "summary.json").read_text())  # noqa: E731
+  # One device: no collectives to time out on a loaded CPU while a k-NN is interrupted.
+  one = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # 1. During the k-NN of the last step (inside the loop).
+  run = Watched(args, env=one)
+  run.wait_for("step 4 loss")
+  run.proc.send_signal(signal.SIGTERM)
+  rc, err = run.finish()
+  assert rc == 0, err[-3000:]
+  assert "got SIGTERM during the evaluation at step 4" in err, err[-3000:]
+  assert summary()["status"] == "preempted" and summary()["steps"] == 4
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]
+  assert not loop_records(tmp_path, "knn_top1")
+  # 2. The same command: nothing left to train; its end-of-run k-NN is interrupted too.
+  run = Watched(args, env=one)
+  run.wait_for("end-of-run k-NN (")
+  run.proc.send_signal(signal.SIGTERM)
+  rc, err = run.finish()
+  assert rc == 0, err[-3000:]
+  assert "got SIGTERM during the end-of-run k-NN" in err.splitlines()[-1] or any(
+      "got SIGTERM during the end-of-run k-NN" in l for l in err.splitlines()[-5:]), err[-3000:]
+  assert (summary()["status"], summary()["evaluation"]) == ("preempted", "interrupted")
+  # 3. Once more, uninterrupted: the evaluation is done and the run is finished.
+  r = subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=one,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert summary()["status"] == "finished" and 0 < summary()["knn_top1"] <= 1
+  assert "knn_top1_random_init" in summary() and "evaluation" not in summary()
+
+
+def loop_records(workdir, key):
+  from adpe_jax.train import loop
+  return loop.logged_records(workdir, key)

@@ -36,7 +36,7 @@ from absl import logging
 from adpe_jax import parallel, storage
 from adpe_jax.errors import ConfigError, DivergenceError
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
-from adpe_jax.train.stop import AgreedStop
+from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
 
 # metrics of a step that are not averaged into the log record
 _FLAGS = ("finite",)
@@ -227,8 +227,9 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   t_last, step_last, t0 = time.time(), start_step, time.time()
   status = "finished"
   stream = batches.iterate(start_step, stop_at - start_step)
-  try:
-    with AgreedStop() as agreed:
+  # The signal guard covers the steps, the evaluations, the last save and the clean-up.
+  with AgreedStop() as agreed:
+    try:
       for step in range(start_step, stop_at):
         state, metrics = step_fn(state, step, next(stream))
         acc = metrics if acc is None else accumulate(acc, metrics)
@@ -270,12 +271,21 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
           # Bound the dispatch queue (on few CPU cores many queued collective steps can
           # time out); a cheap wait, no transfer to the host.
           jax.block_until_ready(state.step)
-        for evaluator in due_eval:
-          record = _write_result(log, done, evaluator.run(state, done), done / steps_per_epoch)
-          if record:
-            evals.append(record)
-            logging.info("step %d eval %s", done, {k: v for k, v in record.items()
-                                                   if k not in ("step", "epoch")})
+        try:
+          with agreed.evaluating():  # a signal abandons the evaluation at once
+            for evaluator in due_eval:
+              record = _write_result(log, done, evaluator.run(state, done),
+                                     done / steps_per_epoch)
+              if record:
+                evals.append(record)
+                logging.info("step %d eval %s", done, {k: v for k, v in record.items()
+                                                       if k not in ("step", "epoch")})
+        except PreemptedError as e:
+          logging.warning("preemption: got %s during the evaluation at step %d; it is not "
+                          "done (%s); saving and stopping", signal_name(e.signum), done,
+                          "re-running the same command does it" if done == total_steps
+                          else "the next evaluation is at its own step")
+          agreed.stopped_by, stop = signal_name(e.signum), True
         if stop:
           status = "preempted"
           logging.warning("stop requested by %s at step %d: saving and exiting",
@@ -284,11 +294,13 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
       end_step = int(state.step)
       ckpt.maybe_save(end_step, state, force=True)
       ckpt.wait()
-  finally:
-    stream.close()
-    batches.close()
-    ckpt.wait()  # a save started before an error still completes
-    log.close()
+    finally:
+      stream.close()
+      batches.close()
+      ckpt.wait()  # a save started before an error still completes
+      log.close()
+    if status == "finished" and agreed.guard.requested:
+      status = "preempted"  # a signal after the last step: the run's end was not reached
   if status == "finished" and end_step < total_steps:
     status = "stopped"  # by max_steps_per_run: re-running the command continues
   return Result(state=state, status=status, start_step=start_step, end_step=end_step,

@@ -18,7 +18,7 @@ from absl import logging
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import data, flops, parallel, storage
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.train import evaluate, loop, reconstruction
+from adpe_jax.train import evaluate, loop, reconstruction, stop
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import device_peak_flops
 from adpe_jax.train.state import build_model, create_train_state, init_params
@@ -191,12 +191,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   summary = loop.run_summary(result, total_steps, compile_seconds=compile_seconds,
                              step_flops=flops_per_step, final_loss=final_loss)
   if result.status == "finished" and knn is not None:
-    final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
-    # (none only when the last step ran in an earlier process that ended before its summary)
-    summary["knn_top1"] = final[-1]["knn_top1"] if final else knn.run(result.state)["knn_top1"]
-    seconds = knn.seconds
-    summary["knn_top1_random_init"] = knn.run(
-        jax.jit(lambda k: init_params(model, k))(setup["init_key"]))["knn_top1"]
-    summary["knn_seconds"] = seconds + knn.seconds  # the final and the random-init k-NN
+    try:  # the state is saved: a signal now abandons the k-NN and ends the run "preempted"
+      with stop.interruptible():
+        logging.info("end-of-run k-NN (%d train / %d test examples)", knn.train.n, knn.test.n)
+        final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
+        # (none only when the last step ran in an earlier process that ended before its
+        # summary, or was preempted during its evaluation)
+        summary["knn_top1"] = (final[-1]["knn_top1"] if final
+                               else knn.run(result.state)["knn_top1"])
+        seconds = knn.seconds
+        summary["knn_top1_random_init"] = knn.run(
+            jax.jit(lambda k: init_params(model, k))(setup["init_key"]))["knn_top1"]
+        summary["knn_seconds"] = seconds + knn.seconds  # the final and the random-init k-NN
+    except stop.PreemptedError as e:
+      summary.update(status="preempted", evaluation="interrupted")
+      logging.warning("preemption: got %s during the end-of-run k-NN; the run is trained and "
+                      "saved at step %d; summary.json says preempted; re-running the same "
+                      "command does the k-NN", stop.signal_name(e.signum), result.end_step)
   loop.write_summary(workdir, summary)
   return {"state": result.state, "history": result.history, "summary": summary}

@@ -7,6 +7,7 @@ step); `lost_peer_exit` is what `main.py` calls when a multi-process run fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,19 +20,39 @@ from jax._src import distributed  # the coordination client: get_live_nodes (no 
 from jax.experimental import multihost_utils
 
 
+class PreemptedError(BaseException):
+  """SIGTERM / SIGINT arrived where waiting is not an option (`PreemptionGuard.interrupting`):
+  during an evaluation it is abandoned, the trained state is (or gets) saved, and the run
+  ends as "preempted" so that re-running the same command does it; before the loop
+  (compiling, restoring) `main` exits naming the signal, nothing being lost.  A
+  BaseException (as KeyboardInterrupt), so that no `except Exception` takes it for the
+  failure of what it interrupted."""
+
+  def __init__(self, signum: int | None):
+    self.signum = signum
+    super().__init__(f"interrupted by {signal_name(signum)}")
+
+
+def signal_name(signum: int | None) -> str:
+  return signal.Signals(signum).name if signum is not None else "a request"
+
+
 class PreemptionGuard:
   """Turns SIGTERM / SIGINT into a flag the training loop polls (`guard.requested`).
 
   Inside `with PreemptionGuard() as guard:` the signals only set the flag; the loop then
-  force-saves at the current step, waits and exits. A second SIGINT raises
-  KeyboardInterrupt (to abort for real). The previous handlers come back on exit. From a
-  thread other than the main one no handler can be installed; `request()` still works.
+  force-saves at the current step, waits and exits. Inside `guard.interrupting()` (an
+  evaluation, which may take minutes: longer than a preemption notice lasts) they also
+  raise `PreemptedError` at once. A second SIGINT raises KeyboardInterrupt (to abort for
+  real). The previous handlers come back on exit. From a thread other than the main one
+  no handler can be installed; `request()` still works.
   """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signals = tuple(signals)
     self.signum: int | None = None
     self._requested = False
+    self._raise = False
     self._logged = False
     self._previous: dict = {}
 
@@ -40,6 +61,20 @@ class PreemptionGuard:
       raise KeyboardInterrupt
     self.signum = signum
     self._requested = True
+    if self._raise:
+      self._raise = False  # once
+      raise PreemptedError(signum)
+
+  @contextlib.contextmanager
+  def interrupting(self):
+    """Inside: a signal (or one already received) raises `PreemptedError`."""
+    if self._requested:
+      raise PreemptedError(self.signum)
+    self._raise = True
+    try:
+      yield self
+    finally:
+      self._raise = False
 
   def request(self) -> None:
     self._requested = True
@@ -48,8 +83,8 @@ class PreemptionGuard:
   def requested(self) -> bool:
     if self._requested and not self._logged:
       self._logged = True
-      name = signal.Signals(self.signum).name if self.signum is not None else "a request"
-      logging.warning("preemption: got %s; saving a checkpoint and stopping", name)
+      logging.warning("preemption: got %s; saving a checkpoint and stopping",
+                      signal_name(self.signum))
     return self._requested
 
   def __enter__(self) -> "PreemptionGuard":
@@ -94,12 +129,30 @@ class AgreedStop:
       return True
     return False
 
+  def evaluating(self):
+    """The context of an evaluation: one process -- a signal raises `PreemptedError` (the
+    loop abandons the evaluation, saves and ends "preempted"); several -- nothing (JAX
+    holds SIGTERM until the next agreed sync point, after the evaluation)."""
+    return contextlib.nullcontext() if self.multi else self.guard.interrupting()
+
   def __enter__(self) -> "AgreedStop":
     self.guard.__enter__()
     return self
 
   def __exit__(self, *exc) -> None:
     self.guard.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def interruptible():
+  """SIGTERM / SIGINT raise `PreemptedError` inside (one process: the end-of-run
+  evaluations after the loop, whose state is already saved); several processes: nothing
+  is installed (JAX's preemption manager owns SIGTERM there)."""
+  if jax.process_count() > 1:
+    yield None
+    return
+  with PreemptionGuard() as guard, guard.interrupting():
+    yield guard
 
 
 def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
