@@ -9,6 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from adpe_jax import parallel
 from adpe_jax.config.validate import RENAMED_FIELDS
 from adpe_jax.errors import AdpeError
 from adpe_jax.train import stop, tasks
@@ -60,7 +61,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    with stop.interruptible():  # the loop and its evaluations hold their own guard
+    # The loop and its evaluations hold their own guard; several processes: none (JAX's).
+    with stop.interruptible(multi_process=parallel.multi_process_launch(config)):
       tasks.run(config, workdir)
   except stop.PreemptedError as e:
     name = stop.signal_name(e.signum)

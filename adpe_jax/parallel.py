@@ -40,6 +40,20 @@ def _distributed_initialized() -> bool:
   return distributed.global_state.client is not None
 
 
+def multi_process_launch(config=None) -> bool:
+  """Whether this process is one of several (what `initialize_distributed` will join),
+  decided without starting JAX's backend (which must not start before it joins)."""
+  d = getattr(config, "distributed", None)
+  address = (d.coordinator_address if d is not None else "") or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS", "")
+  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  if address:
+    return num != 1
+  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
+
+
 def initialize_distributed(config=None) -> bool:
   """Starts JAX's distributed runtime when this is a multi-process launch; True if so.
 

@@ -144,11 +144,13 @@ class AgreedStop:
 
 
 @contextlib.contextmanager
-def interruptible():
+def interruptible(multi_process: bool | None = None):
   """SIGTERM / SIGINT raise `PreemptedError` inside (one process: the end-of-run
   evaluations after the loop, whose state is already saved); several processes: nothing
-  is installed (JAX's preemption manager owns SIGTERM there)."""
-  if jax.process_count() > 1:
+  is installed (JAX's preemption manager owns SIGTERM there).  Before JAX has started,
+  pass `multi_process` (`parallel.multi_process_launch`): asking jax.process_count()
+  would start the backend before the processes join."""
+  if jax.process_count() > 1 if multi_process is None else multi_process:
     yield None
     return
   with PreemptionGuard() as guard, guard.interrupting():
