@@ -226,6 +226,7 @@ def test_auto_picks_pallas_on_a_multi_device_cuda_mesh(monkeypatch):
     seen.append(attn_lib.resolve_impl("auto"))
     return x
 
+  attn_lib._pallas_builds.cache_clear()   # the probe's first run inside a trace
   jax.jit(parallel.under_mesh(traced, mesh))(jnp.ones(2))
   assert seen == ["pallas"]
   for platform in (("gpu", "7.5"), ("tpu", "")):
@@ -260,3 +261,16 @@ def test_triton_deprecation_warning_is_not_an_error():
                   "JAX version.", DeprecationWarning)
     with pytest.raises(DeprecationWarning):
       warnings.warn("something else is deprecated", DeprecationWarning)
+
+
+def test_the_pretraining_step_is_traced_on_its_mesh():
+  """build_training's step (what train_and_evaluate compiles) runs the kernel under
+  shard_map over its mesh, in both stacks, forward and backward."""
+  from adpe_jax.train.pretrain import _batch_spec, build_training
+  c = smoke("coordinate", "pallas")
+  mesh = parallel.make_mesh(data=4)
+  setup = build_training(c, mesh, total_steps=2, steps_per_epoch=1)
+  jaxpr = str(setup["train_step"].trace(setup["state"], _batch_spec(
+      c, parallel.batch_sharding(mesh)), setup["step_key"]).jaxpr)
+  # fwd + bwd kernels per scanned stack; a shard_map around each (its transpose too)
+  assert jaxpr.count("pallas_call[") == 4 and jaxpr.count("shard_map[") >= 4
