@@ -153,7 +153,7 @@ def shard_map(f, *, mesh, in_specs, out_specs):
   it varies over, in a ShapeDtypeStruct field whose name has changed between releases.
   Without it, shard_map's transpose psums the cotangent of every input over the mesh axes
   its in_spec does not name: for a replicated input, the sum over devices of its
-  per-device gradients (tests/test_kernels.py compares that with the XLA path's)."""
+  per-device gradients (tests/test_sharded_kernel.py compares that with the XLA path's)."""
   sm = getattr(jax, "shard_map", None)
   if sm is None:   # jax < 0.7
     from jax.experimental.shard_map import shard_map as sm  # noqa: PLC0415
