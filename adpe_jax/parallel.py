@@ -7,6 +7,8 @@
 * `make_mesh(devices, data=-1, fsdp=1)`: a 2-axis mesh (`jax.make_mesh`, which lays the
   devices out for the interconnect); -1 = the rest of the devices.
 * `batch_sharding(mesh)`: the leading (example) axis over both axes.
+* `under_mesh(fn, mesh)`: `fn` traced with `mesh` in context, so that the Pallas attention
+  inside runs under shard_map over the batch (`adpe_jax.kernels.attention`).
 * `state_shardings(mesh, tree)`: FSDP -- the largest axis (divisible by the fsdp size) of
   every tensor of at least `min_size` elements and 2 dimensions over `fsdp`, everything
   else replicated; the rule is shape-based, so optimizer moments follow their params.
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -145,6 +148,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (example) axis split over data and fsdp together."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def under_mesh(fn, mesh):
+  """`fn` with `mesh`'s abstract mesh in context while it is traced (wrap it before
+  `jax.jit`).  The Pallas attention reads the mesh from the context to shard_map itself
+  over the batch (a pallas_call is opaque to GSPMD); nothing else changes, since the
+  axes are Auto.  Trace-time only: no global state, so one process can trace steps for
+  different meshes (the tests do).  `jax.set_mesh(mesh)` around the jit call does the
+  same for code outside this package."""
+  abstract = mesh.abstract_mesh
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def batch_divisor(mesh: Mesh) -> int:

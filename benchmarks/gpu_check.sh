@@ -4,8 +4,11 @@
 #      gradient, T 50/197/257, head_dim 64/80, float32/bfloat16  (rpe_attention.py --check)
 #   2. the kernel benchmark: fwd+bwd time and memory, pallas vs xla, at (256, 12, 50, 64)
 #      and (64, 12, 197, 64), bf16                                  (rpe_attention.py)
-#   3. the ViT-B/16 RPE-coordinate pretraining step, bf16, 64 images x 4 crops: img/s and
-#      MFU against the card's bf16 peak, xla vs pallas               (rpe_train_step.py)
+#   3. the ViT-B/16 RPE-coordinate pretraining step, bf16, 64 images x 4 crops per GPU,
+#      data parallel over all GPUs (the kernel under shard_map when there are several):
+#      img/s and MFU against the card's bf16 peak, xla vs pallas    (rpe_train_step.py)
+#   4. attention_impl=auto, resolved inside a step traced on the mesh of all GPUs (as the
+#      train step is): must be pallas on compute capability >= 8.0
 # then a summary table.  Each stage has its own time limit and its JSON is written row by
 # row, so a stage that fails or hangs still leaves what it measured.
 #
@@ -47,6 +50,17 @@ stage kernel 120 "$PY" benchmarks/rpe_attention.py --dtype bfloat16 --iters 20 \
   --json "$OUT/kernel.json"
 stage train_step 210 "$PY" benchmarks/rpe_train_step.py --dtype bfloat16 --batch 64 \
   --steps 10 --impls xla,pallas --json "$OUT/train_step.json"
+stage auto 90 "$PY" -c "
+import jax, jax.numpy as jnp
+from adpe_jax import parallel
+from adpe_jax.kernels import attention
+mesh, got = parallel.make_mesh(), []
+def traced(x):
+  got.append(attention.resolve_impl('auto'))
+  return x
+jax.jit(parallel.under_mesh(traced, mesh))(jnp.ones(2))
+print('auto on', dict(mesh.shape), '->', got[0])
+raise SystemExit(0 if got[0] == 'pallas' else 1)"
 
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.md"
 import json, os, sys
@@ -97,10 +111,13 @@ for r in step.get("rows", []):
     print(f"| train step | ViT-B RPE-coord {r['impl']} | ERROR {r['error'][:80]} | |")
     continue
   mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-  print(f"| train step | ViT-B RPE-coord bf16 {r['impl']} | {r['img_per_s']:.0f} img/s, "
+  print(f"| train step | ViT-B RPE-coord bf16 {r['impl']} x {r.get('devices', 1)} | "
+        f"{r['img_per_s']:.0f} img/s, "
         f"{r['ms_per_step']:.0f} ms/step, MFU {mfu} | MFU >= 40% |")
 if not step.get("rows"):
   print("| train step | - | no result (see train_step.log) | |")
+auto = [s for s in stages if s.startswith("auto ")]
+print(f"| auto | resolved in a traced step | {auto[0] if auto else 'no result'} | rc=0: pallas |")
 print("\nstages: " + "; ".join(s for s in stages if s))
 EOF
 echo "gpu_check: done; $OUT/summary.md"

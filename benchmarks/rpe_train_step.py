@@ -7,7 +7,10 @@ and MFU against the device's dense bf16 peak.
 
 The step is `adpe_jax.train.step.make_train_step` (one value_and_grad over params and
 the adversary, AdamW on params and the adversary's Adam ascent + L2 projection), accum
-1, on random images (the input pipeline is not measured).  FLOPs are the analytic model
+1, on random images (the input pipeline is not measured), data parallel over all local
+devices (`--devices N` for fewer; `--batch` is per device): traced on its mesh
+(`parallel.under_mesh`), so on several GPUs the pallas rows time the kernel under
+shard_map, as training runs it.  FLOPs are the analytic model
 FLOPs of `adpe_jax.flops` (the same count for both implementations).  Needs jax, flax,
 optax, numpy only (no ml_collections, tensorflow or clu): what GPU images carry.
 On CPU only xla is timed unless --impls names pallas (interpret mode: slow).
@@ -31,6 +34,7 @@ import optax
 
 from adpe_jax import adversary as adv_lib
 from adpe_jax import flops as flops_lib
+from adpe_jax import parallel
 from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train.optimizer import decay_mask
@@ -61,12 +65,19 @@ def run(impl, args):
   model = build(impl, args.quick, args.dtype, args.remat)
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05, mask=decay_mask)
   adv_tx = adv_lib.ascent(lambda s: 1e-4, 0.9, 0.95, 0.0, "l2", 1.0)
-  state = jax.jit(lambda k: create_train_state(model, tx, adv_tx, k))(jax.random.key(0))
-  crops = args.batch * args.crops
+  mesh = parallel.make_mesh(jax.local_devices()[:args.devices or None])
+  repl = parallel.replicated(mesh)
+  state = jax.jit(parallel.under_mesh(lambda k: create_train_state(model, tx, adv_tx, k), mesh),
+                  out_shardings=repl)(jax.random.key(0))
+  images = args.batch * mesh.size
+  crops = images * args.crops
   rng = np.random.default_rng(0)
-  batch = {"images": jnp.asarray(rng.standard_normal(
-      (crops, model.image_size, model.image_size, 3)), jnp.float32)}
-  step = jax.jit(make_train_step(model, tx, adv_tx, 1), donate_argnums=0)
+  batch = {"images": jax.device_put(np.asarray(rng.standard_normal(
+      (crops, model.image_size, model.image_size, 3)), np.float32),
+      parallel.batch_sharding(mesh))}
+  step = jax.jit(parallel.under_mesh(make_train_step(model, tx, adv_tx, 1), mesh),
+                 in_shardings=(repl, parallel.batch_sharding(mesh), repl),
+                 out_shardings=(repl, repl), donate_argnums=0)
   key = jax.random.key(1)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, key).compile()
@@ -83,17 +94,20 @@ def run(impl, args):
   sec = float(np.median(times))
   flops = flops_lib.train_step_flops(model, crops)
   peak = peak_flops()
-  return {"impl": impl, "images_per_step": args.batch, "crops_per_step": crops,
-          "dtype": args.dtype, "compile_s": round(compile_s, 1), "ms_per_step": 1000 * sec,
-          "img_per_s": args.batch / sec, "tflops": flops / sec / 1e12,
-          "mfu": None if peak is None else flops / sec / peak,
+  return {"impl": impl, "devices": mesh.size, "images_per_step": images,
+          "crops_per_step": crops, "dtype": args.dtype, "compile_s": round(compile_s, 1),
+          "ms_per_step": 1000 * sec, "img_per_s": images / sec,
+          "tflops": flops / sec / 1e12 / mesh.size,   # per device
+          "mfu": None if peak is None else flops / sec / peak / mesh.size,
           "loss": float(m["loss"]), "finite": float(m["finite"])}
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true", help="the :smoke model (CPU)")
-  ap.add_argument("--batch", type=int, default=None, help="images per step (x crops)")
+  ap.add_argument("--batch", type=int, default=None,
+                  help="images per step per device (x crops)")
+  ap.add_argument("--devices", type=int, default=0, help="local devices (0: all)")
   ap.add_argument("--crops", type=int, default=4)
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--remat", default="none")
@@ -108,7 +122,8 @@ def main():
   impls = (args.impls or ("xla,pallas" if backend in ("gpu", "tpu") else "xla")).split(",")
   kind = jax.devices()[0].device_kind
   print(f"device: {kind} ({backend}), jax {jax.__version__}; ViT-"
-        f"{'test' if args.quick else 'B/16 112px'} RPE coordinate, {args.batch} images x "
+        f"{'test' if args.quick else 'B/16 112px'} RPE coordinate, {args.batch} images per "
+        f"device x "
         f"{args.crops} crops, {args.dtype}", flush=True)
   if "pallas" not in impls:
     print("pallas not timed (needs a GPU; --impls xla,pallas runs interpret mode on CPU)")
@@ -122,7 +137,7 @@ def main():
     else:
       mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
       print(f"{impl:6s} {r['ms_per_step']:9.1f} ms/step  {r['img_per_s']:9.1f} img/s  "
-            f"{r['tflops']:7.2f} TFLOP/s  MFU {mfu}  compile {r['compile_s']} s  "
+            f"{r['tflops']:7.2f} TFLOP/s/device  MFU {mfu}  compile {r['compile_s']} s  "
             f"loss {r['loss']:.4f}", flush=True)
     rows.append(r)
     if args.json:  # after every row: a later impl that hangs or dies keeps the earlier

@@ -345,24 +345,26 @@ def test_config_field_and_auto_resolution():
   with pytest.raises(ConfigError, match="model.attention_impl"):
     pretrain_config.validate(c)
   assert attn_lib.resolve_impl("auto") == "xla"  # CPU
-  assert attn_lib._auto_impl("gpu", 1, "9.0") == "pallas"
-  assert attn_lib._auto_impl("gpu", 1, "7.5") == "xla"
-  assert attn_lib._auto_impl("gpu", 8, "9.0") == "xla"
-  assert attn_lib._auto_impl("tpu", 1, "") == "xla"
+  assert attn_lib._auto_impl("gpu", "9.0") == "pallas"
+  assert attn_lib._auto_impl("gpu", "8.0") == "pallas"
+  assert attn_lib._auto_impl("gpu", "7.5") == "xla"
+  assert attn_lib._auto_impl("tpu", "") == "xla"
   with pytest.raises(ValueError):
     attn_lib.resolve_impl("bogus")
 
 
 def test_auto_falls_back_to_xla_when_the_kernel_does_not_build(monkeypatch):
   """Under `auto` the kernel is compiled once on tiny shapes first; a failure means xla."""
+  from adpe_jax import parallel
   monkeypatch.setattr(attn_lib, "_auto_impl", lambda *a: "pallas")   # as on a CUDA GPU
   attn_lib._pallas_builds.cache_clear()
-  assert attn_lib._pallas_builds() and attn_lib.resolve_impl("auto") == "pallas"
+  with jax.set_mesh(parallel.make_mesh()):   # several devices: auto needs a mesh
+    assert attn_lib._pallas_builds() and attn_lib.resolve_impl("auto") == "pallas"
 
-  def broken(*a, **k):
-    raise RuntimeError("Triton lowering failed")
-  monkeypatch.setattr(fused, "rpe_attention", broken)
-  attn_lib._pallas_builds.cache_clear()
-  assert attn_lib.resolve_impl("auto") == "xla"
-  assert attn_lib.resolve_impl("pallas") == "pallas"   # an explicit choice is kept
+    def broken(*a, **k):
+      raise RuntimeError("Triton lowering failed")
+    monkeypatch.setattr(fused, "rpe_attention", broken)
+    attn_lib._pallas_builds.cache_clear()
+    assert attn_lib.resolve_impl("auto") == "xla"
+    assert attn_lib.resolve_impl("pallas") == "pallas"   # an explicit choice is kept
   attn_lib._pallas_builds.cache_clear()

@@ -1,7 +1,9 @@
 """Several processes, one run: 2 processes x 2 fake CPU devices (gloo collectives, a local
-coordinator on 127.0.0.1) against 1 process x 4 devices; resume from the checkpoint both
-wrote; SIGTERM to ONE process stops both at one agreed step; a killed peer makes the
-other exit non-zero, naming it, in bounded time."""
+coordinator on 127.0.0.1) against 1 process x 4 devices -- the pair running the fused
+Pallas attention (shard_map over the batch across both processes, interpret mode), the
+single process the XLA one; resume from the checkpoint both wrote; SIGTERM to ONE
+process stops both at one agreed step; a killed peer makes the other exit non-zero,
+naming it, in bounded time."""
 
 import json
 import os
@@ -83,24 +85,26 @@ def steps_saved(workdir) -> list:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """1 process x 4 devices, 8 steps: the losses every layout must reproduce."""
+  """1 process x 4 devices, 8 steps, XLA attention: the losses every layout must reproduce."""
   w = tmp_path_factory.mktemp("one_process")
-  run_single(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4")
+  run_single(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4",
+             "--config.model.attention_impl=xla")
   return losses(w)
 
 
 def test_two_processes_match_one_and_resume_from_their_checkpoint(reference, tmp_path):
   w = tmp_path / "two"
+  pallas = "--config.model.attention_impl=pallas"
   # 2 x 2 devices, stopped after 4 steps with a checkpoint both processes wrote ...
   run_pair(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4",
-           "--config.max_steps_per_run=4")
+           "--config.max_steps_per_run=4", pallas)
   assert steps_saved(w) == [4]
   assert json.loads((w / "summary.json").read_text())["status"] == "stopped"
   # ... then the same command again: both restore step 4 and finish (with the end-of-run
   # k-NN and reconstructions, which every process takes part in).
   run_pair(w, "--config.total_steps=8", "--config.checkpoint_every_steps=4",
            "--config.eval.knn_source=fashion_mnist", "--config.eval.knn_train_examples=200",
-           "--config.eval.knn_test_examples=64")
+           "--config.eval.knn_test_examples=64", pallas)
   summary = json.loads((w / "summary.json").read_text())
   assert summary["status"] == "finished" and 0.0 < summary["knn_top1"] <= 1.0
   assert (w / "reconstructions.png").exists()

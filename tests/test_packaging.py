@@ -52,3 +52,19 @@ def test_the_environment_holds_the_constrained_versions():
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ruff", "pytest"):
     installed = Version(importlib.metadata.version(name)).public
     assert installed == _constraints()[name], (name, installed)
+
+
+def test_accelerator_extras_pull_jax_builds_in_the_same_range():
+  """`[cuda12]`, `[cuda13]`, `[tpu]`: jax with that extra, admitting the tested 0.10.2, the
+  H200 image's 0.11.2 and PyPI's 0.12.0.1, stopping before 0.13; CI pins 0.10.2."""
+  cfg = configparser.ConfigParser()
+  cfg.read(ROOT / "setup.cfg")
+  extras = cfg["options.extras_require"]
+  for extra in ("cuda12", "cuda13", "tpu"):
+    reqs = [Requirement(l) for l in extras[extra].splitlines()
+            if l.strip() and not l.strip().startswith("#")]
+    assert [(r.name, r.extras) for r in reqs] == [("jax", {extra})], extra
+    for v in ("0.10.2", "0.11.2", "0.12.0.1"):
+      assert reqs[0].specifier.contains(Version(v)), (extra, v)
+    assert not reqs[0].specifier.contains(Version("0.13.0")), extra
+  assert _constraints()["jax"] == "0.10.2" and _constraints()["jaxlib"] == "0.10.2"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from adpe_jax.kernels import irpe
 
@@ -32,6 +32,12 @@ NBP = 64                  # padded bucket lanes
 LANE_SHIFT = NB           # 50, 51: d loss / d (row shift, col shift) per row
 LANE_TOKEN = NB + 2       # 52: the faithful adversary token
 SIDE = irpe.SIDE
+
+# jax 0.11 deprecates the Pallas Triton backend and warns at every Triton lowering (when
+# the jit around the whole step compiles).  The fused kernel is Triton on purpose
+# (docs/kernels.md: Mosaic GPU wants head_dim % 64 == 0 and a rewrite), so the warning is
+# ours to carry, not the user's: `_quiet_triton_deprecation` ignores exactly this text.
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,9 +337,34 @@ def _bwd_kernel(prob: _Problem, bq: int, names, out_names, *refs):
 # pallas_call wrappers
 # ----------------------------------------------------------------------------------------
 
+def _quiet_triton_deprecation() -> None:
+  """Ignore jax's Triton deprecation warning (`TRITON_DEPRECATION`), only that message and
+  only as a DeprecationWarning, first in the filter list so that a user's "error" filter
+  does not turn it into an exception.  Called whenever the kernel is traced for a GPU: the
+  warning comes at lowering time, after the call returned, so a context manager around
+  the call would not see it; re-adding the same filter replaces it."""
+  warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+def _triton_compiler_params(**kw):
+  """Triton compiler params: `jax.experimental.pallas.triton.CompilerParams` (jax >= 0.5,
+  deprecated with the backend on 0.11) or `pl.TritonCompilerParams` (older); imported
+  here, not at module import, so that CPU and TPU users never import the Triton module."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    try:
+      from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+      params = getattr(pltriton, "CompilerParams", None)
+    except ImportError:
+      params = None
+  if params is None:
+    params = pl.TritonCompilerParams
+  return params(**kw)
+
+
 def _compiler_params(prob: _Problem, launch: _Launch):
   if launch.backend == "gpu" and not launch.interpret:
-    return pltriton.CompilerParams(num_warps=4 if prob.dp <= 64 else 8, num_stages=2)
+    return _triton_compiler_params(num_warps=4 if prob.dp <= 64 else 8, num_stages=2)
   return None
 
 
@@ -485,6 +516,8 @@ def _launch(t: int, block_sizes: Optional[BlockSizes], backend: Optional[str],
   for name, n in (("block_q", bq), ("block_q_bwd", bq_bwd)):
     if n < 1 or tp % n:
       raise ValueError(f"block_sizes.{name}={n} must divide the padded length {tp}.")
+  if backend == "gpu" and not interpret:
+    _quiet_triton_deprecation()
   return _Launch(block_q=bq, block_q_bwd=bq_bwd, backend=backend, interpret=bool(interpret),
                  debug=debug)
 

@@ -206,7 +206,8 @@ class ClassifierEvaluator:
     def eval_step(params, images, labels, valid):
       return topk_sums(model.apply({"params": params}, images, train=False), labels, valid)
 
-    self.step = jax.jit(eval_step, in_shardings=(None, shard, shard, shard),
+    self.step = jax.jit(parallel.under_mesh(eval_step, mesh),
+                        in_shardings=(None, shard, shard, shard),
                         out_shardings=parallel.replicated(mesh))
     self._cache = None
     if decode_once(self.n, self.size):

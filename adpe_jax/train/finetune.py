@@ -129,8 +129,8 @@ def finetune(config, workdir: str) -> dict:
   state = jax.jit(create, out_shardings=state_sharding)(jax.device_get(params))
   del params
   train_step = jax.jit(
-      make_train_step(model, tx, config.accum_steps, lr_fn, config.data.num_classes,
-                      config.aug.smoothing),
+      parallel.under_mesh(make_train_step(model, tx, config.accum_steps, lr_fn,
+                                          config.data.num_classes, config.aug.smoothing), mesh),
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   evaluator = evaluate.ClassifierEvaluator(

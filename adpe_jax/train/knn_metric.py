@@ -44,7 +44,8 @@ def _features_fn(model, mesh):
     return feats.astype(jnp.float32)
   if mesh is None:
     return jax.jit(f)
-  return jax.jit(f, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+  return jax.jit(parallel.under_mesh(f, mesh),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 

@@ -62,12 +62,13 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
   create = lambda k: create_train_state(model, tx, adv_tx, k)  # noqa: E731
   state_sharding = parallel.state_shardings(mesh, jax.eval_shape(create, init_key),
                                             config.mesh.fsdp_min_size)
-  state = jax.jit(create, out_shardings=state_sharding)(init_key)
+  state = jax.jit(parallel.under_mesh(create, mesh), out_shardings=state_sharding)(init_key)
   train_step = jax.jit(
-      make_train_step(model, tx, adv_tx, config.accum_steps, lr_fn, adv_lr_fn,
-                      inner_steps=config.adversary.inner_steps, adv_norm=config.adversary.norm,
-                      adv_eps=config.adversary.eps,
-                      inner_step_size=config.adversary.inner_step_size),
+      parallel.under_mesh(make_train_step(
+          model, tx, adv_tx, config.accum_steps, lr_fn, adv_lr_fn,
+          inner_steps=config.adversary.inner_steps, adv_norm=config.adversary.norm,
+          adv_eps=config.adversary.eps, inner_step_size=config.adversary.inner_step_size),
+          mesh),
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
       out_shardings=(state_sharding, repl),
       donate_argnums=(0,))
@@ -138,7 +139,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("compiled the train step in %.1f s (%.3g GFLOP per step analytic; XLA's "
                "cost analysis: %.3g with the accumulation loop counted once)",
                compile_seconds, flops_per_step / 1e9, xla_flops / 1e9)
-  adv_gap = jax.jit(make_adversary_gap(model)) if config.adversary.kind != "none" else None
+  adv_gap = (jax.jit(parallel.under_mesh(make_adversary_gap(model), mesh))
+             if config.adversary.kind != "none" else None)
 
   # 4. Checkpoint / resume: the same command with the same workdir continues the run.
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
