@@ -149,15 +149,22 @@ class WorkerPool:
   def _receive(self, w: int):
     conn, proc = self._conns[w], self._procs[w]
     deadline = time.monotonic() + self.timeout_s
-    while not conn.poll(0.1):
-      if proc.poll() is not None:
-        raise DataError(f"Input worker process {w} (pid {proc.pid}) died with exit code "
-                        f"{proc.returncode}; see its error above, or lower data.num_workers if "
-                        f"the host ran out of memory.")
-      if time.monotonic() > deadline:
-        raise DataError(f"Input worker process {w} made no batch in {self.timeout_s:.0f} s.")
+    try:
+      while not conn.poll(0.1):
+        if proc.poll() is not None:
+          raise EOFError
+        if time.monotonic() > deadline:
+          raise DataError(f"Input worker process {w} made no batch in {self.timeout_s:.0f} s.")
+      message = conn.recv()
+    except (EOFError, OSError):
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+      self._pending[w] = 0
+      raise DataError(f"Input worker process {w} (pid {proc.pid}) died with exit code "
+                      f"{proc.returncode}; see its error above, or lower data.num_workers if "
+                      f"the host ran out of memory.") from None
     self._pending[w] -= 1
-    return conn.recv()
+    return message
 
   def _copy_out(self, name: str, layout) -> dict[str, np.ndarray]:
     shm = self._segments.get(name)
