@@ -20,6 +20,7 @@ from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.data import jpeg, multicrop, prepare, workers
 from adpe_jax.errors import DataError
 from adpe_jax.train.pretrain import build_training
+from adpe_jax.train.step import normalize_on_device
 
 
 def _mosaic(fmnist, rng, height, width):
@@ -218,6 +219,8 @@ def test_uint8_crops_normalised_in_the_step_give_the_same_loss():
     floats, uint8s = host.get_batch(0), device.get_batch(0)
   assert uint8s["images"].dtype == np.uint8 and uint8s["images"].shape[-1] == 3
   np.testing.assert_array_equal(multicrop.normalize(uint8s["images"]), floats["images"])
+  on_device = jax.jit(normalize_on_device)({"images": uint8s["images"]})["images"]
+  np.testing.assert_array_equal(np.asarray(on_device), floats["images"])  # bit for bit
   mesh = parallel.make_mesh(jax.devices()[:1])
   setup = build_training(c, mesh, total_steps=4, steps_per_epoch=2)
   losses = []
