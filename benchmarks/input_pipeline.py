@@ -29,7 +29,9 @@ Cases:
   inet_tfds           the same files as a tfds ArrayRecord dataset (tfds decodes), faithful crops
 
 --workers N,...: also iterate() with N worker processes (1 thread each); one worker is one core,
-so its img/s is the per-core rate and N workers over 1 worker the scaling. --profile: CPU ms per
+so its img/s is the per-core rate and N workers over 1 worker the scaling. Before each case's
+worker runs, a control measures what pure Pillow work gets from max(N) processes over 1 on the
+machine at that moment (row "control"): on a shared machine the scaling cannot exceed it. --profile: CPU ms per
 image of each stage (read, decode, crop/resize, normalize, batch assembly, host-to-device).
 
 `get_batch` is timed in a loop after one warm-up batch; `iterate` adds the prefetch thread. The CPU
@@ -275,6 +277,28 @@ def _time_workers(pipe, workers: int, steps: int) -> float:
     pipe.num_workers = 0
 
 
+def _control_work(n: int) -> int:
+  from PIL import Image
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 500, 3), np.uint8))
+  for _ in range(n):
+    image.resize((112, 112), Image.BICUBIC)
+  return n
+
+
+def _control_ratio(procs: int, n: int = 150) -> tuple[float, float]:
+  """(resizes/s of 1 process, of `procs` processes) of pure Pillow work, back to back: what the
+  machine gives a second process right now (on a shared machine, much less than 2x)."""
+  import multiprocessing
+  rates = []
+  for p in (1, procs):
+    with multiprocessing.get_context("spawn").Pool(p) as pool:
+      pool.map(_control_work, [2] * p)
+      start = time.perf_counter()
+      pool.map(_control_work, [n] * p)
+      rates.append(p * n / (time.perf_counter() - start))
+  return rates[0], rates[1]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,6 +398,12 @@ def _main_imagenet_like(args, threads) -> None:
           print(f"round {round_} {case:20s} threads={n}  {img_s:7.1f} img/s  "
                 f"cpu {cpu_ms:.3f} ms/img", flush=True)
         if kind != "tfds":  # TfdsSource does not pickle into a worker
+          if len(worker_counts) > 1:
+            one, many = _control_ratio(max(worker_counts))
+            rows.setdefault(("control", f"processes={max(worker_counts)}/1"), []).append(
+                (many / one, float("nan")))
+            print(f"round {round_} control: pure Pillow work, {max(worker_counts)} processes / 1 "
+                  f"= {many / one:.2f}", flush=True)
           for w in worker_counts:
             img_s = _time_workers(pipe, w, max(2 * w, args.steps // 3 * w))
             rows.setdefault((case, f"workers={w}"), []).append((img_s, float("nan")))
