@@ -70,6 +70,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = "train"
   c.data.num_examples = 0              # 0 = size of the source (synthetic: required)
   c.data.num_threads = 0               # 0 = os.cpu_count()
+  # Input throughput (benchmarks/README.md, "Input pipeline"): worker processes past the GIL
+  # (-1 = one per usable CPU when the step runs on an accelerator, 0 on CPU; 0 = threads only),
+  # the JPEG decoder (simplejpeg: the same pixels as Pillow, faster), reduced-DCT decode where
+  # every crop allows it (draft: changes pixels), and uint8 crops to the device normalised
+  # inside the compiled step (the same float32 values, 4x fewer bytes host to device).
+  c.data.num_workers = -1
+  c.data.decoder = "pil"               # pil | simplejpeg
+  c.data.draft = False
+  c.data.normalize_on_device = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_k = 20
@@ -112,6 +121,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   check.choice(c, "adversary.kind", ADVERSARY_KINDS)
   check.choice(c, "adversary.norm", ADVERSARY_NORMS)
   check.choice(c, "adversary.rpe_embedding", RPE_EMBEDDING)
+  check.choice(c, "data.decoder", ("pil", "simplejpeg"))
+  check.choice(c, "data.draft", (False, True))
+  check.choice(c, "data.normalize_on_device", (False, True))
+  if c.data.num_workers < -1:
+    raise ConfigError(f"config field data.num_workers={c.data.num_workers} must be -1 (auto), "
+                      f"0 (threads in this process) or a number of worker processes.")
   if not 0.0 < c.mask_ratio < 1.0:
     raise ConfigError(f"config field mask_ratio={c.mask_ratio} must lie strictly between 0 and 1.")
   check.patch_grid(c)

@@ -14,6 +14,7 @@ from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_C
 from adpe_jax.data.pipeline import PretrainPipeline, augmentation_uniforms, epoch_permutation
 from adpe_jax.data.sources import ArraySource, Source, Subset, from_config, get_source
 from adpe_jax.data.synthetic import SyntheticSource
+from adpe_jax.data.workers import resolve_num_workers
 
 
 def __getattr__(name):
@@ -30,5 +31,5 @@ __all__ = [
     "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
     "epoch_permutation", "from_config", "get_source", "labelled_arrays", "normalize",
     "pil_resized_crop",
-    "read_idx", "resized_crops",
+    "read_idx", "resized_crops", "resolve_num_workers",
 ]

@@ -55,6 +55,10 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def encoded(self, index: int) -> tuple[bytes, int]:
+    """The file's bytes, undecoded (the pipeline's JPEG fast paths, adpe_jax.data.jpeg)."""
+    return storage.read_bytes(self.paths[index]), int(self.labels[index])
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     # convert("RGB") as torchvision's default loader does (grey, palette and CMYK JPEGs become RGB).
     with Image.open(io.BytesIO(storage.read_bytes(self.paths[index]))) as image:

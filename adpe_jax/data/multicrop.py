@@ -139,6 +139,7 @@ def pil_resized_crop(image: np.ndarray, top: int, left: int, h: int, w: int,
 # Normalize), so that a table lookup gives exactly the values of the arithmetic.
 _NORMALIZED = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - IMAGENET_MEAN) /
                IMAGENET_STD)
+NORMALIZE_TABLE = _NORMALIZED  # float32 (256, 3): the normalised value of x in channel c.
 
 
 def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -40,11 +40,22 @@ from collections.abc import Iterator
 import numpy as np
 
 from adpe_jax.data import counter_rng
+from adpe_jax.data import jpeg
 from adpe_jax.data import multicrop
+from adpe_jax.data import workers
 
 # Stream tags: keep the permutation and augmentation randomness apart.
 _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
+
+
+OUTPUTS = ("float32", "uint8")
+
+
+def _part(params: multicrop.CropParams, rows) -> multicrop.CropParams:
+  """The crop parameters of `rows` (a slice or an index array)."""
+  return multicrop.CropParams(params.top[rows], params.left[rows], params.height[rows],
+                              params.width[rows], params.flip[rows])
 
 
 def default_num_threads() -> int:
@@ -83,9 +94,18 @@ class PretrainPipeline:
     num_threads: decoding/augmentation threads (default: the CPUs this process may use).
     prefetch: batches `iterate` prepares ahead of the consumer.
     scale, ratio: RandomResizedCrop ranges (spec 1.1: --scale_min 0.08, --scale_max 1.0).
+    num_workers: 0 = `iterate` computes batches in this process (threads); N > 0 = N worker
+      processes (`adpe_jax.data.workers`), each computing whole batches get_batch(step) for the
+      steps assigned to it, handed back through shared memory: input scales past the GIL.
+    decoder, draft: JPEG fast paths for sources with `encoded(i)` (`adpe_jax.data.jpeg`):
+      decoder "pil" (faithful) or "simplejpeg" (the same pixels, faster); draft=True decodes
+      at reduced DCT scale where every crop allows it (changes pixels; off by default).
+    output: "float32" (ImageNet-normalised on the host, the original's ToTensor + Normalize) or
+      "uint8" (the crops as they are, 4x fewer bytes to the device; `normalize_on_device` in
+      the train step computes the same float32 values).
 
   `get_batch(step)` (and each batch `iterate` yields) is
-  {"images": float32 (num_crops * local_batch, image_size, image_size, 3),
+  {"images": float32 (or uint8) (num_crops * local_batch, image_size, image_size, 3),
    "ids": int32 (num_crops * local_batch,)}: row k * local_batch + i is crop k of this process's
   i-th example, and its id is the row it has in the one-process batch,
   k * global_batch_size + process_index * local_batch + i; the train step draws that row's mask
@@ -95,7 +115,9 @@ class PretrainPipeline:
   def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
                num_threads: int | None = None, prefetch: int = 2,
-               scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO):
+               scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO,
+               num_workers: int = 0, decoder: str = "pil", draft: bool = False,
+               output: str = "float32"):
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
                        f"process_count {process_count}.")
@@ -104,6 +126,10 @@ class PretrainPipeline:
     if len(source) < global_batch_size:
       raise ValueError(f"The source holds {len(source)} examples, fewer than one global batch "
                        f"({global_batch_size}).")
+    if decoder not in jpeg.DECODERS:
+      raise ValueError(f"decoder {decoder!r} is not one of {jpeg.DECODERS}.")
+    if output not in OUTPUTS:
+      raise ValueError(f"output {output!r} is not one of {OUTPUTS}.")
     counter_rng.seed_key(seed)  # validates the seed.
     self.source = source
     self.num_examples = len(source)
@@ -118,10 +144,30 @@ class PretrainPipeline:
     self.prefetch = prefetch
     self.scale, self.ratio = tuple(scale), tuple(ratio)
     self.num_threads = num_threads or default_num_threads()
+    self.num_workers = int(num_workers)
+    self.decoder, self.draft, self.output = decoder, bool(draft), output
+    # The JPEG fast paths need the encoded bytes; the faithful default never asks for them.
+    self._from_encoded = (decoder != "pil" or self.draft) and hasattr(source, "encoded")
+    self._workers = None
+    self._start_threads()
+
+  def _start_threads(self) -> None:
     self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads,
                                                        thread_name_prefix="adpe_data")
     self._permutation_lock = threading.Lock()
     self._permutations: dict[int, np.ndarray] = {}
+
+  # A worker process gets a copy of the pipeline (and its source) by pickling, without threads.
+  def __getstate__(self) -> dict:
+    state = self.__dict__.copy()
+    for name in ("_pool", "_permutation_lock", "_permutations", "_workers"):
+      state.pop(name, None)
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._workers = None
+    self._start_threads()
 
   # -- which examples ---------------------------------------------------------------------------
 
@@ -156,9 +202,18 @@ class PretrainPipeline:
 
     images: list = [None] * batch
     labels = np.zeros(batch, np.int64)
+    # With a JPEG fast path, encoded[i] holds example i's bytes and images[i] only its
+    # (height, width) until its crops are cut; a non-JPEG example is decoded by the source.
+    encoded: list = [None] * batch
 
     def load(rows: range) -> None:
       for i in rows:
+        if self._from_encoded:
+          data, labels[i] = self.source.encoded(int(indices[i]))
+          shape = jpeg.header_size(data)
+          if shape is not None:
+            encoded[i], images[i] = data, np.empty(shape + (0,), np.uint8)
+            continue
         images[i], labels[i] = self.source[int(indices[i])]
 
     self._map_chunks(load, batch, min_chunk=8)
@@ -171,21 +226,53 @@ class PretrainPipeline:
     widths = np.array([image.shape[1] for image in images])[example]
     params = multicrop.crop_params(u, heights, widths, self.scale, self.ratio)
 
-    out = np.empty((num_crops * batch, size, size, 3), np.float32)
+    # JPEG fast path: the crops of every JPEG example, cut straight from its bytes.
+    decoded = self._decode_crops(encoded, params, heights, widths) if self._from_encoded else None
+    out = np.empty((num_crops * batch, size, size, 3),
+                   np.uint8 if self.output == "uint8" else np.float32)
 
     def augment(rows: range) -> None:
       sl = slice(rows.start, rows.stop)
-      part = multicrop.CropParams(params.top[sl], params.left[sl], params.height[sl],
-                                  params.width[sl], params.flip[sl])
-      crops = multicrop.resized_crops(images, example[sl], part, size)
+      if decoded is None:
+        crops = multicrop.resized_crops(images, example[sl], _part(params, sl), size)
+      else:
+        crops = decoded[sl]
+        other = np.array([j for j in rows if encoded[example[j]] is None], np.int64)
+        if len(other):  # examples the source decoded (not JPEG): the faithful path.
+          crops = crops.copy()
+          crops[other - sl.start] = multicrop.resized_crops(
+              [images[e] for e in example[other]], np.arange(len(other)),
+              _part(params, other), size)
       crops = self._after_crop(crops, indices[example[sl]], self.epoch_of(step))
-      multicrop.normalize(crops, out[sl])
+      if self.output == "uint8":
+        out[sl] = crops  # grey crops broadcast to 3 channels.
+      else:
+        multicrop.normalize(crops, out[sl])
 
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
     position = self.process_index * batch + np.arange(batch)
     ids = (np.arange(num_crops)[:, None] * self.global_batch_size + position[None]).reshape(-1)
     return self._finish_batch({"images": out, "ids": ids.astype(np.int32)}, labels, indices,
                               step)
+
+  def _decode_crops(self, encoded: list, params: multicrop.CropParams, heights: np.ndarray,
+                    widths: np.ndarray) -> np.ndarray:
+    """uint8 (num_crops * batch, size, size, 3): the crops of each example with bytes in
+    `encoded` (rows k * batch + i), decoded and cut by `jpeg.jpeg_crops`; other rows unset."""
+    batch, size = len(encoded), self.image_size
+    crops = np.empty((self.num_crops * batch, size, size, 3), np.uint8)
+
+    def decode(rows: range) -> None:
+      for i in rows:
+        if encoded[i] is not None:
+          r = np.arange(self.num_crops) * batch + i
+          crops[r] = jpeg.jpeg_crops(encoded[i], (int(heights[i]), int(widths[i])),
+                                     params.top[r], params.left[r], params.height[r],
+                                     params.width[r], params.flip[r], size,
+                                     decoder=self.decoder, draft=self.draft)
+
+    self._map_chunks(decode, batch, min_chunk=4)
+    return crops
 
   # Hooks for pipelines built on this one (the fine-tune pipeline, adpe_jax.data.finetune):
   def _after_crop(self, crops: np.ndarray, indices: np.ndarray, epoch: int) -> np.ndarray:
@@ -213,8 +300,14 @@ class PretrainPipeline:
     """Yields get_batch(start_step), get_batch(start_step + 1), ..., made by a background thread.
 
     Up to `prefetch` batches wait in a queue, so augmentation overlaps the training step. Closing
-    the generator (or dropping it) stops the background thread.
+    the generator (or dropping it) stops the background thread. With num_workers > 0 the
+    batches come from worker processes instead (`adpe_jax.data.workers`), the same batches.
     """
+    if self.num_workers > 0:
+      if self._workers is None:
+        self._workers = workers.WorkerPool(self, self.num_workers, self.prefetch)
+      yield from self._workers.iterate(start_step, num_steps)
+      return
     stop = threading.Event()
     ready: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
     end = None if num_steps is None else start_step + num_steps
@@ -254,7 +347,10 @@ class PretrainPipeline:
       producer.join(timeout=30)
 
   def close(self) -> None:
-    """Stops the worker threads (pending work is cancelled)."""
+    """Stops the worker threads (pending work is cancelled) and worker processes."""
+    if self._workers is not None:
+      self._workers.close()
+      self._workers = None
     self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self) -> "PretrainPipeline":

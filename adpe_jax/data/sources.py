@@ -66,6 +66,8 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
                                under `data_dir` when one is given.
     "folder"                   the same with <path> = `data_dir` (config: data.source="folder",
                                data.dir=<path>).
+    "prepared:<path>"          a directory written by `python -m adpe_jax.data.prepare` (ArrayRecord
+                               of bounded-side JPEGs); a relative <path> is taken under `data_dir`.
     "tfds:<name>"              tfds dataset (options: manual_dir, download, image_key, label_key);
                                `data_dir` is the tfds data dir.
     "synthetic"                random smooth images; options num_examples, height, width, channels,
@@ -83,6 +85,12 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
     if data_dir and arg and not storage.is_remote(arg):
       root = os.fspath(storage.as_path(data_dir) / arg)
     return FolderSource(root, split=split, **options)
+  if kind == "prepared" and arg:
+    root = arg
+    if data_dir and not storage.is_remote(arg):  # an absolute <path> stays as it is
+      root = os.fspath(storage.as_path(data_dir) / arg)
+    from adpe_jax.data.prepare import PreparedSource  # noqa: PLC0415 (keeps `-m ...prepare` clean)
+    return PreparedSource(root)
   if kind == "tfds" and arg:
     # Imported here: keeps tensorflow_datasets out of `import adpe_jax.data`.
     from adpe_jax.data.tfds_source import TfdsSource  # noqa: PLC0415 (tensorflow_datasets)
@@ -97,7 +105,8 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
       options.setdefault("width", int(match.group(2) or match.group(1)))
     return SyntheticSource(split, **options)
   raise DataError(f"Unknown dataset name {name!r}; use 'fashion_mnist', 'folder:<path>', "
-                  f"'folder' (root in data.dir), 'tfds:<name>' or 'synthetic[:<H>x<W>]'.")
+                  f"'folder' (root in data.dir), 'prepared:<path>', 'tfds:<name>' or "
+                  f"'synthetic[:<H>x<W>]'.")
 
 
 def from_config(config, split: str, name: str | None = None) -> Source:

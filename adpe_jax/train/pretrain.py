@@ -78,9 +78,11 @@ def build_training(config, mesh, total_steps: int, steps_per_epoch: float) -> di
 
 
 def _batch_spec(config, sharding):
+  # uint8 crops (data.normalize_on_device) are normalised by the step's first op.
   n = config.num_crops * config.batch_size
+  dtype = jnp.uint8 if config.data.normalize_on_device else jnp.float32
   return {"images": jax.ShapeDtypeStruct((n, config.image_size, config.image_size, 3),
-                                         jnp.float32, sharding=sharding),
+                                         dtype, sharding=sharding),
           "ids": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)}
 
 
@@ -119,7 +121,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pipeline = data.PretrainPipeline(
       source, config.batch_size, config.image_size, config.num_crops, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads or None)
+      num_threads=config.data.num_threads or None,
+      num_workers=data.resolve_num_workers(config.data.num_workers, jax.default_backend()),
+      decoder=config.data.decoder, draft=config.data.draft,
+      output="uint8" if config.data.normalize_on_device else "float32")
 
   # 3. Model, optimizer, shardings and the compiled step. -------------------------------
   setup = build_training(config, mesh, total_steps, steps_per_epoch)
@@ -170,7 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def step_fn(state, step, host_batch):
     del step
     if recon.images is None:
-      recon.images = host_batch["images"][:8]
+      recon.images = data.normalize(host_batch["images"][:8]) if (
+          host_batch["images"].dtype == np.uint8) else host_batch["images"][:8]
     last["batch"] = parallel.global_batch(host_batch, mesh)
     return train_step(state, last["batch"], step_key)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
+from adpe_jax.data import multicrop
 from adpe_jax.models import layout
 from adpe_jax.train.state import TrainState
 
@@ -50,6 +51,21 @@ def with_mask_noise(batch: dict, key: jax.Array, num_patches: int) -> dict:
   noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_patches,)))(
       batch["ids"])
   return {k: v for k, v in batch.items() if k != "ids"} | {"noise": noise}
+
+
+def normalize_on_device(batch: dict) -> dict:
+  """uint8 crops (data.normalize_on_device) -> float32 (x / 255 - mean) / std, else unchanged.
+
+  A lookup in the host's own table (`multicrop.NORMALIZE_TABLE`, torch's ToTensor + Normalize
+  in float32), so the values are those of the host-normalised batch bit for bit on every
+  backend: written as arithmetic, XLA turns the divisions by constants into multiplications
+  by reciprocals (up to 7e-7 off on CPU).
+  """
+  images = batch["images"]
+  if images.dtype != jnp.uint8:
+    return batch
+  table = jnp.asarray(multicrop.NORMALIZE_TABLE)
+  return batch | {"images": table[images.astype(jnp.int32), jnp.arange(3)]}
 
 
 def make_loss_fn(model) -> Callable:
@@ -124,6 +140,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     key = jax.random.fold_in(rng, state.step)
+    batch = normalize_on_device(batch)
     batch = with_mask_noise(batch, jax.random.fold_in(key, MASK_STREAM), model.num_patches)
     loss, (grads, adv_grads) = compute_grads(state.params, state.adversary, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -157,6 +174,7 @@ def make_adversary_gap(model) -> Callable:
   loss_fn = make_loss_fn(model)
 
   def gap(params, adversary, batch, key):
+    batch = normalize_on_device(batch)
     batch = with_mask_noise(batch, jax.random.fold_in(key, MASK_STREAM), model.num_patches)
     key = jax.random.fold_in(key, 0)
     return (loss_fn(params, adversary, batch, key)
