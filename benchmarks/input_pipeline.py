@@ -230,18 +230,9 @@ def _stage_profile(source, options: dict, size: int, num_images: int) -> dict:
                                ("top", "left", "height", "width", "flip")))
       crops[rows] = multicrop.resized_crops([array], np.zeros(4, np.int64), part, size)
     else:
-      pil = Image.fromarray(array)
-      sy, sx = array.shape[0] / shapes[i][0], array.shape[1] / shapes[i][1]
-      for j in rows:
-        tp, lf, h, w = (int(params.top[j]), int(params.left[j]), int(params.height[j]),
-                        int(params.width[j]))
-        if reduction == 1:
-          c = pil.crop((lf, tp, lf + w, tp + h)).resize((size, size), Image.BICUBIC)
-        else:
-          c = pil.resize((size, size), Image.BICUBIC,
-                         box=(lf * sx, tp * sy, (lf + w) * sx, (tp + h) * sy))
-        c = np.asarray(c)
-        crops[j] = c[:, ::-1] if params.flip[j] else c
+      crops[rows] = jpeg.crop_decoded(array, shapes[i], params.top[rows], params.left[rows],
+                                      params.height[rows], params.width[rows],
+                                      params.flip[rows], size, reduction)
     crop += clock() - t
   normalize = 0.0
   if not uint8:

@@ -86,11 +86,18 @@ def jpeg_crops(data: bytes, full_size: tuple[int, int], top, left, height, width
   then bicubic resize of the box alone, as torchvision does. With a reduction r, the box scaled by
   the decoded/full size ratio is resampled from the reduced image (Pillow's resize(box=...)).
   """
+  reduction = draft_reduction(height, width, size) if draft else 1
+  image = decode(data, decoder, reduction)
+  return crop_decoded(image, full_size, top, left, height, width, flip, size, reduction, out)
+
+
+def crop_decoded(image: np.ndarray, full_size: tuple[int, int], top, left, height, width,
+                 flip, size: int, reduction: int = 1,
+                 out: np.ndarray | None = None) -> np.ndarray:
+  """`jpeg_crops` after the decode: `image` decoded at 1 / `reduction` of `full_size`."""
   k = len(top)
   if out is None:
     out = np.empty((k, size, size, 3), np.uint8)
-  reduction = draft_reduction(height, width, size) if draft else 1
-  image = decode(data, decoder, reduction)
   pil = Image.fromarray(image)
   full_h, full_w = full_size
   sy, sx = image.shape[0] / full_h, image.shape[1] / full_w
