@@ -1,5 +1,6 @@
 """adpe_jax.checkpoint: round trip, keep-last-N, refusals, SIGKILL mid-save, preemption."""
 
+import contextlib
 import gc
 import glob
 import os
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.checkpoint import Checkpointer, CheckpointError, abstract_of
-from adpe_jax.train.stop import PreemptionGuard
+from adpe_jax.train.stop import PreemptedError, PreemptionGuard
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training, run_metadata
 from adpe_jax.train.state import TrainState, build_model, create_train_state
@@ -366,3 +367,15 @@ def test_short_error_keeps_the_os_cause_and_its_file():
     text = short_error(outer)
   assert text.startswith("No space left on device at /w/checkpoints/4/meta/metadata; OSError")
   assert short_error(ValueError("plain")) == "ValueError: plain"
+
+
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_evaluation():
+  # A handler that runs inside a gc callback or a __del__ has its exception printed
+  # ("Exception ignored in ...") and dropped: the evaluation runs on.  It must still end
+  # as interrupted, or the run would report an evaluation that a SIGTERM asked to stop.
+  with PreemptionGuard() as guard:
+    # The handler raises inside interrupting(); suppress() is the gc callback swallowing it.
+    with pytest.raises(PreemptedError), guard.interrupting(), contextlib.suppress(
+        PreemptedError):
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.signum == signal.SIGTERM

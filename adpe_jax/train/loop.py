@@ -271,21 +271,22 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
           # Bound the dispatch queue (on few CPU cores many queued collective steps can
           # time out); a cheap wait, no transfer to the host.
           jax.block_until_ready(state.step)
-        try:
-          with agreed.evaluating():  # a signal abandons the evaluation at once
-            for evaluator in due_eval:
-              record = _write_result(log, done, evaluator.run(state, done),
-                                     done / steps_per_epoch)
-              if record:
-                evals.append(record)
-                logging.info("step %d eval %s", done, {k: v for k, v in record.items()
-                                                       if k not in ("step", "epoch")})
-        except PreemptedError as e:
-          logging.warning("preemption: got %s during the evaluation at step %d; it is not "
-                          "done (%s); saving and stopping", signal_name(e.signum), done,
-                          "re-running the same command does it" if done == total_steps
-                          else "the next evaluation is at its own step")
-          agreed.stopped_by, stop = signal_name(e.signum), True
+        if due_eval:  # (a signal of a training step is that step's stop, not an evaluation's)
+          try:
+            with agreed.evaluating():  # a signal abandons the evaluation at once
+              for evaluator in due_eval:
+                record = _write_result(log, done, evaluator.run(state, done),
+                                       done / steps_per_epoch)
+                if record:
+                  evals.append(record)
+                  logging.info("step %d eval %s", done, {k: v for k, v in record.items()
+                                                         if k not in ("step", "epoch")})
+          except PreemptedError as e:
+            logging.warning("preemption: got %s during the evaluation at step %d; it is not "
+                            "done (%s); saving and stopping", signal_name(e.signum), done,
+                            "re-running the same command does it" if done == total_steps
+                            else "the next evaluation is at its own step")
+            agreed.stopped_by, stop = signal_name(e.signum), True
         if stop:
           status = "preempted"
           logging.warning("stop requested by %s at step %d: saving and exiting",

@@ -75,6 +75,10 @@ class PreemptionGuard:
       yield self
     finally:
       self._raise = False
+    if self._requested:
+      # The handler's exception was swallowed: it ran inside a gc callback or a __del__
+      # ("Exception ignored in ..."), and the evaluation went on.  It still stops here.
+      raise PreemptedError(self.signum)
 
   def request(self) -> None:
     self._requested = True
