@@ -255,7 +255,7 @@ def quiet_orbax_teardown() -> None:
   to reach orbax's already-closed asyncio loop and print 'Event loop is closed'
   tracebacks (through sys.excepthook / threading.excepthook / sys.unraisablehook) around
   our one-sentence error.  Only that exact error is dropped; installed once, when
-  `restore` refuses a checkpoint.
+  `restore` starts (the reads of a refused checkpoint fail while it is being refused).
   """
   global _QUIET_INSTALLED
   if _QUIET_INSTALLED:
@@ -368,11 +368,10 @@ class Checkpointer:
     live state; see `abstract_of`). Returns None when there is no checkpoint. Raises
     CheckpointError, and deletes / overwrites nothing, when the checkpoint does not fit.
     """
-    try:
-      return self._restore(abstract_state, step)
-    except CheckpointError:
-      quiet_orbax_teardown()
-      raise
+    # Before the reads start: a refused checkpoint's reads fail in tensorstore threads
+    # while the refusal is still being raised, not only after it.
+    quiet_orbax_teardown()
+    return self._restore(abstract_state, step)
 
   def _restore(self, abstract_state, step: int | None):
     self.wait()
