@@ -41,3 +41,8 @@ class InitError(ConfigError):
 
 class ConversionError(AdpeError, ValueError):
   """A state dict (PyTorch) that does not fit the model it is converted for."""
+
+
+class WorkdirError(CheckpointError, ConfigError):
+  """The workdir holds a run this command would not continue as it was started (another
+  task, or changed fields that define the run's trajectory); nothing is changed."""

@@ -30,13 +30,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
 from adpe_jax import convert, weights
-from adpe_jax.errors import CheckpointError
+from adpe_jax.errors import AdpeError, CheckpointError, ConfigError
 from adpe_jax.models import layout, posembed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
@@ -67,22 +68,66 @@ def timm_state_dict(params: dict, run: dict, pos_embed: np.ndarray | None = None
   return out
 
 
+def _check_out(out: str) -> None:
+  """Refuse, before anything is read or written, an --out whose directory is missing or
+  not writable, or that is a directory."""
+  if not out.endswith((".safetensors", ".pth", ".pt")):
+    raise ConfigError(f"--out={out!r} must end in .safetensors or .pth.")
+  folder = os.path.dirname(os.path.abspath(out))
+  if os.path.isdir(out):
+    raise ConfigError(f"--out={out} is a directory; name a file in it.")
+  if not os.path.isdir(folder):
+    raise ConfigError(f"--out={out}: its directory {folder} does not exist; create it "
+                      f"or write elsewhere.")
+  try:  # a file created and removed: os.access says yes to root on a read-only mount
+    fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--out={out}: its directory {folder} is not writable "
+                      f"({e.strerror or e}); write elsewhere.") from e
+
+
+def _user_mode() -> int:
+  """0666 less the umask: the mode `open()` gives a new file (mkstemp's is 0600)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def save(state_dict: dict[str, np.ndarray], out: str) -> None:
+  """Writes `out` whole or not at all (a temporary file in its directory, renamed), with
+  the user's normal file mode; a failure names --out and the errno text."""
+  _check_out(out)
   if out.endswith(".safetensors"):
     try:
       from safetensors.numpy import save_file  # noqa: PLC0415
     except ImportError as e:
       raise SystemExit("error: writing .safetensors needs the safetensors package "
                        "(pip install safetensors), which is not installed.") from e
-    save_file(state_dict, out)
-  elif out.endswith((".pth", ".pt")):
+    write = lambda path: save_file(state_dict, path)  # noqa: E731
+  else:
     try:
       torch = weights.import_torch(f"writing {out}")
     except CheckpointError as e:
       raise SystemExit(f"error: {str(e).rstrip('.')}; write .safetensors instead.") from e
-    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, out)
-  else:
-    raise SystemExit(f"error: --out={out!r} must end in .safetensors or .pth.")
+    write = lambda path: torch.save(  # noqa: E731
+        {"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, path)
+  folder = os.path.dirname(os.path.abspath(out))
+  tmp = None
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    write(tmp)
+    os.chmod(tmp, _user_mode())
+    os.replace(tmp, out)
+    tmp = None
+  except OSError as e:
+    raise ConfigError(f"--out={out} could not be written ({e.strerror or e}); nothing "
+                      f"was written there; free space or write elsewhere.") from e
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def export(workdir: str, out: str) -> dict[str, np.ndarray]:
@@ -98,8 +143,9 @@ def main(argv):
     print("error: both --workdir and --out are required.", file=sys.stderr)
     sys.exit(2)
   try:
+    _check_out(_OUT.value)  # before the checkpoint is read
     sd = export(_WORKDIR.value, _OUT.value)
-  except CheckpointError as e:
+  except AdpeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()
     os._exit(2)

@@ -26,6 +26,10 @@ def _explain_bad_flags(argv, error) -> str:
   config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if config_arg:
     path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+      return (f"config file {path!r} (from --config={config_arg}) "
+              + ("is a directory" if os.path.isdir(path) else "does not exist")
+              + "; pass one of configs/*.py, e.g. --config=configs/vitb_rpe_coord.py.")
     try:
       spec = importlib.util.spec_from_file_location("adpe_user_config", path)
       module = importlib.util.module_from_spec(spec)
@@ -49,7 +53,9 @@ def _explain_bad_flags(argv, error) -> str:
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a file that failed to load raises here (ml_collections defers it)
+    return rest
   except Exception as e:  # noqa: BLE001 (any failure becomes one sentence)
     print(f"error: {_explain_bad_flags(argv, e)}", file=sys.stderr)
     sys.exit(2)

@@ -410,12 +410,14 @@ def test_cli_finetune_sigterm_saves_the_current_step(tmp_path):
 
 
 def test_cli_finetune_non_finite_stops_and_keeps_the_good_checkpoint(tmp_path):
-  # Negative weight decay at a large lr grows the weights geometrically: float32 overflows
-  # after a few steps, deterministically; checkpoints every 2 steps precede it.
+  # A weight decay far above 1 / lr overshoots (p -= lr * wd * p: the head's weights times
+  # 1 - 31.25 * 0.4 = -11.5 per step): float32 overflows after a few steps,
+  # deterministically; checkpoints every 2 steps precede it.  (A negative weight decay,
+  # as before, is refused at start now.)
   r = _run([*FT, f"--workdir={tmp_path}", "--config.init=", "--config.data.source=synthetic",
             "--config.total_steps=200", "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=2", "--config.eval.every_steps=1000",
-            "--config.blr=500.0", "--config.weight_decay=-10.0",
+            "--config.blr=500.0", "--config.weight_decay=0.4",
             "--config.divergence_factor=0"])  # the non-finite stop itself
   assert r.returncode != 0
   message = [l for l in r.stderr.splitlines() if "non-finite loss or gradients" in l]

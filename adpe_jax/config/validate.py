@@ -3,6 +3,8 @@ sentence naming the field, its value and what is allowed."""
 
 from __future__ import annotations
 
+import math
+
 from adpe_jax.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "linprobe", "knn")
@@ -81,3 +83,70 @@ def upgrade_run_metadata(run: dict) -> dict:
   model["pe"] = "ape" if pe_type == 0 else "rpe"
   model["rpe_lookup"] = {1: "integer", 2: "continuous"}.get(pe_type)
   return {**run, "model": model}
+
+
+# Values every task checks at start (`values`), for the fields a config has: rates and epoch
+# counts (a negative blr trains by gradient ascent, issue 17), counts, probabilities.
+# Intervals as written in the sentence ("[a, b)"; inf = no bound).
+_RANGES = {
+    "blr": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)",
+    "warmup_epochs": "[0, inf)",
+    "total_epochs": "[0, inf)",
+    "layer_decay": "(0, 1]",
+    "momentum": "[0, 1]",
+    "b1": "[0, 1)",          # Adam's bias correction divides by 1 - b ** t
+    "b2": "[0, 1)",
+    "temperature": "[0, inf)",
+    "crop_fraction": "(0, 1]",
+    "adversary.lr": "[0, inf)",
+    "adversary.weight_decay": "[0, inf)",
+    "adversary.inner_step_size": "[0, inf)",
+    "aug.mixup": "[0, inf)",
+    "aug.cutmix": "[0, inf)",
+    "aug.mixup_prob": "[0, 1]",
+    "aug.mixup_switch_prob": "[0, 1]",
+    "aug.reprob": "[0, 1]",
+    "eval.crop_fraction": "(0, 1]",
+    "seed": "[0, inf)",
+    "keep_checkpoints": "[1, inf)",
+    "data.num_threads": "[0, inf)",
+    "data.num_workers": "[-1, inf)",
+    "data.num_examples": "[0, inf)",
+    "eval.max_examples": "[0, inf)",
+}
+
+_MEANING = {
+    "keep_checkpoints": "at least 1 (a resume needs the newest checkpoint)",
+    "data.num_threads": "0 (one per CPU) or a positive number of threads",
+    "data.num_workers": "-1 (auto), 0 (threads in this process) or a number of worker processes",
+}
+
+
+def _has(c, field: str) -> bool:
+  node = c
+  for part in field.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _inside(value: float, interval: str) -> bool:
+  lo, hi = (float(x) for x in interval[1:-1].split(","))
+  return ((lo < value if interval[0] == "(" else lo <= value)
+          and (value < hi if interval[-1] == ")" else value <= hi))
+
+
+def values(c) -> None:
+  """Every rate, epoch count and count of `_RANGES` the config has: finite and in range."""
+  for field, interval in _RANGES.items():
+    if not _has(c, field):
+      continue
+    value = get(c, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue  # ml_collections keeps a field's type; another type is another field
+    if not (math.isfinite(value) and _inside(value, interval)):
+      allowed = _MEANING.get(field, f"a finite number in {interval}")
+      raise ConfigError(f"config field {field}={value!r} is not allowed: it must be {allowed}.")

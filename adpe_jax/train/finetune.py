@@ -93,7 +93,8 @@ def run_metadata(config) -> dict:
 
 def finetune(config, workdir: str) -> dict:
   # 1. Config and mesh.
-  mesh, workdir = loop.start_run(config, workdir, finetune_config.validate)
+  mesh, workdir = loop.start_run(config, workdir, finetune_config.validate, run_metadata,
+                                 check.upgrade_run_metadata)
 
   # 2. Input.
   source = data.from_config(config, config.data.train_split)

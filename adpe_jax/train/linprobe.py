@@ -140,7 +140,9 @@ def run_metadata(config, resolved) -> dict:
 
 def linprobe(config, workdir: str) -> dict:
   # 1. Config and mesh.
-  mesh, workdir = loop.start_run(config, workdir, probe_config.validate_linprobe)
+  mesh, workdir = loop.start_run(
+      config, workdir, probe_config.validate_linprobe,
+      lambda c: run_metadata(c, evaluate.resolve_encoder_fields(c)), check.upgrade_run_metadata)
 
   # 2. The frozen encoder (config.init), the eval-set features (once), the train input.
   t0 = time.time()

@@ -35,6 +35,7 @@ from absl import logging
 
 from adpe_jax import parallel, storage
 from adpe_jax.errors import ConfigError, DivergenceError
+from adpe_jax.train import preflight
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
 
@@ -58,15 +59,20 @@ class Evaluator(Protocol):
 
 # -- start, steps, history, summary -----------------------------------------------------------
 
-def start_run(config, workdir, validate: Optional[Callable] = None):
-  """Join the processes, build the (data, fsdp) mesh, validate the config against it, make
-  the workdir (an epath.Path: local and absolute, or gs://...) and write config.json from
-  process 0.  Returns (mesh, workdir)."""
+def start_run(config, workdir, validate: Optional[Callable] = None,
+              run_metadata: Optional[Callable] = None, upgrade: Optional[Callable] = None):
+  """Join the processes, build the (data, fsdp) mesh, validate the config against it, check
+  the workdir against the request (`preflight`: every refusal comes before anything is
+  written or compiled; `run_metadata(config)` / `upgrade` as the task's Checkpointer gets
+  them), make the workdir (an epath.Path: local and absolute, or gs://...) and write
+  config.json from process 0.  Returns (mesh, workdir)."""
   parallel.initialize_distributed(config)
   mesh = parallel.mesh_from_config(config)
   if validate is not None:
     validate(config, num_devices=mesh.size)
-  workdir = storage.makedirs(storage.resolve(workdir))
+  # Refusals (values, workdir, the saved run): nothing written before this returns.
+  workdir = preflight.check_workdir(config, workdir, run_metadata=run_metadata,
+                                    upgrade=upgrade)
   if jax.process_index() == 0:
     storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   return mesh, workdir

@@ -113,7 +113,7 @@ class Reconstructions:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Config and mesh. ----------------------------------------------------------------
-  mesh, workdir = loop.start_run(config, workdir, pretrain_config.validate)
+  mesh, workdir = loop.start_run(config, workdir, pretrain_config.validate, run_metadata)
 
   # 2. Input: this process's part of every global batch, a pure function of the step.
   source = data.from_config(config, config.data.split)

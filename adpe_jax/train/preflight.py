@@ -1,0 +1,243 @@
+"""The refusals of a run's start, before anything is written and before the step compiles.
+
+`check_workdir(config, workdir, run_metadata=..., upgrade=...)` (called by
+`loop.start_run` before config.json is written) refuses, in one sentence, and changes
+nothing on disk:
+
+  * a config value out of range (`config.validate.values`: rates, epoch counts, seed...);
+  * an empty `--workdir` (an unset shell variable would train into the current directory),
+    one that is an existing file, one that cannot be created or written (a temporary file
+    is created and removed inside it; the errno text is named);
+  * `config.init` that does not exist or is a file that is no PyTorch checkpoint;
+  * a workdir holding another task's checkpoint (a fine-tune command pointed at a
+    pretraining workdir is told to pass it as --config.init);
+  * a workdir holding a checkpoint whose run this command would change: every config field
+    not in `NON_TRAJECTORY` defines the run's trajectory and is compared with the saved
+    config.json (written only once a start passed these checks, so it is the config of the
+    checkpoints); the checkpoint's run metadata is compared too (the only comparison left
+    when config.json is missing or unreadable).
+
+Reading the newest checkpoint's run metadata is cheap (a JSON item).  The restore-time
+checks of `checkpoint.Checkpointer.restore` stay: they guard the arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Callable, Optional
+
+from absl import logging
+from etils import epath
+
+from adpe_jax import checkpoint as ckpt_lib
+from adpe_jax import storage
+from adpe_jax.config import validate as check
+from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirError
+
+# Fields a resumed run may change: they do not change its trajectory (the batches, masks and
+# updates of every step).  Every other field does, so a new field is compared by default.
+# A name ending in "." covers the block.
+NON_TRAJECTORY = (
+    # cadence of logs, checkpoints and evaluations, and the stops
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_steps_per_run",
+    "divergence_factor", "eval.every_steps", "eval.knn_every_steps", "eval.recon_every_steps",
+    "eval.batch_size",
+    # caches, processes and devices (the same global batch on any mesh; `auto` picks the
+    # attention kernel by backend anyway; remat recomputes the same function)
+    "compilation_cache", "distributed.", "mesh.", "model.attention_impl", "model.remat",
+    # input speed: the same pixels (data.decoder: simplejpeg decodes as Pillow,
+    # adpe_jax/data/jpeg.py; normalize_on_device: the same float32 values)
+    "data.num_threads", "data.num_workers", "data.decoder", "data.normalize_on_device",
+)
+
+# After a non-finite / divergence stop the message says "start again with a lower learning
+# rate (config field blr)": from the kept checkpoint these may change then (with a warning).
+RESTART_FIELDS = ("blr", "min_lr", "warmup_epochs", "adversary.lr")
+
+_SCHEDULE = ("total_steps", "total_epochs")
+_UNCHANGED = "nothing on disk was changed"
+_TASK_RUN = {"pretrain": "pretraining", "finetune": "fine-tuning", "linprobe": "linear-probe",
+             "knn": "k-NN"}
+_TASK_VERB = {"pretrain": "pretrain", "finetune": "fine-tune", "linprobe": "probe",
+              "knn": "evaluate"}
+
+
+def free(field: str) -> bool:
+  """Whether a resumed run may change `field` (a dotted config field)."""
+  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in NON_TRAJECTORY)
+
+
+def flat_config(config) -> dict:
+  """{dotted field: value} of a config as config.json holds it (JSON types)."""
+  data = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+      else config
+  return ckpt_lib._flat_dict(data)  # noqa: SLF001 (the same flattening as the metadata's)
+
+
+def trajectory_changes(saved: dict, config, allowed=()) -> tuple[list[str], list[str]]:
+  """(trajectory fields changed, free fields changed) between the saved config.json (a
+  dict) and `config`, as "field (old -> new)".  A field one side lacks (a config of another
+  version) is not compared."""
+  old, new = flat_config(saved), flat_config(config)
+  changed, loose = [], []
+  for field in sorted(set(old) & set(new)):
+    if old[field] != new[field]:
+      text = f"{field} ({old[field]!r} -> {new[field]!r})"
+      (loose if free(field) or field in allowed else changed).append(text)
+  return changed, loose
+
+
+def workdir_path(workdir) -> epath.Path:
+  """The workdir as an epath.Path; refuses an empty one and an existing file."""
+  text = "" if workdir is None else os.fspath(workdir)
+  if not text.strip():
+    raise ConfigError("--workdir is empty (an unset shell variable?); a run would write into "
+                      "the current directory; pass the run's directory, e.g. "
+                      "--workdir=runs/NAME.")
+  path = storage.resolve(text)
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"--workdir={text} is an existing file, not a directory; pass a "
+                      f"directory (a new one for a new run).")
+  return path
+
+
+def _writable(path: epath.Path, text: str) -> epath.Path:
+  """Creates the workdir (if new) and a temporary file inside it, then removes that file."""
+  try:
+    path = storage.makedirs(path)
+  except OSError as e:
+    raise ConfigError(f"--workdir={text} cannot be created ({e.strerror or e}"
+                      + (f": {e.filename}" if e.filename else "")
+                      + "); choose a directory you can write.") from e
+  probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+  try:
+    storage.write_text(probe, "")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"--workdir={text} is not writable ({e.strerror or e}); choose a "
+                      f"directory you can write, or fix its permissions or mount.") from e
+  return path
+
+
+def check_init(config, resuming: bool) -> None:
+  """config.init exists and is a directory or a PyTorch file, where the run reads it (a
+  fine-tune that resumes does not read it again)."""
+  init = config.get("init", "") if hasattr(config, "get") else ""
+  if not init or (resuming and check.task_of(config) == "finetune"):
+    return
+  from adpe_jax.weights import TORCH_SUFFIXES, is_torch_file  # noqa: PLC0415
+  path = storage.resolve(init)
+  if not path.exists():
+    raise InitError(f"config field init={init!r} does not exist.")
+  if not path.is_dir() and not is_torch_file(init):
+    raise InitError(f"config field init={init!r} is a file but not a PyTorch checkpoint "
+                    f"({', '.join(TORCH_SUFFIXES)}); pass a workdir of ours, one of its "
+                    f"checkpoints/<step> directories, or a .pth file.")
+
+
+def _saved_checkpoint(path: epath.Path):
+  """(step directory, run metadata) of the workdir's newest complete checkpoint, or None.
+  Nothing is created: without a checkpoints/ directory no Checkpointer is made."""
+  if not (path / "checkpoints").is_dir():
+    return None
+  ckpt = ckpt_lib.Checkpointer(path, 0, 1)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      return None
+    return ckpt.step_path(step), (ckpt.read_metadata(step).get("run") or {})
+  finally:
+    ckpt.close()
+
+
+def _saved_config(path: epath.Path) -> Optional[dict]:
+  try:
+    saved = json.loads(storage.read_text(path / "config.json") or "null")
+  except (OSError, ValueError, UnicodeDecodeError):
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
+def _task_message(text: str, where, saved_task: str, task: str) -> str:
+  head = (f"--workdir={text} holds a {_TASK_RUN[saved_task]} checkpoint ({where}), not a "
+          f"{_TASK_RUN[task]} run")
+  if task != "pretrain" and saved_task in ("pretrain", "finetune"):
+    return (f"{head}; {_TASK_VERB[task]} with --config.init={text} and another --workdir, "
+            f"{_UNCHANGED}.")
+  return f"{head}; {_TASK_VERB[task]} in another --workdir, {_UNCHANGED}."
+
+
+def compare_with_saved_run(config, path: epath.Path, text: str,
+                           run_metadata: Optional[Callable] = None,
+                           upgrade: Optional[Callable] = None) -> bool:
+  """Refuses a command that would not continue the run saved in the workdir; returns
+  whether the workdir holds a checkpoint (the run resumes)."""
+  saved = _saved_checkpoint(path)
+  if saved is None:
+    return False
+  where, run = saved
+  task = check.task_of(config)
+  saved_config = _saved_config(path)
+  saved_task = run.get("task") or (saved_config or {}).get("task") or "pretrain"
+  if saved_task != task and saved_task in _TASK_RUN:
+    raise WorkdirError(_task_message(text, where, saved_task, task))
+  if saved_config is None:
+    logging.warning("%s has no readable config.json: this command is compared with the run "
+                    "metadata of checkpoint %s only", text, where)
+  else:
+    status = (_summary(path).get("status") or "")
+    allowed = RESTART_FIELDS if status in ("diverged", "non-finite") else ()
+    changed, loose = trajectory_changes(saved_config, config, allowed)
+    if changed:
+      schedule = any(c.split(" ")[0] in _SCHEDULE for c in changed)
+      note = ("; total_steps and total_epochs shape the cosine schedule, so a new value "
+              "would change the remaining steps too (max_steps_per_run ends a run early)"
+              if schedule else "")
+      raise WorkdirError(
+          f"--workdir={text} holds a run (checkpoint {where}) that this command would not "
+          f"continue exactly: it changes config field(s) that define the run's trajectory: "
+          f"{', '.join(changed)}{note}; set them back to resume the run, or start a new run "
+          f"with another --workdir, {_UNCHANGED}.")
+    restarted = [c for c in loose if c.split(" ")[0] in allowed]
+    if restarted:
+      logging.warning("resuming the %s run in %s from its last good checkpoint with "
+                      "changed %s", status, text, ", ".join(restarted))
+    if loose:
+      logging.info("config fields changed since the saved run (they do not change its "
+                   "trajectory): %s", ", ".join(loose))
+  if run_metadata is not None:
+    diff = ckpt_lib._metadata_mismatches((upgrade or (lambda r: r))(run),  # noqa: SLF001
+                                         json.loads(json.dumps(run_metadata(config))))
+    if diff:
+      raise WorkdirError(
+          f"checkpoint {where} comes from a run whose metadata differs in {', '.join(diff)}: "
+          f"it does not belong to this configuration (use another workdir or move that "
+          f"checkpoint away), {_UNCHANGED}.")
+  return True
+
+
+def _summary(path: epath.Path) -> dict:
+  try:
+    out = json.loads(storage.read_text(path / "summary.json") or "{}")
+  except (OSError, ValueError, UnicodeDecodeError):
+    return {}
+  return out if isinstance(out, dict) else {}
+
+
+def check_workdir(config, workdir, run_metadata: Optional[Callable] = None,
+                  upgrade: Optional[Callable] = None) -> epath.Path:
+  """Every refusal of the module docstring, in that order; then the workdir exists and is
+  writable.  Returns it (an epath.Path: local and absolute, or gs://...)."""
+  check.values(config)
+  text = "" if workdir is None else os.fspath(workdir)
+  path = workdir_path(workdir)
+  try:
+    resuming = compare_with_saved_run(config, path, text, run_metadata, upgrade)
+  except CheckpointError:
+    ckpt_lib.quiet_orbax_teardown()
+    raise
+  check_init(config, resuming)
+  path = _writable(path, text)
+  return path
