@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adpe_jax import parallel, storage
+from adpe_jax import parallel, storage, workdir_lock
 from adpe_jax.errors import ConfigError, DivergenceError
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
@@ -60,13 +60,16 @@ class Evaluator(Protocol):
 
 def start_run(config, workdir, validate: Optional[Callable] = None):
   """Join the processes, build the (data, fsdp) mesh, validate the config against it, make
-  the workdir (an epath.Path: local and absolute, or gs://...) and write config.json from
-  process 0.  Returns (mesh, workdir)."""
+  the workdir (an epath.Path: local and absolute, or gs://...), take its one-writer lock
+  (`workdir_lock`: another run on it is refused here, before anything is written or
+  compiled; the task's `released_at_end` releases it) and write config.json from process 0.
+  Returns (mesh, workdir)."""
   parallel.initialize_distributed(config)
   mesh = parallel.mesh_from_config(config)
   if validate is not None:
     validate(config, num_devices=mesh.size)
   workdir = storage.makedirs(storage.resolve(workdir))
+  workdir_lock.acquire(workdir, config)
   if jax.process_index() == 0:
     storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   return mesh, workdir
