@@ -538,13 +538,11 @@ def _take_here(workdir: str) -> WorkdirLock:
   return Lease(store, name, f"{workdir.rstrip('/')}/{LOCK_NAME}")
 
 
-def agree(take: Callable[[], WorkdirLock], workdir: str, *, client: Any, process_index: int,
-          process_count: int, timeout_s: float) -> WorkdirLock:
+def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, client: Any,
+          process_index: int, process_count: int, timeout_s: float) -> WorkdirLock:
   """Process 0 runs `take`; its outcome (held, or the refusal's sentence) reaches every
-  process through the coordination service's key-value store, so all go on or all refuse."""
-  global _agreements
-  key = _KEY.format(_agreements)
-  _agreements += 1
+  process under `key` of the coordination service's key-value store (`client`:
+  `jax._src.distributed.global_state.client`), so all go on or all refuse."""
   if process_index == 0:
     try:
       lock = take()
@@ -590,9 +588,12 @@ def acquire(workdir, config=None) -> WorkdirLock:
     from jax._src import distributed  # noqa: PLC0415 (the coordination service's client)
     d = getattr(config, "distributed", None)
     timeout = float(getattr(d, "heartbeat_timeout_seconds", 60) or 60) + 60.0
-    lock = agree(lambda: _take_here(workdir), workdir, client=distributed.global_state.client,
-                 process_index=jax.process_index(), process_count=jax.process_count(),
-                 timeout_s=timeout)
+    global _agreements
+    key = _KEY.format(_agreements)
+    _agreements += 1
+    lock = agree(lambda: _take_here(workdir), workdir, key=key,
+                 client=distributed.global_state.client, process_index=jax.process_index(),
+                 process_count=jax.process_count(), timeout_s=timeout)
   (_scopes[-1] if _scopes else _unscoped).append(lock)
   return lock
 
