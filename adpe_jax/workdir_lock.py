@@ -87,8 +87,11 @@ def holder_info() -> dict:
   """Who holds a lock: host, pid, start time (UTC), command line, and a token that tells
   this holder from any other (a retried write that did succeed is recognised as ours)."""
   now = time.time()
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(os.path.join("adpe_jax", "main.py")):
+    argv[:1] = ["python", "-m", "adpe_jax.main"]
   return {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": _utc(now),
-          "started_unix": now, "command": shlex.join(sys.argv), "token": uuid.uuid4().hex}
+          "started_unix": now, "command": shlex.join(argv), "token": uuid.uuid4().hex}
 
 
 def _describe(holder: Optional[dict]) -> str:
