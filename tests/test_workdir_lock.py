@@ -273,6 +273,17 @@ def test_stale_lease_is_taken_over_and_the_old_holder_learns_it(tmp_path):
   assert store.read_with_generation(NAME) is None
 
 
+def test_a_stale_holder_releasing_leaves_the_new_holders_lease(tmp_path):
+  store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
+  a = lease(store, clock)
+  clock.t += 121
+  b = lease(store, clock)
+  held = store.read_with_generation(NAME)
+  a.release()  # a never heard it was taken over: its delete is conditional on its generation
+  assert store.read_with_generation(NAME) == held and held[1] == b.generation
+  b.release()
+
+
 def test_heartbeats_keep_a_lease_alive(tmp_path):
   store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
   a = lease(store, clock)
