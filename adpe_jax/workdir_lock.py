@@ -171,6 +171,11 @@ def _read_holder(fd: int, tries: int = 10) -> Optional[dict]:
   return None
 
 
+class FlockUnsupportedError(OSError):
+  """The file system has no flock (ENOLCK, ENOSYS, EOPNOTSUPP: e.g. Lustre without its
+  flock mount option)."""
+
+
 class FileLock(WorkdirLock):
   """`fcntl.flock` on a local WORKDIR/.adpe_lock, held until `release()` or the process ends."""
 
@@ -186,9 +191,7 @@ class FileLock(WorkdirLock):
         holder = _read_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-          raise WorkdirLockError(
-              f"workdir {workdir}: cannot lock {self.path} ({e.strerror}); the file system "
-              f"does not support flock: use a local disk or a gs:// workdir.") from e
+          raise FlockUnsupportedError(e.errno, e.strerror) from e
         raise WorkdirBusyError(_busy_message(
             workdir, holder, f"if that process is known to be dead on another host, delete "
             f"{self.path} and re-run.")) from None
@@ -531,7 +534,14 @@ _agreements = 0  # every process makes the same sequence of acquire calls
 def _take_here(workdir: str) -> WorkdirLock:
   remote = "://" in workdir
   if not remote:
-    return FileLock(workdir)
+    try:
+      return FileLock(workdir)
+    except FlockUnsupportedError as e:
+      # Refusing every run there would stop users who cannot change a mount option.
+      logging.warning("workdir %s: its file system cannot flock %s (%s): this run goes on "
+                      "WITHOUT a lock; make sure no other run writes into it", workdir,
+                      os.path.join(workdir, LOCK_NAME), e.strerror)
+      return Unlocked(workdir)
   found = object_store_for(workdir)
   if found is None:
     logging.warning("workdir %s: no lock for %s:// workdirs (gs:// and local disks have one); "

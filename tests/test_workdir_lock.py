@@ -5,6 +5,7 @@ store (live refuses, stale is taken over by exactly one, heartbeats keep it aliv
 outcome of process 0 reaches every process."""
 
 import datetime
+import errno
 import importlib.util
 import json
 import os
@@ -161,6 +162,18 @@ def test_a_lock_file_deleted_while_locking_is_not_a_lock(tmp_path, monkeypatch):
     assert os.fstat(lock._fd).st_ino == os.stat(tmp_path / ".adpe_lock").st_ino
   with workdir_lock.FileLock(str(tmp_path)):  # and it was released
     pass
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+  def no_flock(fd):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  warnings = []
+  monkeypatch.setattr(workdir_lock, "_flock", no_flock)
+  monkeypatch.setattr(workdir_lock.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+  assert isinstance(workdir_lock.acquire(str(tmp_path)), workdir_lock.Unlocked)
+  assert len(warnings) == 1 and "WITHOUT a lock" in warnings[0]
+  assert os.strerror(errno.ENOLCK) in warnings[0]
 
 
 @pytest.mark.parametrize("config_name", ["vitb_rpe_coord", "finetune_vitb_rpe",
