@@ -35,6 +35,16 @@ class DivergenceError(AdpeError, FloatingPointError):
     self.status, self.step = status, step
 
 
+class WorkdirLockError(AdpeError, RuntimeError):
+  """The workdir's one-writer lock cannot be taken (an unwritable workdir, a missing
+  package for gs://, no answer from process 0); nothing was written into the workdir."""
+
+
+class WorkdirBusyError(WorkdirLockError):
+  """Another run holds the workdir (`adpe_jax.workdir_lock`): the message names it (host,
+  pid, start time) and what to do; nothing was written into the workdir."""
+
+
 class InitError(ConfigError):
   """config.init (weights to start from) cannot initialise the configured model."""
 

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adpe_jax import storage
+from adpe_jax import storage, workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PKG = ROOT / "adpe_jax"
@@ -384,6 +384,12 @@ def fake_gcs(tmp_path_factory):
     # epath's fsspec backend for gs:// (as EPATH_USE_TF=false; epath caches that flag).
     mp.setattr(epath_gpath, "_is_tf_installed", lambda: False)
     mp.setitem(sys.modules, "google.cloud.storage", cloud_storage)
+    # The workdir lease (adpe_jax.workdir_lock) in a local fake object store: this fake
+    # google.cloud.storage has no blobs.
+    lease_root = tmp_path_factory.mktemp("fake_gcs_leases")
+    mp.setattr(workdir_lock, "object_store_for", lambda workdir: (
+        workdir_lock.LocalObjectStore(lease_root),
+        workdir.split("://", 1)[1].rstrip("/") + "/" + workdir_lock.LOCK_NAME))
     for proto in ("gs", "gcs"):
       fsspec.register_implementation(proto, FakeGcsFileSystem, clobber=True)
     epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()

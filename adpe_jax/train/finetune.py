@@ -25,7 +25,7 @@ import optax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, weights
+from adpe_jax import data, parallel, weights, workdir_lock
 from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
@@ -91,6 +91,7 @@ def run_metadata(config) -> dict:
           "image_size": config.image_size, "num_classes": config.data.num_classes}
 
 
+@workdir_lock.released_at_end
 def finetune(config, workdir: str) -> dict:
   # 1. Config and mesh.
   mesh, workdir = loop.start_run(config, workdir, finetune_config.validate, run_metadata,

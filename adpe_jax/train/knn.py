@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 
-from adpe_jax import data
+from adpe_jax import data, workdir_lock
 from adpe_jax.config import probe as probe_config
 from adpe_jax.train import evaluate, loop
 
 
+@workdir_lock.released_at_end
 def run_knn(config, workdir: str) -> dict:
   mesh, workdir = loop.start_run(config, workdir, probe_config.validate_knn)
   t0 = time.time()

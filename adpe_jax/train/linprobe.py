@@ -36,7 +36,7 @@ import optax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel
+from adpe_jax import data, parallel, workdir_lock
 from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate as check
 from adpe_jax.data.finetune import FinetunePipeline
@@ -138,6 +138,7 @@ def run_metadata(config, resolved) -> dict:
           "optimizer": config.optimizer}
 
 
+@workdir_lock.released_at_end
 def linprobe(config, workdir: str) -> dict:
   # 1. Config and mesh.
   mesh, workdir = loop.start_run(

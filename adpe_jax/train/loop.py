@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adpe_jax import parallel, storage
+from adpe_jax import parallel, storage, workdir_lock
 from adpe_jax.errors import ConfigError, DivergenceError
 from adpe_jax.train import preflight
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
@@ -64,15 +64,17 @@ def start_run(config, workdir, validate: Optional[Callable] = None,
   """Join the processes, build the (data, fsdp) mesh, validate the config against it, check
   the workdir against the request (`preflight`: every refusal comes before anything is
   written or compiled; `run_metadata(config)` / `upgrade` as the task's Checkpointer gets
-  them), make the workdir (an epath.Path: local and absolute, or gs://...) and write
-  config.json from process 0.  Returns (mesh, workdir)."""
+  them), make the workdir (an epath.Path: local and absolute, or gs://...), take its
+  one-writer lock (`workdir_lock`, before the saved run is read; the task's
+  `released_at_end` releases it) and write config.json from process 0.  Returns (mesh, workdir)."""
   parallel.initialize_distributed(config)
   mesh = parallel.mesh_from_config(config)
   if validate is not None:
     validate(config, num_devices=mesh.size)
-  # Refusals (values, workdir, the saved run): nothing written before this returns.
+  # Refusals (values, workdir, the lock, the saved run): nothing written before this returns.
   workdir = preflight.check_workdir(config, workdir, run_metadata=run_metadata,
-                                    upgrade=upgrade)
+                                    upgrade=upgrade,
+                                    lock=lambda path: workdir_lock.acquire(path, config))
   if jax.process_index() == 0:
     storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   return mesh, workdir

@@ -227,17 +227,21 @@ def _summary(path: epath.Path) -> dict:
 
 
 def check_workdir(config, workdir, run_metadata: Optional[Callable] = None,
-                  upgrade: Optional[Callable] = None) -> epath.Path:
-  """Every refusal of the module docstring, in that order; then the workdir exists and is
-  writable.  Returns it (an epath.Path: local and absolute, or gs://...)."""
+                  upgrade: Optional[Callable] = None,
+                  lock: Optional[Callable] = None) -> epath.Path:
+  """Every refusal of the module docstring, in that order; the workdir exists and is
+  writable, and `lock(path)` (the one-writer lock) is taken before the saved run is read,
+  so a second run on a live workdir is told that, not how its config differs.  Returns the
+  workdir (an epath.Path: local and absolute, or gs://...)."""
   check.values(config)
   text = "" if workdir is None else os.fspath(workdir)
-  path = workdir_path(workdir)
+  path = _writable(workdir_path(workdir), text)
+  if lock is not None:
+    lock(path)
   try:
     resuming = compare_with_saved_run(config, path, text, run_metadata, upgrade)
   except CheckpointError:
     ckpt_lib.quiet_orbax_teardown()
     raise
   check_init(config, resuming)
-  path = _writable(path, text)
   return path

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, flops, parallel, storage
+from adpe_jax import data, flops, parallel, storage, workdir_lock
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train import evaluate, loop, reconstruction, stop
 from adpe_jax.train import optimizer as optim
@@ -111,6 +111,7 @@ class Reconstructions:
     return {"reconstructions": np.asarray(grid)}
 
 
+@workdir_lock.released_at_end
 def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Config and mesh. ----------------------------------------------------------------
   mesh, workdir = loop.start_run(config, workdir, pretrain_config.validate, run_metadata)
