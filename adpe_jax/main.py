@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adpe_jax import parallel
+from adpe_jax import parallel, supervisor
 from adpe_jax.config.validate import RENAMED_FIELDS
 from adpe_jax.errors import AdpeError
 from adpe_jax.train import stop, tasks
@@ -60,6 +60,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if parallel.multi_process_launch(config) and not supervisor.supervised():
+    # Several processes: the work runs in a child, so that JAX's fatal aborts (a lost
+    # peer or coordinator, a peer that never joins) still end with our sentence.
+    sys.exit(supervisor.supervise(workdir))
   try:
     # The loop and its evaluations hold their own guard; several processes: none (JAX's).
     with stop.interruptible(multi_process=parallel.multi_process_launch(config)):

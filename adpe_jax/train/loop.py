@@ -63,6 +63,7 @@ def start_run(config, workdir, validate: Optional[Callable] = None):
   the workdir (an epath.Path: local and absolute, or gs://...) and write config.json from
   process 0.  Returns (mesh, workdir)."""
   parallel.initialize_distributed(config)
+  parallel.agree_on_config(config, workdir)  # several processes: one config, before compiling
   mesh = parallel.mesh_from_config(config)
   if validate is not None:
     validate(config, num_devices=mesh.size)
