@@ -33,6 +33,7 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from adpe_jax import supervisor
+from adpe_jax.supervisor import multi_process_launch  # noqa: F401 (decided without JAX)
 from adpe_jax.errors import ConfigError, MeshError
 from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
@@ -47,20 +48,6 @@ def _distributed_initialized() -> bool:
     return bool(is_init())
   from jax._src import distributed  # noqa: PLC0415 (older jax)
   return distributed.global_state.client is not None
-
-
-def multi_process_launch(config=None) -> bool:
-  """Whether this process is one of several (what `initialize_distributed` will join),
-  decided without starting JAX's backend (which must not start before it joins)."""
-  d = getattr(config, "distributed", None)
-  address = (d.coordinator_address if d is not None else "") or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS", "")
-  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-  if address:
-    return num != 1
-  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
 
 
 def initialize_distributed(config=None) -> bool:

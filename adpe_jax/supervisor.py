@@ -46,6 +46,21 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT)
 OK, BUG, REFUSED, LOST = 0, 1, 2, 3
 
 
+def multi_process_launch(config=None) -> bool:
+  """Whether this process is one of several (what `initialize_distributed` will join),
+  decided without starting JAX's backend (which must not start before it joins),
+  nor importing JAX (the supervisor does without)."""
+  d = getattr(config, "distributed", None)
+  address = (d.coordinator_address if d is not None else "") or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS", "")
+  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  if address:
+    return num != 1
+  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
+
+
 def supervised() -> bool:
   """Whether this process is the child of a supervisor (so it must not supervise)."""
   return os.environ.get(SUPERVISED) == "1"
