@@ -5,14 +5,12 @@ import os
 import signal
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adpe_jax import parallel
+from adpe_jax import supervisor
 from adpe_jax.config.validate import RENAMED_FIELDS
 from adpe_jax.errors import AdpeError
-from adpe_jax.train import stop, tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), e.g. configs/vitb_ape.py:smoke.",
@@ -66,9 +64,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if supervisor.multi_process_launch(config) and not supervisor.supervised():
+    # Several processes: the work runs in a child, so that JAX's fatal aborts (a lost
+    # peer or coordinator, a peer that never joins) still end with our sentence.  The
+    # supervisor never imports JAX (0.5 s and 20 MB, not 6 s and 260 MB).
+    sys.exit(supervisor.supervise(workdir))
+  import jax  # noqa: PLC0415 (here: the supervisor above does without)
+
+  from adpe_jax.train import stop, tasks  # noqa: PLC0415
   try:
     # The loop and its evaluations hold their own guard; several processes: none (JAX's).
-    with stop.interruptible(multi_process=parallel.multi_process_launch(config)):
+    with stop.interruptible(multi_process=supervisor.multi_process_launch(config)):
       tasks.run(config, workdir)
   except stop.PreemptedError as e:
     name = stop.signal_name(e.signum)

@@ -4,6 +4,9 @@
   GKE auto-detected by `jax.distributed.initialize()`; otherwise config.distributed.* or
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).  A peer that stops
   sending heartbeats for `distributed.heartbeat_timeout_seconds` makes JAX stop the others.
+* `agree_on_config(config)`: right after joining, every process's config is compared with
+  process 0's through the coordination service; a difference is refused (ConfigError)
+  by every process before anything compiles or is written.
 * `make_mesh(devices, data=-1, fsdp=1)`: a 2-axis mesh (`jax.make_mesh`, which lays the
   devices out for the interconnect); -1 = the rest of the devices.
 * `batch_sharding(mesh)`: the leading (example) axis over both axes.
@@ -19,6 +22,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 
@@ -27,7 +32,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from adpe_jax.errors import MeshError
+from adpe_jax import supervisor
+from adpe_jax.supervisor import multi_process_launch  # noqa: F401 (decided without JAX)
+from adpe_jax.errors import ConfigError, MeshError
 from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
 DATA, FSDP = "data", "fsdp"
@@ -41,20 +48,6 @@ def _distributed_initialized() -> bool:
     return bool(is_init())
   from jax._src import distributed  # noqa: PLC0415 (older jax)
   return distributed.global_state.client is not None
-
-
-def multi_process_launch(config=None) -> bool:
-  """Whether this process is one of several (what `initialize_distributed` will join),
-  decided without starting JAX's backend (which must not start before it joins)."""
-  d = getattr(config, "distributed", None)
-  address = (d.coordinator_address if d is not None else "") or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS", "")
-  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-  if address:
-    return num != 1
-  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
 
 
 def initialize_distributed(config=None) -> bool:
@@ -92,14 +85,114 @@ def initialize_distributed(config=None) -> bool:
   elif not (slurm or tpu_pod or gke):
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if address:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num,
-                               process_id=pid, **timeouts)
-  else:
-    jax.distributed.initialize(**timeouts)
+  if not address and slurm:
+    num, pid = int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_PROCID", "-1"))
+  init_timeout = int(d.initialization_timeout_seconds) if d is not None else 300
+  supervisor.report("joining", process=pid, processes=num, coordinator=address,
+                    initialization_timeout=init_timeout,
+                    heartbeat_timeout=timeouts.get("heartbeat_timeout_seconds", 100))
+  try:
+    if address:
+      jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                                 process_id=pid, **timeouts)
+    else:
+      jax.distributed.initialize(**timeouts)
+  except Exception as e:  # a failure JAX raises rather than aborts on
+    where = f"the coordinator at {address}" if address else "the auto-detected coordinator"
+    first = " ".join(str(e).split())[:300]
+    raise MeshError(
+        f"process {pid if pid >= 0 else '?'} could not join the run of "
+        f"{num if num > 0 else '?'} processes at {where} within "
+        f"distributed.initialization_timeout_seconds={init_timeout} s ({type(e).__name__}: "
+        f"{first}); start the same command on every host, check that the coordinator is "
+        f"reachable, or raise distributed.initialization_timeout_seconds.") from e
+  supervisor.report("joined", process=jax.process_index(), processes=jax.process_count(),
+                    coordinator=address or distributed_coordinator())
   logging.info("process %d of %d joined (%d local / %d global devices)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
+
+
+def distributed_coordinator() -> str:
+  from jax._src import distributed  # noqa: PLC0415 (no public API for the address)
+  return distributed.global_state.coordinator_address or ""
+
+
+# Fields that may differ between the processes of one run: who it is, how it names the
+# coordinator, and host-local tuning (threads, the compilation cache directory).
+PER_PROCESS_FIELDS = ("distributed.process_id", "distributed.coordinator_address",
+                      "data.num_threads", "compilation_cache")
+_KEY = "adpe_jax/config"
+
+
+def _flat_config(config, workdir=None) -> dict:
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+
+  fields = flat(json.loads(config.to_json_best_effort()))
+  if workdir is not None:
+    fields["--workdir"] = str(workdir)
+  return {k: v for k, v in fields.items() if k not in PER_PROCESS_FIELDS}
+
+
+def config_mismatch(mine: dict, theirs: dict[int, dict], limit: int = 4) -> str | None:
+  """The sentence naming the processes whose fields differ from process 0's (`mine`), or
+  None.  `theirs`: process index -> its flat config."""
+  parts = []
+  for i, other in sorted(theirs.items()):
+    diff = sorted(k for k in set(mine) | set(other) if mine.get(k, "<absent>") !=
+                  other.get(k, "<absent>"))
+    if diff:
+      shown = ", ".join(f"{k}={other.get(k, '<absent>')!r} (process 0: "
+                        f"{mine.get(k, '<absent>')!r})" for k in diff[:limit])
+      more = f" and {len(diff) - limit} more fields" if len(diff) > limit else ""
+      parts.append(f"process {i} has {shown}{more}")
+  if not parts:
+    return None
+  n = len(theirs) + 1
+  return (f"the {n} processes of this run were started with different configs: "
+          f"{'; '.join(parts)}; start every process with the same --config, overrides and "
+          f"--workdir (only {', '.join(PER_PROCESS_FIELDS)} may differ); nothing on disk "
+          f"was changed.")
+
+
+def agree_on_config(config, workdir=None) -> None:
+  """Several processes: every process publishes its config (less `PER_PROCESS_FIELDS`)
+  through the coordination service; process 0 compares each digest with its own and
+  publishes the verdict, which every process reads.  A mismatch raises ConfigError on
+  every process (the same sentence, naming the processes and fields), before the mesh,
+  the compile or any write.  Before raising, the processes leave the service together
+  (`jax.distributed.shutdown`), so that process 0's exit does not abort the others."""
+  if not _distributed_initialized() or jax.process_count() == 1:
+    return
+  from jax._src import distributed  # noqa: PLC0415 (the coordination client: no public API)
+  client = distributed.global_state.client
+  me, n = jax.process_index(), jax.process_count()
+  fields = _flat_config(config, workdir)
+  text = json.dumps(fields, sort_keys=True, default=str)
+  digest = hashlib.sha256(text.encode()).hexdigest()
+  d = getattr(config, "distributed", None)
+  timeout_ms = 1000 * int(d.initialization_timeout_seconds if d is not None else 300)
+  client.key_value_set(f"{_KEY}/json/{me}", text)
+  client.key_value_set(f"{_KEY}/digest/{me}", digest)
+  if me == 0:
+    theirs = {}
+    for i in range(1, n):
+      if client.blocking_key_value_get(f"{_KEY}/digest/{i}", timeout_ms) != digest:
+        theirs[i] = json.loads(client.blocking_key_value_get(f"{_KEY}/json/{i}", timeout_ms))
+    verdict = config_mismatch(json.loads(text), theirs) or "agreed"
+    client.key_value_set(f"{_KEY}/verdict", verdict)
+  else:
+    verdict = client.blocking_key_value_get(f"{_KEY}/verdict", timeout_ms)
+  if verdict != "agreed":
+    jax.distributed.shutdown()
+    raise ConfigError(verdict)
 
 
 # Kept for callers of the first version.

@@ -68,6 +68,7 @@ def start_run(config, workdir, validate: Optional[Callable] = None,
   one-writer lock (`workdir_lock`, before the saved run is read; the task's
   `released_at_end` releases it) and write config.json from process 0.  Returns (mesh, workdir)."""
   parallel.initialize_distributed(config)
+  parallel.agree_on_config(config, workdir)  # several processes: one config, before compiling
   mesh = parallel.mesh_from_config(config)
   if validate is not None:
     validate(config, num_devices=mesh.size)

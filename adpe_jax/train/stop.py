@@ -162,7 +162,8 @@ def interruptible(multi_process: bool | None = None):
 
 
 def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
-  """A failure in a multi-process run: name the process that is gone, exit non-zero.
+  """A failure in a multi-process run: name the process that is gone, exit 3 (1 if none
+  is: a failure every process shares, e.g. a bug).
 
   A dead peer first shows up as a failed collective (e.g. gloo's 'Connection reset by
   peer'); JAX's coordination service declares it dead after the heartbeat timeout.  Wait
@@ -176,6 +177,7 @@ def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
   if isinstance(error, FloatingPointError):  # agreed by all processes (a global value)
     os._exit(1)
   dead: list[int] = []
+  answers = {"ok": 0, "failed": 0}
   deadline = time.time() + float(heartbeat_timeout) + 15
   client = distributed.global_state.client
 
@@ -183,23 +185,26 @@ def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
     while client is not None and time.time() < deadline and not dead:
       try:
         live = client.get_live_nodes(list(range(n)))
+        answers["ok"] += 1
         dead.extend(i for i in range(n) if i not in live)
       except Exception:  # noqa: BLE001
-        pass
+        answers["failed"] += 1
       if not dead:
         time.sleep(1.0)
 
   asker = threading.Thread(target=ask, daemon=True)
   asker.start()
   asker.join(timeout=max(0.0, deadline - time.time()))
-  if dead:
-    who = ", ".join(f"process {i}" for i in dead)
+  if dead or (me != 0 and answers["failed"] and not answers["ok"]):
+    # No answer at all: the coordination service, in process 0, is gone.
+    who = ", ".join(f"process {i}" for i in dead) if dead else "process 0 (the coordinator)"
     print(f"error: lost peer: {who} of {n} stopped responding (no heartbeat for "
-          f"{heartbeat_timeout:g} s); process {me} stops too. Re-run the same command on "
+          f"{heartbeat_timeout:g} s); process {me} stops too; re-run the same command on "
           f"every process to resume from the last complete checkpoint.", file=sys.stderr)
-  else:
-    print(f"error: process {me} of {n} stops after a failure shared with its peers (see the "
-          f"other processes' logs); re-run the same command on every process to resume.",
-          file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(3)  # a lost peer (README "Exit codes"; the supervisor passes it through)
+  print(f"error: process {me} of {n} stops after a failure shared with its peers (see the "
+        f"other processes' logs); re-run the same command on every process to resume.",
+        file=sys.stderr)
   sys.stderr.flush()
   os._exit(1)

@@ -1,0 +1,197 @@
+"""The supervisor of a multi-process launch: our last sentence when JAX aborts the process.
+
+When a peer or the coordinator (process 0) of a multi-process run dies or freezes, or a
+peer never joins, JAX's distributed runtime and gloo end the survivors with a fatal C++
+abort (SIGABRT, rc 134): nothing in the process can catch it or print after it.  So
+`python -m adpe_jax.main` of a multi-process launch runs the real work in a child
+process (the same command line, `ADPE_SUPERVISED=1` in its environment so that it does
+not supervise again) and waits:
+
+* stdin / stdout / stderr are the child's own (inherited); SIGTERM / SIGINT sent to the
+  supervisor are forwarded to it (so a preemption notice reaches JAX's preemption manager
+  in the child, which stops all processes at one agreed step, saves and exits 0); the
+  child dies with the supervisor (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
+* the child's exit codes that are ours pass through (`exit_code`): 0 finished / stopped /
+  preempted, 1 a bug (traceback), 2 a refusal or stop of ours, 3 a lost peer (named by
+  the child itself), 128 + n a signal outside the training steps.
+* any other end (killed by a signal, an exit code we never produce) becomes one sentence
+  of ours, printed as the last line, and exit 3 (128 + n for a signal the supervisor
+  forwarded or a SIGKILL): which process, what most likely happened (it could not join;
+  a peer or the coordinator was lost or froze for the heartbeat timeout), the last
+  complete checkpoint, and what to do.
+
+The child tells the supervisor how far it got (`report`: joining, joined) through a pipe
+whose descriptor is in `ADPE_SUPERVISOR_FD`, so that the sentence can tell a process that
+never joined from one whose peer was lost.  A single-process run has no supervisor: it
+has no peers, and every fault of its own is caught in-process.
+
+This module imports nothing of JAX (the supervisor never starts a backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+SUPERVISED = "ADPE_SUPERVISED"
+REPORT_FD = "ADPE_SUPERVISOR_FD"
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# Exit codes of ours (see main.py and README "Exit codes").
+OK, BUG, REFUSED, LOST = 0, 1, 2, 3
+
+
+def multi_process_launch(config=None) -> bool:
+  """Whether this process is one of several (what `initialize_distributed` will join),
+  decided without starting JAX's backend (which must not start before it joins),
+  nor importing JAX (the supervisor does without)."""
+  d = getattr(config, "distributed", None)
+  address = (d.coordinator_address if d is not None else "") or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS", "")
+  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  if address:
+    return num != 1
+  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
+
+
+def supervised() -> bool:
+  """Whether this process is the child of a supervisor (so it must not supervise)."""
+  return os.environ.get(SUPERVISED) == "1"
+
+
+def report(phase: str, **info) -> None:
+  """Child side: tell the supervisor (if any) how far this process got; never fails."""
+  fd = os.environ.get(REPORT_FD)
+  if not fd or not supervised():
+    return
+  with contextlib.suppress(OSError, ValueError):
+    os.write(int(fd), (json.dumps({"phase": phase, **info}) + "\n").encode())
+
+
+def last_checkpoint(workdir: str | None) -> str:
+  """The newest complete checkpoint of a local workdir, in words (cheap: one listdir).
+  Orbax renames `<step>.orbax-checkpoint-tmp` to `<step>` only once it is complete."""
+  if not workdir:
+    return "the newest complete checkpoint in the workdir"
+  ckpts = os.path.join(workdir, "checkpoints")
+  if "://" in workdir:
+    return f"the newest complete checkpoint in {ckpts}"
+  try:
+    steps = [int(n) for n in os.listdir(ckpts)
+             if n.isdigit() and os.path.isdir(os.path.join(ckpts, n))]
+  except OSError:
+    steps = []
+  if not steps:
+    return f"no complete checkpoint yet in {ckpts} (the run starts again from step 0)"
+  return f"the last complete checkpoint is {os.path.join(ckpts, str(max(steps)))}"
+
+
+def _signal_name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f"signal {signum}"
+
+
+def exit_code(returncode: int, phase: dict | None = None, forwarded=(),
+              workdir: str | None = None) -> tuple[int, str | None]:
+  """(exit code, sentence or None) for a child that ended with `returncode` (Popen's:
+  -n = killed by signal n), having last reported `phase`, after the supervisor forwarded
+  the signals `forwarded`.  None: the child's own code passes through, its last line is
+  already ours (or a traceback: a bug)."""
+  if returncode in (OK, BUG, REFUSED, LOST) or returncode >= 128:
+    return returncode, None
+  phase = phase or {}
+  me, n = phase.get("process", -1), phase.get("processes", 0)
+  who = f"process {me if me >= 0 else '?'} of {n if n > 0 else '?'}"
+  address = phase.get("coordinator") or "(auto-detected)"
+  resume = (f"re-run the same command on every host to resume ({last_checkpoint(workdir)})")
+  if returncode < 0:
+    signum = -returncode
+    name = _signal_name(signum)
+    if signum in forwarded or signum == signal.SIGKILL:
+      how = "forwarded to it by its supervisor" if signum in forwarded else (
+          "out of memory, or killed by another program")
+      return 128 + signum, f"{who} was ended by {name} ({how}); {resume}."
+    what = f"was aborted ({name}) by JAX's distributed runtime"
+  else:
+    what = f"ended with exit code {returncode}, which adpe_jax never uses"
+  if phase.get("phase", "joining") == "joining":
+    timeout = phase.get("initialization_timeout")
+    return LOST, (
+        f"{who} could not join the run: the coordinator at {address} did not gather all "
+        f"{n if n > 0 else 'the'} processes within distributed.initialization_timeout_seconds"
+        f"={timeout if timeout is not None else '?'} s ({what}); start the same command on "
+        f"every host (each with its own distributed.process_id), check that {address} is "
+        f"reachable from this host, or raise distributed.initialization_timeout_seconds.")
+  heartbeat = phase.get("heartbeat_timeout")
+  return LOST, (
+      f"{who} {what}: a peer or the coordinator (process 0 at {address}) most likely died or "
+      f"froze, or sent no heartbeat for distributed.heartbeat_timeout_seconds="
+      f"{heartbeat if heartbeat is not None else '?'} s (the lines above say which); "
+      f"{resume}.")
+
+
+def _die_with_parent():
+  """A preexec_fn that makes the child get SIGKILL when the supervisor dies (Linux's
+  PR_SET_PDEATHSIG; libc is looked up here, before the fork).  None elsewhere: there
+  the child may outlive a killed supervisor."""
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+  return lambda: prctl(1, signal.SIGKILL)
+
+
+def child_command() -> list[str]:
+  """This process's own command line (interpreter options and `-m adpe_jax.main` kept)."""
+  argv = list(getattr(sys, "orig_argv", []) or [])
+  if not argv:
+    return [sys.executable, *sys.argv]
+  return [sys.executable, *argv[1:]]
+
+
+def supervise(workdir: str | None = None, command: list[str] | None = None) -> int:
+  """Run `command` (default: this process's own) as the supervised child; its exit code,
+  or ours with a last sentence (`exit_code`)."""
+  read_fd, write_fd = os.pipe()
+  env = dict(os.environ, **{SUPERVISED: "1", REPORT_FD: str(write_fd)})
+  child = subprocess.Popen(command or child_command(), env=env, pass_fds=(write_fd,),
+                           preexec_fn=_die_with_parent())
+  os.close(write_fd)
+  forwarded: list[int] = []
+  phase: dict = {}
+
+  def forward(signum, frame):  # noqa: ARG001
+    forwarded.append(signum)
+    with contextlib.suppress(ProcessLookupError):
+      child.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in FORWARDED}
+
+  def read() -> None:
+    with os.fdopen(read_fd, "rb") as f:
+      for line in f:
+        with contextlib.suppress(ValueError):
+          phase.update(json.loads(line))
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    returncode = child.wait()
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+  reader.join(timeout=1.0)  # the child's last report (its data workers may hold the pipe)
+  code, sentence = exit_code(returncode, dict(phase), tuple(forwarded), workdir)
+  if sentence:
+    sys.stdout.flush()
+    print(f"error: {sentence}", file=sys.stderr, flush=True)
+  return code
