@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
+
 from adpe_jax import storage
 from adpe_jax.errors import BadImageError, ConfigError, DataError
 
@@ -120,3 +122,59 @@ def load_or_substitute(source, index: int, load, policy: Policy, failed=(), on_b
   raise DataError(f"No example of the source ({n} examples, from {example_name(source, index)}) "
                   f"decodes: every file is bad or in data.skip_list; check data.source with "
                   f"`{check_command(source)}`.")
+
+
+class Substituting:
+  """`source` whose `source[i]` follows the policy: under "skip" a bad example is the next
+  one that decodes (logged once per file; past max_bad_fraction a DataError). The eval sets
+  (k-NN, probe and fine-tune evaluations) read their sources through it; the training
+  pipelines apply the policy themselves (per place in a batch, JPEG fast paths included)."""
+
+  def __init__(self, source, policy: Policy):
+    self.source, self.policy = source, policy
+    self.num_classes = getattr(source, "num_classes", None)
+    self._bad: set[int] = set()
+
+  def __getattr__(self, name: str):  # paths, root, labels, class_names of the source
+    if name == "source":
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def _met(self, error: BadImageError) -> None:
+    if error.index in self._bad:
+      return
+    self._bad.add(error.index)
+    logging.warning("bad image %s (example %d) skipped (%s); a substitute takes its place "
+                    "(data.bad_images='skip')", error.path, error.index, error.reason)
+    too_many(len(self._bad), len(self.source), self.policy, self.source)
+
+  def __getitem__(self, index: int):
+    return load_or_substitute(self.source, index, self.source.__getitem__, self.policy,
+                              on_bad=self._met)[1]
+
+
+def too_many(num_bad: int, num_examples: int, policy: Policy, source) -> None:
+  """Raises past data.max_bad_fraction: `num_bad` distinct bad files of `num_examples`."""
+  limit = policy.max_bad_fraction * num_examples
+  if num_bad > limit:
+    raise DataError(
+        f"{num_bad} distinct image files of the source ({num_examples} examples) do not "
+        f"decode, more than config field data.max_bad_fraction={policy.max_bad_fraction:g} of "
+        f"it ({limit:.0f} files); the dataset looks broken: list its bad files with "
+        f"`{check_command(source)}` and fix them (or pass that list as data.skip_list, or "
+        f"raise data.max_bad_fraction).")
+
+
+def with_policy(source, data_config, own_source: bool = True):
+  """`source` read through the config's policy (`Substituting`); the skip list belongs to
+  data.source only (`own_source`)."""
+  skip_list = data_config.get("skip_list", "") if own_source else ""
+  policy = Policy(data_config.get("bad_images", "stop"),
+                  float(data_config.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)),
+                  read_skip_list(skip_list, source) if skip_list else frozenset())
+  if not policy.skips and not policy.skip:
+    return source  # "stop": the source's own BadImageError names the file
+  return Substituting(source, policy)

@@ -73,6 +73,6 @@ class FolderSource:
     path = self.paths[index]
     try:
       array = images.read_image(self._read(index), path)
-    except images.UndecodableImage as e:
+    except images.UndecodableImageError as e:
       raise BadImageError(path, index, str(e), bad_images.check_command(self)) from None
     return array, int(self.labels[index])

@@ -9,7 +9,7 @@ Other 32-bit integer images (mode I, e.g. a TIFF) keep their values if they fit 
 else are scaled by the smallest shift that fits their maximum; float images (mode F) are
 clipped to [0, 255] as Pillow's convert does.
 
-A file that does not decode raises `UndecodableImage(reason)`, the decoder's words without
+A file that does not decode raises `UndecodableImageError(reason)`, the decoder's words without
 Pillow's "<_io.BytesIO object at 0x...>"; the sources turn it into a `BadImageError` naming
 the file (adpe_jax.data.bad_images).
 """
@@ -28,13 +28,13 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _logged_16bit = threading.Event()
 
 
-class UndecodableImage(Exception):
+class UndecodableImageError(Exception):
   """The bytes of one file are not an image the decoder can read; args[0]: the reason."""
 
 
 def reason_of(error: BaseException) -> str:
   """A decoder's exception in a few words (no object addresses)."""
-  if isinstance(error, UndecodableImage):
+  if isinstance(error, UndecodableImageError):
     return str(error)
   if isinstance(error, Image.UnidentifiedImageError):
     return "not an image file Pillow can identify"
@@ -63,10 +63,10 @@ def to_8bit(image: Image.Image, name: str = "") -> Image.Image:
 
 
 def read_image(data: bytes, name: str = "") -> np.ndarray:
-  """uint8 (H, W, 3) RGB of an encoded image file; raises UndecodableImage(reason)."""
+  """uint8 (H, W, 3) RGB of an encoded image file; raises UndecodableImageError(reason)."""
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # the whole file: a truncated one fails here, not later
       return np.asarray(to_8bit(image, name).convert("RGB"))
-  except Exception as e:  # noqa: BLE001 (whatever the decoder says about these bytes)
-    raise UndecodableImage(reason_of(e)) from e
+  except Exception as e:  # whatever the decoder says about these bytes
+    raise UndecodableImageError(reason_of(e)) from e

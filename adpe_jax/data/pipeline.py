@@ -48,7 +48,7 @@ from adpe_jax.data import images as images_lib
 from adpe_jax.data import jpeg
 from adpe_jax.data import multicrop
 from adpe_jax.data import workers
-from adpe_jax.errors import BadImageError, DataError
+from adpe_jax.errors import BadImageError
 
 # Stream tags: keep the permutation and augmentation randomness apart.
 _PERMUTATION_STREAM = 0
@@ -229,7 +229,7 @@ class PretrainPipeline:
     failed: dict[int, list] = {}
     bad: list = []  # BadImageError of every file that failed in this batch
 
-    def read_one(k: int, i: int):
+    def read_one(k: int):
       if self._from_encoded:
         data, label = self.source.encoded(k)
         shape = jpeg.header_size(data)
@@ -239,7 +239,7 @@ class PretrainPipeline:
 
     def load_one(i: int, first: int) -> None:
       read[i], (encoded[i], images[i], labels[i]) = bad_images_lib.load_or_substitute(
-          self.source, first, lambda k: read_one(k, i), self.bad_policy,
+          self.source, first, read_one, self.bad_policy,
           failed.get(i, ()), bad.append)
 
     def load(rows: range) -> None:
@@ -417,14 +417,8 @@ class PretrainPipeline:
         logging.warning("bad image %s (example %d) skipped (%s); a substitute takes its place "
                         "(data.bad_images='skip')",
                         bad_images_lib.example_name(self.source, int(index)), index, reason)
-    limit = self.bad_policy.max_bad_fraction * self.num_examples
-    if len(self._bad_files) > limit:
-      raise DataError(
-          f"{len(self._bad_files)} distinct image files of the source ({self.num_examples} "
-          f"examples) do not decode, more than config field data.max_bad_fraction="
-          f"{self.bad_policy.max_bad_fraction:g} of it ({limit:.0f}); the dataset looks "
-          f"broken: list its bad files with `{bad_images_lib.check_command(self.source)}` and "
-          f"fix them (or pass that list as data.skip_list, or raise data.max_bad_fraction).")
+    bad_images_lib.too_many(len(self._bad_files), self.num_examples, self.bad_policy,
+                            self.source)
     return batch
 
   def close(self) -> None:
