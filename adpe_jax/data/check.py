@@ -50,6 +50,7 @@ def check_range(start: int, stop: int, source=None) -> list[tuple[int, str, str]
 def find_bad(source, workers: int = 1, chunk: int = 256) -> list[tuple[int, str, str]]:
   """Every bad example of `source`, (index, file, reason), in source order."""
   n = len(source)
+  chunk = max(1, min(chunk, -(-n // (4 * max(1, workers)))))  # a few chunks per worker
   ranges = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
   if workers <= 1 or len(ranges) <= 1:
     return [b for lo, hi in ranges for b in check_range(lo, hi, source)]
