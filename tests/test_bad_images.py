@@ -2,7 +2,7 @@
 16-bit images scaled, not clipped; the check command lists exactly the bad files.
 
 The dataset is real: 32 Fashion-MNIST items written as JPEG / PNG files (tinted and enlarged
-to 64 px so a truncated JPEG keeps its header and fails in the decode, not the header read).
+to 56-80 px, sizes differing so a substitute's crops are drawn anew, so a truncated JPEG keeps its header and fails in the decode, not the header read).
 Five of them are then spoiled: a truncated JPEG, random bytes and a text file named .jpg (two
 neighbours: a substitute chain), and a truncated PNG as the last file (its substitute wraps to
 example 0). The independent expectation of "skip" is the same folder with each bad file's
@@ -70,7 +70,7 @@ def folders(tmp_path_factory):
     tint = rng.uniform(0.5, 1.0, 3)
     rgb = Image.fromarray((fm.images[i][:, :, None] * tint).astype(np.uint8))
     out = io.BytesIO()
-    rgb.resize((64, 64), Image.BICUBIC).save(out, format="PNG" if _name(i).endswith("png")
+    rgb.resize((56 + 8 * (i % 4), 64 + 4 * (i % 3)), Image.BICUBIC).save(out, format="PNG" if _name(i).endswith("png")
                                              else "JPEG", quality=90)
     good[i] = out.getvalue()
   spoiled = dict(good)
