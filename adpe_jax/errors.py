@@ -56,3 +56,20 @@ class ConversionError(AdpeError, ValueError):
 class WorkdirError(CheckpointError, ConfigError):
   """The workdir holds a run this command would not continue as it was started (another
   task, or changed fields that define the run's trajectory); nothing is changed."""
+
+
+class BadImageError(DataError):
+  """An image file of a dataset that does not decode (truncated, not an image): `path`
+  (or the example's name), `index` (the source's example index), `reason` (the decoder's
+  words).  The message says what to do: data.bad_images="skip", or the check command."""
+
+  def __init__(self, path: str, index: int, reason: str, check: str = ""):
+    self.path, self.index, self.reason, self.check = path, int(index), reason, check
+    check = check or "python -m adpe_jax.data.check --source=<data.source>"
+    super().__init__(
+        f"Image file {path} (example {index}) cannot be decoded ({reason}); remove or replace "
+        f"it, or set config field data.bad_images='skip' to train on a deterministic "
+        f"substitute, and list every bad file of the dataset with `{check}`.")
+
+  def __reduce__(self):  # through pickle (input worker processes) with its fields
+    return type(self), (self.path, self.index, self.reason, self.check)

@@ -49,7 +49,18 @@ def labelled_data() -> ml_collections.ConfigDict:
   d.num_classes = 1000
   d.num_examples = 0               # synthetic sources only
   d.num_threads = 0                # 0 = os.cpu_count()
+  add_bad_image_fields(d)
   return d
+
+
+def add_bad_image_fields(d: ml_collections.ConfigDict) -> None:
+  # A file that does not decode (adpe_jax/data/bad_images.py): "stop" names it; "skip" trains
+  # on a deterministic substitute (the next example that decodes) and stops once more than
+  # max_bad_fraction of the dataset's files are bad; skip_list: a `python -m
+  # adpe_jax.data.check --out=FILE` list whose files are substituted unread.
+  d.bad_images = "stop"            # stop | skip
+  d.max_bad_fraction = 0.001       # of the dataset; 0.001 of ImageNet-1k is 1281 files
+  d.skip_list = ""
 
 
 def top1_eval() -> ml_collections.ConfigDict:

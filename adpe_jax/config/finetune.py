@@ -134,6 +134,7 @@ def validate_classifier(c: ml_collections.ConfigDict) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """One sentence naming the field, the value and what is allowed."""
   validate_classifier(c)
+  check.bad_images(c)
   check.positive(c, "batch_size", "accum_steps", "log_every_steps")
   if c.batch_size % c.accum_steps:
     raise ConfigError(f"config field batch_size={c.batch_size} is not divisible by "

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.decoder = "pil"               # pil | simplejpeg
   c.data.draft = False
   c.data.normalize_on_device = False
+  common.add_bad_image_fields(c.data)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_k = 20
@@ -124,6 +125,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   check.choice(c, "data.decoder", ("pil", "simplejpeg"))
   check.choice(c, "data.draft", (False, True))
   check.choice(c, "data.normalize_on_device", (False, True))
+  check.bad_images(c)
   if c.data.num_workers < -1:
     raise ConfigError(f"config field data.num_workers={c.data.num_workers} must be -1 (auto), "
                       f"0 (threads in this process) or a number of worker processes.")

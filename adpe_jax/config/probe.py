@@ -58,6 +58,7 @@ def knn_config() -> ml_collections.ConfigDict:
   c.data.test_split = "test"
   c.data.train_examples = 10000   # 0 = all
   c.data.test_examples = 2000
+  common.add_bad_image_fields(c.data)
   return c
 
 
@@ -118,12 +119,14 @@ def validate_encoder(c: ml_collections.ConfigDict) -> None:
 
 def validate_knn(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   check.choice(c, "model.pool", POOLS)
+  check.bad_images(c)
   check.divisible_batch(c, "batch_size", num_devices)
   check.positive(c, "k")
 
 
 def validate_linprobe(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   check.choice(c, "model.pool", POOLS)
+  check.bad_images(c)
   check.choice(c, "optimizer", OPTIMIZERS)
   check.positive(c, "log_every_steps")
   check.divisible_batch(c, "batch_size", num_devices)

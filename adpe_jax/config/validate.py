@@ -32,6 +32,15 @@ def positive(c, *fields: str) -> None:
       raise ConfigError(f"config field {field}={value} must be a positive integer.")
 
 
+def bad_images(c) -> None:
+  """data.bad_images / data.max_bad_fraction (adpe_jax/data/bad_images.py)."""
+  choice(c, "data.bad_images", ("stop", "skip"))
+  fraction = c.data.max_bad_fraction
+  if not 0.0 <= fraction <= 1.0:
+    raise ConfigError(f"config field data.max_bad_fraction={fraction} must lie in [0, 1] (a "
+                      f"fraction of the dataset's examples).")
+
+
 def patch_grid(c) -> None:
   """image_size a multiple of model.patch_size."""
   if c.model.patch_size <= 0 or c.image_size % c.model.patch_size:

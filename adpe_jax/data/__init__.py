@@ -12,7 +12,8 @@ from adpe_jax.data.folder import FolderSource
 from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_CROP, CropParams,
                                      crop_params, normalize, pil_resized_crop, resized_crops)
 from adpe_jax.data.pipeline import PretrainPipeline, augmentation_uniforms, epoch_permutation
-from adpe_jax.data.sources import ArraySource, Source, Subset, from_config, get_source
+from adpe_jax.data.sources import (ArraySource, Source, Subset, eval_source, from_config,
+                                   get_source)
 from adpe_jax.data.synthetic import SyntheticSource
 from adpe_jax.data.workers import resolve_num_workers
 
@@ -29,7 +30,7 @@ __all__ = [
     "ArraySource", "CropParams", "DataError", "FashionMnistSource", "FolderSource", "IMAGENET_MEAN",
     "IMAGENET_STD", "PretrainPipeline", "Source", "Subset", "SyntheticSource", "TfdsSource",
     "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
-    "epoch_permutation", "from_config", "get_source", "labelled_arrays", "normalize",
+    "epoch_permutation", "eval_source", "from_config", "get_source", "labelled_arrays", "normalize",
     "pil_resized_crop",
     "read_idx", "resized_crops", "resolve_num_workers",
 ]

@@ -4,18 +4,19 @@ The folder may be local or remote (`gs://...`): it is read through `etils.epath`
 
 Ordering follows torchvision's `ImageFolder`: classes are the sorted sub-folder names, label = rank;
 files are found recursively in sorted order and kept if their extension is an image extension.
+A file that does not decode raises `BadImageError` naming it (adpe_jax.data.bad_images says what
+the pipelines do with it); one that cannot be read raises a DataError naming it.
 """
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
-from PIL import Image
 
 from adpe_jax import storage
-from adpe_jax.errors import DataError
+from adpe_jax.data import bad_images, images
+from adpe_jax.errors import BadImageError, DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -55,12 +56,23 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def _read(self, index: int) -> bytes:
+    path = self.paths[index]
+    try:
+      return storage.read_bytes(path)
+    except OSError as e:
+      raise DataError(f"Image file {path} (example {index}) cannot be read ({e.strerror or e}); "
+                      f"a read error stops the run in any data.bad_images policy.") from e
+
   def encoded(self, index: int) -> tuple[bytes, int]:
     """The file's bytes, undecoded (the pipeline's JPEG fast paths, adpe_jax.data.jpeg)."""
-    return storage.read_bytes(self.paths[index]), int(self.labels[index])
+    return self._read(index), int(self.labels[index])
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    # convert("RGB") as torchvision's default loader does (grey, palette and CMYK JPEGs become RGB).
-    with Image.open(io.BytesIO(storage.read_bytes(self.paths[index]))) as image:
-      array = np.asarray(image.convert("RGB"))
+    # RGB as torchvision's default loader (grey, palette and CMYK become RGB; 16-bit scaled).
+    path = self.paths[index]
+    try:
+      array = images.read_image(self._read(index), path)
+    except images.UndecodableImageError as e:
+      raise BadImageError(path, index, str(e), bad_images.check_command(self)) from None
     return array, int(self.labels[index])

@@ -32,17 +32,23 @@ do not depend on the number of processes either.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import queue
 import threading
 from collections.abc import Iterator
 
 import numpy as np
+from absl import logging
+from PIL import Image
 
+from adpe_jax.data import bad_images as bad_images_lib
 from adpe_jax.data import counter_rng
+from adpe_jax.data import images as images_lib
 from adpe_jax.data import jpeg
 from adpe_jax.data import multicrop
 from adpe_jax.data import workers
+from adpe_jax.errors import BadImageError
 
 # Stream tags: keep the permutation and augmentation randomness apart.
 _PERMUTATION_STREAM = 0
@@ -50,6 +56,8 @@ _AUGMENTATION_STREAM = 1
 
 
 OUTPUTS = ("float32", "uint8")
+# What Pillow and simplejpeg raise for bytes they cannot decode (not for a bug of ours).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _part(params: multicrop.CropParams, rows) -> multicrop.CropParams:
@@ -103,13 +111,19 @@ class PretrainPipeline:
     output: "float32" (ImageNet-normalised on the host, the original's ToTensor + Normalize) or
       "uint8" (the crops as they are, 4x fewer bytes to the device; `normalize_on_device` in
       the train step computes the same float32 values).
+    bad_images: what a file that does not decode does (`adpe_jax.data.bad_images.Policy`:
+      config data.bad_images, data.max_bad_fraction, data.skip_list); default: stop.
 
   `get_batch(step)` (and each batch `iterate` yields) is
   {"images": float32 (or uint8) (num_crops * local_batch, image_size, image_size, 3),
    "ids": int32 (num_crops * local_batch,)}: row k * local_batch + i is crop k of this process's
   i-th example, and its id is the row it has in the one-process batch,
   k * global_batch_size + process_index * local_batch + i; the train step draws that row's mask
-  from (step, id).
+  from (step, id). A batch in which a bad file was substituted (bad_images "skip") also has
+  "bad_images": int64 () substituted examples, "bad_indices": int64 (m,) and "bad_reasons":
+  str (m,) the bad files met; `iterate` takes these out, logs each file the first time,
+  counts `bad_images_seen` (substituted examples of the batches it yielded) and stops past
+  data.max_bad_fraction.
   """
 
   def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4,
@@ -117,7 +131,7 @@ class PretrainPipeline:
                num_threads: int | None = None, prefetch: int = 2,
                scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO,
                num_workers: int = 0, decoder: str = "pil", draft: bool = False,
-               output: str = "float32"):
+               output: str = "float32", bad_images: bad_images_lib.Policy | None = None):
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
                        f"process_count {process_count}.")
@@ -148,6 +162,9 @@ class PretrainPipeline:
     self.decoder, self.draft, self.output = decoder, bool(draft), output
     # The JPEG fast paths need the encoded bytes; the faithful default never asks for them.
     self._from_encoded = (decoder != "pil" or self.draft) and hasattr(source, "encoded")
+    self.bad_policy = bad_images or bad_images_lib.Policy()
+    self.bad_images_seen = 0   # substituted examples in the batches `iterate` yielded
+    self._bad_files: set[int] = set()  # distinct bad files met by `iterate`'s batches
     self._workers = None
     self._start_threads()
 
@@ -205,17 +222,29 @@ class PretrainPipeline:
     # With a JPEG fast path, encoded[i] holds example i's bytes and images[i] only its
     # (height, width) until its crops are cut; a non-JPEG example is decoded by the source.
     encoded: list = [None] * batch
+    # Bad files (data.bad_images="skip"): read[i] is the source index example i was read
+    # from (its substitute's, if indices[i] does not decode); failed[i] the indices that did
+    # not decode in place i (per place: a draft decode may fail at one scale only).
+    read = indices.copy()
+    failed: dict[int, list] = {}
+    bad: list = []  # BadImageError of every file that failed in this batch
+
+    def read_one(k: int):
+      if self._from_encoded:
+        data, label = self.source.encoded(k)
+        shape = jpeg.header_size(data)
+        if shape is not None:
+          return data, np.empty(shape + (0,), np.uint8), label
+      return (None,) + tuple(self.source[k])
+
+    def load_one(i: int, first: int) -> None:
+      read[i], (encoded[i], images[i], labels[i]) = bad_images_lib.load_or_substitute(
+          self.source, first, read_one, self.bad_policy,
+          failed.get(i, ()), bad.append)
 
     def load(rows: range) -> None:
       for i in rows:
-        if self._from_encoded:
-          data, labels[i] = self.source.encoded(int(indices[i]))
-          shape = jpeg.header_size(data)
-          if shape is not None:
-            encoded[i], images[i] = data, np.empty(shape + (0,), np.uint8)
-            continue
-        images[i], labels[i] = self.source[int(indices[i])]
-
+        load_one(i, int(indices[i]))
     self._map_chunks(load, batch, min_chunk=8)
 
     # Crop-major: crop row j = k * batch + i is crop k of example i.
@@ -226,8 +255,22 @@ class PretrainPipeline:
     widths = np.array([image.shape[1] for image in images])[example]
     params = multicrop.crop_params(u, heights, widths, self.scale, self.ratio)
 
+    def reload(i: int, error: BadImageError) -> None:
+      """Example i's JPEG did not decode: read its substitute, draw its crops again."""
+      if not self.bad_policy.skips:
+        raise error
+      bad.append(error)
+      failed.setdefault(i, []).append(int(read[i]))
+      load_one(i, (int(read[i]) + 1) % self.num_examples)
+      r = np.arange(num_crops) * batch + i
+      heights[r], widths[r] = images[i].shape[0], images[i].shape[1]
+      again = multicrop.crop_params(u[r], heights[r], widths[r], self.scale, self.ratio)
+      for field in dataclasses.fields(again):
+        getattr(params, field.name)[r] = getattr(again, field.name)
+
     # JPEG fast path: the crops of every JPEG example, cut straight from its bytes.
-    decoded = self._decode_crops(encoded, params, heights, widths) if self._from_encoded else None
+    decoded = (self._decode_crops(encoded, params, heights, widths, read, reload)
+               if self._from_encoded else None)
     out = np.empty((num_crops * batch, size, size, 3),
                    np.uint8 if self.output == "uint8" else np.float32)
 
@@ -252,24 +295,39 @@ class PretrainPipeline:
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
     position = self.process_index * batch + np.arange(batch)
     ids = (np.arange(num_crops)[:, None] * self.global_batch_size + position[None]).reshape(-1)
-    return self._finish_batch({"images": out, "ids": ids.astype(np.int32)}, labels, indices,
-                              step)
+    out = self._finish_batch({"images": out, "ids": ids.astype(np.int32)}, labels, indices,
+                             step)
+    substituted = np.count_nonzero(read != indices)
+    if substituted:  # only batches with a substitute carry these (`iterate` takes them out)
+      out["bad_images"] = np.int64(substituted)
+      out["bad_indices"] = np.array([e.index for e in bad], np.int64)
+      out["bad_reasons"] = np.array([e.reason for e in bad])
+    return out
 
   def _decode_crops(self, encoded: list, params: multicrop.CropParams, heights: np.ndarray,
-                    widths: np.ndarray) -> np.ndarray:
+                    widths: np.ndarray, read: np.ndarray, reload) -> np.ndarray:
     """uint8 (num_crops * batch, size, size, 3): the crops of each example with bytes in
-    `encoded` (rows k * batch + i), decoded and cut by `jpeg.jpeg_crops`; other rows unset."""
+    `encoded` (rows k * batch + i), decoded and cut by `jpeg.jpeg_crops`; other rows unset.
+    A JPEG that does not decode goes to `reload(i, error)` (which raises under "stop", or
+    loads example i's substitute and its crop parameters) and example i is cut again."""
     batch, size = len(encoded), self.image_size
     crops = np.empty((self.num_crops * batch, size, size, 3), np.uint8)
 
     def decode(rows: range) -> None:
       for i in rows:
-        if encoded[i] is not None:
+        while encoded[i] is not None:
           r = np.arange(self.num_crops) * batch + i
-          crops[r] = jpeg.jpeg_crops(encoded[i], (int(heights[i]), int(widths[i])),
-                                     params.top[r], params.left[r], params.height[r],
-                                     params.width[r], params.flip[r], size,
-                                     decoder=self.decoder, draft=self.draft)
+          try:
+            crops[r] = jpeg.jpeg_crops(encoded[i], (int(heights[i]), int(widths[i])),
+                                       params.top[r], params.left[r], params.height[r],
+                                       params.width[r], params.flip[r], size,
+                                       decoder=self.decoder, draft=self.draft)
+            break
+          except _DECODE_ERRORS as e:
+            k = int(read[i])
+            reload(i, BadImageError(bad_images_lib.example_name(self.source, k), k,
+                                    images_lib.reason_of(e),
+                                    bad_images_lib.check_command(self.source)))
 
     self._map_chunks(decode, batch, min_chunk=4)
     return crops
@@ -306,7 +364,8 @@ class PretrainPipeline:
     if self.num_workers > 0:
       if self._workers is None:
         self._workers = workers.WorkerPool(self, self.num_workers, self.prefetch)
-      yield from self._workers.iterate(start_step, num_steps)
+      for batch in self._workers.iterate(start_step, num_steps):
+        yield self._account(batch)
       return
     stop = threading.Event()
     ready: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
@@ -341,10 +400,26 @@ class PretrainPipeline:
           return
         if kind == "error":
           raise value
-        yield value
+        yield self._account(value)
     finally:
       stop.set()
       producer.join(timeout=30)
+
+  def _account(self, batch: dict) -> dict:
+    """The batch without its bad-file keys, which are counted and logged here (the consumer's
+    process: worker processes' batches pass through it too)."""
+    if "bad_images" not in batch:
+      return batch
+    self.bad_images_seen += int(batch.pop("bad_images"))
+    for index, reason in zip(batch.pop("bad_indices"), batch.pop("bad_reasons")):
+      if int(index) not in self._bad_files:
+        self._bad_files.add(int(index))
+        logging.warning("bad image %s (example %d) skipped (%s); a substitute takes its place "
+                        "(data.bad_images='skip')",
+                        bad_images_lib.example_name(self.source, int(index)), index, reason)
+    bad_images_lib.too_many(len(self._bad_files), self.num_examples, self.bad_policy,
+                            self.source)
+    return batch
 
   def close(self) -> None:
     """Stops the worker threads (pending work is cancelled) and worker processes."""

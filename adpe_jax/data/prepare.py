@@ -2,7 +2,7 @@
 
     python -m adpe_jax.data.prepare --source=folder:/data/imagenet --split=train \\
         --out=/data/imagenet_s256 [--short_side=256 --quality=90 --num_shards=256 \\
-        --num_processes=16]
+        --num_processes=16 --bad_images=stop]
 
 and then train with `data.source = "prepared:/data/imagenet_s256"`.
 
@@ -17,6 +17,11 @@ Layout of OUT:
                                        source's order (so permutations pick the same examples);
                                        record = int64 little-endian label + JPEG bytes
   prepared.json                        written last: count, classes, shards, settings
+A file that does not decode stops `prepare` naming it (--bad_images=stop, the default), or
+(--bad_images=skip) is stored as its substitute, the next example in source order that decodes
+(the training pipelines' rule, adpe_jax/data/bad_images.py, so the prepared source keeps the
+source's count and order), and is listed in prepared.json ("bad_images": [[index, file,
+reason], ...]) and in the summary line.
 Resumable: each shard is written to a temporary name and renamed when complete; a re-run
 skips the shards that exist (with the right record count) and writes the rest. Parallel: the
 shards are spread over `num_processes` processes. The output directory is local (ArrayRecord's
@@ -39,7 +44,8 @@ import numpy as np
 from PIL import Image
 
 from adpe_jax import storage
-from adpe_jax.errors import DataError
+from adpe_jax.data import bad_images, images
+from adpe_jax.errors import BadImageError, DataError
 
 FORMAT = "adpe_jax.prepared/1"
 INDEX = "prepared.json"
@@ -63,9 +69,10 @@ def reencode(data: bytes | None, image: np.ndarray | None, short_side: int,
   shorter side is short_side, and encoded at `quality`."""
   if data is not None:
     with Image.open(io.BytesIO(data)) as pil:
+      pil.load()  # the whole file: a truncated JPEG is not copied as it is
       if pil.format == "JPEG" and pil.mode in ("RGB", "L") and min(pil.size) <= short_side:
         return data
-      pil = pil.convert("RGB")
+      pil = images.to_8bit(pil).convert("RGB")  # 16-bit grey scaled, not clipped
   else:
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
   width, height = pil.size
@@ -83,7 +90,11 @@ def reencode(data: bytes | None, image: np.ndarray | None, short_side: int,
 def _record(source, index: int, short_side: int, quality: int) -> bytes:
   if hasattr(source, "encoded"):
     data, label = source.encoded(index)
-    payload = reencode(data, None, short_side, quality)
+    try:
+      payload = reencode(data, None, short_side, quality)
+    except Exception as e:  # whatever Pillow says about these bytes
+      raise BadImageError(bad_images.example_name(source, index), index, images.reason_of(e),
+                          bad_images.check_command(source)) from e
   else:
     image, label = source[index]
     payload = reencode(None, image, short_side, quality)
@@ -99,21 +110,30 @@ def _init_worker(source_bytes: bytes) -> None:
 
 
 def _write_shard(out: str, k: int, num_shards: int, start: int, count: int, short_side: int,
-                 quality: int, source=None) -> int:
-  """Writes shard k (examples [start, start + count)) atomically; returns its record count."""
+                 quality: int, source=None, policy: bad_images.Policy | None = None) -> list:
+  """Writes shard k (examples [start, start + count)) atomically; returns its bad files,
+  [(index, file, reason)] (under policy "skip": each stored as its substitute)."""
   from array_record.python import array_record_module  # noqa: PLC0415 (heavy; workers only)
 
   source = source if source is not None else _SOURCE
+  policy = policy or bad_images.Policy()
   final = storage.as_path(out) / shard_name(k, num_shards)
   partial = storage.as_path(out) / (shard_name(k, num_shards) + f".tmp{os.getpid()}")
   writer = array_record_module.ArrayRecordWriter(os.fspath(partial), "group_size:1")
+  bad: list = []
   try:
     for i in range(start, start + count):
-      writer.write(_record(source, i, short_side, quality))
-  finally:
+      _, record = bad_images.load_or_substitute(
+          source, i, lambda j: _record(source, j, short_side, quality), policy,
+          on_bad=lambda e: bad.append((e.index, e.path, e.reason)))
+      writer.write(record)
+  except BaseException:
     writer.close()
+    partial.unlink(missing_ok=True)  # a stopped prepare leaves no partial shard behind
+    raise
+  writer.close()
   partial.rename(final)
-  return count
+  return bad
 
 
 def _shard_done(path, count: int) -> bool:
@@ -128,7 +148,8 @@ def _shard_done(path, count: int) -> bool:
 
 
 def prepare(source, out: str, short_side: int = 256, quality: int = 90, num_shards: int = 0,
-            num_processes: int = 1, source_name: str = "") -> dict:
+            num_processes: int = 1, source_name: str = "",
+            bad_images_policy: str = "stop") -> dict:
   """Writes `source` into OUT (see the module docstring); returns the index it wrote.
 
   num_shards 0 = about 1000 examples per shard (at least num_processes shards).
@@ -150,6 +171,8 @@ def prepare(source, out: str, short_side: int = 256, quality: int = 90, num_shar
     if {k: index.get(k) for k in settings} != settings:
       raise DataError(f"{index_path} was prepared with {dict((k, index.get(k)) for k in settings)}"
                       f", not {settings}: choose another --out or delete it.")
+  policy = bad_images.Policy(bad_images_policy, max_bad_fraction=1.0)
+  previous = index.get("bad_images", []) if index_path.exists() else []
   bounds = shard_bounds(n, num_shards)
   todo = [(k, start, count) for k, (start, count) in enumerate(bounds)
           if not _shard_done(root / shard_name(k, num_shards), count)]
@@ -159,13 +182,16 @@ def prepare(source, out: str, short_side: int = 256, quality: int = 90, num_shar
         min(num_processes, len(todo)), mp_context=context, initializer=_init_worker,
         initargs=(pickle.dumps(source),)) as pool:
       futures = [pool.submit(_write_shard, os.fspath(root), k, num_shards, start, count,
-                             short_side, quality) for k, start, count in todo]
-      for future in futures:
-        future.result()
+                             short_side, quality, None, policy) for k, start, count in todo]
+      bad = [b for future in futures for b in future.result()]
   else:
-    for k, start, count in todo:
-      _write_shard(os.fspath(root), k, num_shards, start, count, short_side, quality, source)
+    bad = [b for k, start, count in todo
+           for b in _write_shard(os.fspath(root), k, num_shards, start, count, short_side,
+                                 quality, source, policy)]
+  # Bad files of shards an earlier (interrupted) run wrote are kept from its index.
+  bad = sorted({tuple(b) for b in previous} | {tuple(b) for b in bad})
   index = dict(settings, format=FORMAT, num_classes=getattr(source, "num_classes", None),
+               bad_images=[list(b) for b in bad],
                class_names=list(getattr(source, "class_names", ()) or ()),
                shards=[{"file": shard_name(k, num_shards), "start": start, "count": count}
                        for k, (start, count) in enumerate(bounds)])
@@ -228,8 +254,10 @@ class PreparedSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     data, label = self.encoded(index)
-    with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert("RGB")), label
+    try:
+      return images.read_image(data), label
+    except images.UndecodableImageError as e:
+      raise BadImageError(bad_images.example_name(self, index), index, str(e)) from None
 
 
 def main(argv=None) -> None:
@@ -247,16 +275,22 @@ def main(argv=None) -> None:
   parser.add_argument("--quality", type=int, default=90)
   parser.add_argument("--num_shards", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--bad_images", choices=bad_images.POLICIES, default="stop",
+                      help="a file that does not decode: stop naming it, or store its "
+                           "substitute and list it")
   args = parser.parse_args(argv)
   try:
     source = sources.get_source(args.source, args.split, args.data_dir)
     index = prepare(source, args.out, args.short_side, args.quality, args.num_shards,
-                    args.num_processes, source_name=f"{args.source}/{args.split}")
+                    args.num_processes, source_name=f"{args.source}/{args.split}",
+                    bad_images_policy=args.bad_images)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  for _, path, reason in index["bad_images"]:
+    print(f"bad image {path} ({reason}): stored as its substitute", file=sys.stderr)
   print(f"prepared {index['num_examples']} examples in {len(index['shards'])} shards: "
-        f"{args.out}")
+        f"{args.out}; {len(index['bad_images'])} bad files substituted")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from adpe_jax import storage
+from adpe_jax.data import bad_images
 from adpe_jax.errors import DataError
 from adpe_jax.data.fashion_mnist import FashionMnistSource
 from adpe_jax.data.folder import FolderSource
@@ -125,6 +126,14 @@ def from_config(config, split: str, name: str | None = None) -> Source:
       options["num_classes"] = config.data.num_classes
   data_dir = (config.data.dir or None) if name == config.data.source else None
   return get_source(name, split, data_dir, **options)
+
+
+def eval_source(config, split: str, name: str | None = None) -> Source:
+  """`from_config(config, split, name)` read through the config's bad-image policy
+  (data.bad_images: `adpe_jax.data.bad_images.Substituting`): the eval sets' sources."""
+  source = from_config(config, split, name)
+  own = (name or config.data.source) == config.data.source
+  return bad_images.with_policy(source, config.data, own_source=own)
 
 
 class Subset:

@@ -77,7 +77,7 @@ def worker_main(fd: int) -> None:
         batch = pipeline.get_batch(step)
         layout, offset = [], 0
         for key, value in batch.items():
-          value = np.ascontiguousarray(value)
+          value = np.ascontiguousarray(value).reshape(np.shape(value))  # 0-d stays 0-d
           layout.append((key, value.dtype.str, value.shape, offset))
           offset += -(-value.nbytes // _ALIGN) * _ALIGN
         shm = slots.get(slot)

@@ -149,9 +149,9 @@ class KnnEvaluator:
   def from_pretrain_config(cls, config, model, mesh) -> "KnnEvaluator":
     name = config.eval.knn_source
     return cls(lambda params: mae_encoder(model, params),
-               LabelledImages(data.from_config(config, "train", name), config.image_size,
+               LabelledImages(data.eval_source(config, "train", name), config.image_size,
                               config.eval.knn_train_examples),
-               LabelledImages(data.from_config(config, "test", name), config.image_size,
+               LabelledImages(data.eval_source(config, "test", name), config.image_size,
                               config.eval.knn_test_examples),
                k=config.eval.knn_k, batch_size=64 * mesh.size, mesh=mesh,
                every_steps=config.eval.knn_every_steps)

@@ -28,10 +28,12 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import data, parallel, weights, workdir_lock
 from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
+from adpe_jax.data import bad_images
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
 from adpe_jax.errors import ConfigError
 from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim
+from adpe_jax.train.metrics import bad_image_metrics
 from adpe_jax.train.mixup import mix_batch, soft_cross_entropy
 from adpe_jax.train.state import build_classifier, init_classifier_params
 from adpe_jax.train.step import split_micro
@@ -107,7 +109,8 @@ def finetune(config, workdir: str) -> dict:
       source, config.batch_size, config.image_size, seed=config.seed,
       randaug=config.aug.randaug, reprob=config.aug.reprob,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads or None)
+      num_threads=config.data.num_threads or None,
+      bad_images=bad_images.Policy.from_config(config.data, source))
 
   # 3. Model, optimizer, initial weights, compiled steps.
   model = build_classifier(config)
@@ -136,7 +139,7 @@ def finetune(config, workdir: str) -> dict:
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   evaluator = evaluate.ClassifierEvaluator(
-      model, data.from_config(config, config.data.eval_split), mesh,
+      model, data.eval_source(config, config.data.eval_split), mesh,
       image_size=config.image_size, batch_size=config.eval.batch_size,
       max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
       every_steps=config.eval.every_steps or int(steps_per_epoch))
@@ -166,6 +169,7 @@ def finetune(config, workdir: str) -> dict:
   result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
                       batches=pipeline, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, evaluators=[evaluator],
+                      log_extras=lambda state, done: bad_image_metrics(pipeline),
                       num_devices=mesh.size)
   ckpt.close()
 

@@ -17,7 +17,7 @@ def run_knn(config, workdir: str) -> dict:
   encoder, info, c = evaluate.load_encoder(config)
 
   def images(split: str, max_examples: int):
-    return evaluate.LabelledImages(data.from_config(config, split), c.image_size,
+    return evaluate.LabelledImages(data.eval_source(config, split), c.image_size,
                                    max_examples, crop_fraction=config.crop_fraction)
 
   temperature = config.temperature if config.temperature > 0 else None

@@ -39,10 +39,12 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import data, parallel, workdir_lock
 from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate as check
+from adpe_jax.data import bad_images
 from adpe_jax.data.finetune import FinetunePipeline
 from adpe_jax.errors import ConfigError
 from adpe_jax.train import evaluate, loop
 from adpe_jax.train import optimizer as optim
+from adpe_jax.train.metrics import bad_image_metrics
 
 BN_EPS = 1e-6
 
@@ -157,14 +159,15 @@ def linprobe(config, workdir: str) -> dict:
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   eval_feats, eval_labels = evaluate.labelled_features(
       evaluate.FrozenEncoder(encoder.fn, encoder_params),
-      data.from_config(config, config.data.eval_split), resolved.image_size,
+      data.eval_source(config, config.data.eval_split), resolved.image_size,
       max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
       batch_size=config.eval.batch_size, mesh=mesh)
   feature_seconds = time.time() - t0
   pipeline = FinetunePipeline(
       source, config.batch_size, resolved.image_size, seed=config.seed, randaug="", reprob=0.0,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads or None)
+      num_threads=config.data.num_threads or None,
+      bad_images=bad_images.Policy.from_config(config.data, source))
 
   # 3. Probe, optimizer, compiled step, evaluator.
   probe = LinearProbe(config.data.num_classes)
@@ -211,6 +214,7 @@ def linprobe(config, workdir: str) -> dict:
   result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
                       batches=pipeline, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, evaluators=[evaluator],
+                      log_extras=lambda state, done: bad_image_metrics(pipeline),
                       num_devices=mesh.size)
   ckpt.close()
 

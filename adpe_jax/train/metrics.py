@@ -33,6 +33,20 @@ def device_peak_flops(device=None) -> float | None:
   return None
 
 
+def bad_image_metrics(pipeline) -> dict:
+  """{"bad_images": substituted examples of all processes' batches since this run started}
+  under data.bad_images="skip" (a log record's field), else {}. Every process calls it at the
+  same log steps (one small all-gather when there are several)."""
+  if not pipeline.bad_policy.skips:
+    return {}
+  count = pipeline.bad_images_seen
+  if pipeline.process_count > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    count = int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+  return {"bad_images": int(count)}
+
+
 def json_value(v):
   """A metric as strict JSON: a non-finite float (a diverged loss) becomes null -- bare
   `NaN` / `Infinity` are not JSON and break other readers (jq, pandas' strict mode, JS);

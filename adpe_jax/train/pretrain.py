@@ -18,9 +18,10 @@ from absl import logging
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import data, flops, parallel, storage, workdir_lock
 from adpe_jax.config import pretrain as pretrain_config
+from adpe_jax.data import bad_images
 from adpe_jax.train import evaluate, loop, reconstruction, stop
 from adpe_jax.train import optimizer as optim
-from adpe_jax.train.metrics import device_peak_flops
+from adpe_jax.train.metrics import bad_image_metrics, device_peak_flops
 from adpe_jax.train.state import build_model, create_train_state, init_params
 from adpe_jax.train.step import make_adversary_gap, make_train_step
 
@@ -125,7 +126,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       num_threads=config.data.num_threads or None,
       num_workers=data.resolve_num_workers(config.data.num_workers, jax.default_backend()),
       decoder=config.data.decoder, draft=config.data.draft,
-      output="uint8" if config.data.normalize_on_device else "float32")
+      output="uint8" if config.data.normalize_on_device else "float32",
+      bad_images=bad_images.Policy.from_config(config.data, source))
 
   # 3. Model, optimizer, shardings and the compiled step. -------------------------------
   setup = build_training(config, mesh, total_steps, steps_per_epoch)
@@ -182,10 +184,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return train_step(state, last["batch"], step_key)
 
   def log_extras(state, done):
+    extras = bad_image_metrics(pipeline)  # {"bad_images": n} under data.bad_images=skip
     if adv_gap is None:
-      return {}
-    return {"adv_loss_gap": float(adv_gap(state.params, state.adversary, last["batch"],
-                                          jax.random.fold_in(step_key, done)))}
+      return extras
+    return {**extras, "adv_loss_gap": float(adv_gap(state.params, state.adversary,
+                                                    last["batch"],
+                                                    jax.random.fold_in(step_key, done)))}
 
   result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
                       batches=pipeline, total_steps=total_steps,
