@@ -133,6 +133,7 @@ def test_a_longer_total_steps_is_refused_saying_why(pretrained):
     ("data.num_threads", 3), ("data.num_workers", 0), ("data.decoder", "simplejpeg"),
     ("data.normalize_on_device", True), ("eval.knn_every_steps", 5), ("mesh.fsdp", 2),
     ("distributed.heartbeat_timeout_seconds", 30), ("model.remat", "block"),
+    ("data.bad_images", "skip"), ("data.max_bad_fraction", 0.01),
 ])
 def test_fields_off_the_trajectory_may_change(pretrained, field, new):
   before = snapshot(pretrained)

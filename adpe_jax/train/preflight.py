@@ -48,8 +48,11 @@ NON_TRAJECTORY = (
     # attention kernel by backend anyway; remat recomputes the same function)
     "compilation_cache", "distributed.", "mesh.", "model.attention_impl", "model.remat",
     # input speed: the same pixels (data.decoder: simplejpeg decodes as Pillow,
-    # adpe_jax/data/jpeg.py; normalize_on_device: the same float32 values)
+    # adpe_jax/data/jpeg.py; normalize_on_device: the same float32 values; not data.draft)
     "data.num_threads", "data.num_workers", "data.decoder", "data.normalize_on_device",
+    # what happens to files that do not decode (a run stopped by one resumes with "skip";
+    # the batches of a run that met none are unchanged)
+    "data.bad_images", "data.max_bad_fraction", "data.skip_list",
 )
 
 # After a non-finite / divergence stop the message says "start again with a lower learning
