@@ -134,6 +134,7 @@ def test_a_longer_total_steps_is_refused_saying_why(pretrained):
     ("data.normalize_on_device", True), ("eval.knn_every_steps", 5), ("mesh.fsdp", 2),
     ("distributed.heartbeat_timeout_seconds", 30), ("model.remat", "block"),
     ("data.bad_images", "skip"), ("data.max_bad_fraction", 0.01),
+    ("eval.knn_source", "fashion_mnist"),
 ])
 def test_fields_off_the_trajectory_may_change(pretrained, field, new):
   before = snapshot(pretrained)

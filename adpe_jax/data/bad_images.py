@@ -26,7 +26,6 @@ stops the run in any policy, since skipping it would make a batch depend on the 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from absl import logging
 
@@ -61,8 +60,9 @@ def read_skip_list(path: str, source) -> frozenset[int]:
     raise ConfigError(f"config field data.skip_list={path!r}: the file does not exist; write "
                       f"it with `{check_command(source)} --out={path}`.")
   listed = {line.split("\t", 1)[0] for line in text.splitlines() if line.strip()}
-  index = {os.path.normpath(str(p)): i for i, p in enumerate(getattr(source, "paths", ()))}
-  found = {index[os.path.normpath(p)] for p in listed if os.path.normpath(p) in index}
+  # (paths as the source names them, which the check command writes: local or gs://...)
+  index = {str(p): i for i, p in enumerate(getattr(source, "paths", ()))}
+  found = {index[p] for p in listed if p in index}
   if listed and not found:
     raise ConfigError(f"config field data.skip_list={path!r} lists {len(listed)} files, none "
                       f"of them in the source (e.g. {sorted(listed)[0]}); was it written for "

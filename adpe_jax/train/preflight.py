@@ -42,8 +42,9 @@ from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirErro
 NON_TRAJECTORY = (
     # cadence of logs, checkpoints and evaluations, and the stops
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_steps_per_run",
-    "divergence_factor", "eval.every_steps", "eval.knn_every_steps", "eval.recon_every_steps",
-    "eval.batch_size",
+    "divergence_factor",
+    # evaluations: they read the weights and change no step (a resumed run may add a k-NN)
+    "eval.",
     # caches, processes and devices (the same global batch on any mesh; `auto` picks the
     # attention kernel by backend anyway; remat recomputes the same function)
     "compilation_cache", "distributed.", "mesh.", "model.attention_impl", "model.remat",
