@@ -31,7 +31,7 @@ data:
 
 test: install data
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
-	  $(PY) -m pytest -q tests
+	  $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: install
 	$(VENV)/bin/ruff check adpe_jax configs launch tests benchmarks

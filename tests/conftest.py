@@ -9,9 +9,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+# The runs tests start as subprocesses (python -m adpe_jax.main, compilation_cache=auto)
+# share one persistent cache too: the smoke step many of them compile is compiled once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parent.parent / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 # Identical computations (e.g. the smoke configs that differ only in their docstrings)
 # compile once per test run.
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(__file__).parent.parent / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# The longest modules first: `make test` runs two pytest-xdist workers, one module each at a
+# time (--dist loadfile: a module's fixtures compile once), and a long module started last
+# would run alone at the end.
+_LONG_FIRST = ("test_multihost", "test_finetune", "test_resume", "test_linprobe", "test_fsdp",
+               "test_scan", "test_kernels", "test_refusals", "test_sharded_kernel")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

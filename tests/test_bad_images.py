@@ -299,9 +299,6 @@ def test_log_records_get_the_cumulative_count_under_skip_only(folders):
     assert bad_image_metrics(pipe) == {}
 
 
-@pytest.mark.skipif(not os.environ.get("ADPE_SLOW_TESTS"),
-                    reason="a full compile (about 2 min on a shared 2-core CPU): "
-                           "ADPE_SLOW_TESTS=1 runs it")
 def test_pretrain_run_skips_bad_files_and_logs_the_count(folders, tmp_path):
   """One end-to-end run: the smoke config on the spoiled folder, skipping."""
   bad_root, _, _ = folders
@@ -309,7 +306,7 @@ def test_pretrain_run_skips_bad_files_and_logs_the_count(folders, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=os.pathsep.join([root] + sys.path))
   r = subprocess.run(
-      [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_rpe_coord.py:smoke",
+      [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",
        f"--workdir={tmp_path / 'run'}", f"--config.data.source=folder:{bad_root}",
        "--config.data.bad_images=skip", "--config.data.max_bad_fraction=0.2",
        "--config.data.num_workers=0", "--config.total_steps=4", "--config.log_every_steps=2",

@@ -26,6 +26,7 @@ def load_config(name, arg=None):
 
 def run_cli(*args, timeout=300):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compilation_cache=auto: the workdir's own
   return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
