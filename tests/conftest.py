@@ -22,11 +22,18 @@ jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(__file__).parent
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-# The longest modules first: `make test` runs two pytest-xdist workers, one module each at a
-# time (--dist loadfile: a module's fixtures compile once), and a long module started last
-# would run alone at the end.
-_LONG_FIRST = ("test_multihost", "test_finetune", "test_resume", "test_linprobe", "test_fsdp",
-               "test_scan", "test_kernels", "test_refusals", "test_sharded_kernel")
+# The longest modules first (their time in a cold run, 2 cores): `make test` runs two
+# pytest-xdist workers, one module each at a time (--dist loadfile: a module's fixtures
+# compile once), and a long module started last would run alone at the end.  xdist's own
+# order (modules with the most tests first) is switched off in `pytest_configure`.
+_LONG_FIRST = ("test_adversary", "test_multihost", "test_finetune", "test_resume", "test_scan",
+               "test_linprobe", "test_export", "test_kernels", "test_sharded_kernel",
+               "test_fsdp", "test_fidelity", "test_refusals", "test_cli", "test_model")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):   # pytest-xdist's --no-loadscope-reorder
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
