@@ -3,7 +3,11 @@
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from devices import CODEGEN, xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
+if CODEGEN and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + CODEGEN   # `make test` names only the device count
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -26,6 +26,7 @@ from PIL import Image
 from adpe_jax import data
 from adpe_jax.data import bad_images, check, images, prepare
 from adpe_jax.errors import BadImageError, DataError
+from devices import xla_flags
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 N, PER_CLASS = 32, 16
@@ -303,7 +304,7 @@ def test_pretrain_run_skips_bad_files_and_logs_the_count(folders, tmp_path):
   """One end-to-end run: the smoke config on the spoiled folder, skipping."""
   bad_root, _, _ = folders
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
              PYTHONPATH=os.pathsep.join([root] + sys.path))
   r = subprocess.run(
       [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",

@@ -12,6 +12,7 @@ import pytest
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.errors import ConfigError
 from adpe_jax.models import variants
+from devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("vit*.py"))
@@ -25,7 +26,7 @@ def load_config(name, arg=None):
 
 
 def run_cli(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compilation_cache=auto: the workdir's own
   return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)

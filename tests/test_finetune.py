@@ -23,6 +23,7 @@ from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_classifier, init_classifier_params
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train import mixup
+from devices import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -220,7 +221,7 @@ def test_random_erasing_and_randaugment_deterministic():
 # -- the CLI: train, evaluate, resume exactly, summary; bad input --------------------------------
 
 def _run(args, env_extra=None, timeout=240):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -392,7 +393,7 @@ def test_cli_finetune_sigterm_saves_the_current_step(tmp_path):
          "--config.init=", "--config.data.source=synthetic", "--config.total_steps=100000",
          "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
          "--config.eval.every_steps=100000"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   metrics = tmp_path / "metrics.jsonl"

@@ -14,6 +14,7 @@ import pytest
 
 from adpe_jax.train import evaluate, linprobe as lp
 from adpe_jax.train import knn_metric as knn
+from devices import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -22,7 +23,7 @@ needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST),
 
 
 def _run(args, timeout=240):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

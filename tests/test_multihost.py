@@ -23,6 +23,7 @@ import pytest
 
 from adpe_jax import parallel, supervisor
 from adpe_jax.config import common
+from devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ["--config=configs/vitb_ape.py:smoke", "--config.data.source=fashion_mnist",
@@ -36,7 +37,7 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  e = dict(os.environ, XLA_FLAGS=xla_flags(devices),
            JAX_PLATFORMS="cpu")
   e.pop("JAX_COORDINATOR_ADDRESS", None)
   return e

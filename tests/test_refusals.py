@@ -26,6 +26,7 @@ from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate
 from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirError
 from adpe_jax.train import finetune, preflight, pretrain
+from devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UNCHANGED = "nothing on disk was changed."
@@ -353,7 +354,7 @@ def test_export_writes_the_users_mode_and_nothing_on_failure(tmp_path, monkeypat
 # -- the command line: exit 2, one sentence, nothing written, nothing compiled ------------------
 
 def run_cli(*args, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   return subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=240)

@@ -16,6 +16,7 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train.pretrain import step_flops, train_and_evaluate
 from adpe_jax.train.state import build_model
+from devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -247,7 +248,7 @@ def test_sigterm_during_the_end_of_run_knn_saves_says_so_and_the_rerun_evaluates
           "--config.eval.knn_test_examples=5000"]
   summary = lambda: json.loads((tmp_path / "summary.json").read_text())  # noqa: E731
   # One device: no collectives to time out on a loaded CPU while a k-NN is interrupted.
-  one = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  one = dict(os.environ, XLA_FLAGS=xla_flags(1))
   # 1. During the k-NN of the last step (inside the loop).
   run = Watched(args, env=one)
   run.wait_for("step 4 loss")

@@ -22,6 +22,7 @@ import pytest
 
 from adpe_jax import workdir_lock
 from adpe_jax.errors import WorkdirBusyError, WorkdirLockError
+from devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -43,7 +44,7 @@ sys.stdin.read()
 def child_env(**extra) -> dict:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2", **extra)
+      XLA_FLAGS=xla_flags(2), **extra)
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 
