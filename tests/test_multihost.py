@@ -2,8 +2,8 @@
 coordinator on 127.0.0.1) against 1 process x 4 devices -- the pair running the fused
 Pallas attention (shard_map over the batch across both processes, interpret mode), the
 single process the XLA one; resume from the checkpoint both wrote; SIGTERM to ONE
-process stops both at one agreed step; a killed peer makes the other exit non-zero,
-naming it, in bounded time.  The faults JAX ends with a C++ abort (coordinator killed,
+process stops both at one agreed step; a peer killed mid-save makes the other exit
+non-zero, naming it, in bounded time, with the complete checkpoints kept.  The faults JAX ends with a C++ abort (coordinator killed,
 frozen peer, a peer that never joins) and two processes started with different configs
 end every survivor with one sentence of ours (`adpe_jax.supervisor`, the config
 agreement in `adpe_jax.parallel`): one test runs them side by side, before compiling."""
@@ -156,14 +156,17 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
     assert got[step] == pytest.approx(losses(ref)[step], rel=1e-5), step
 
 
-def test_killed_peer_makes_the_other_exit_naming_it(tmp_path):
+def test_killed_peer_mid_save_makes_the_other_exit_naming_it(tmp_path):
+  """A checkpoint every step, and process 1 killed while one is being written: process 0
+  exits 3 in bounded time, naming it, and the checkpoints already complete are kept."""
   w = tmp_path / "kill"
-  procs = start_pair(w, "--config.total_steps=100000", "--config.checkpoint_every_steps=0",
+  procs = start_pair(w, "--config.total_steps=100000", "--config.checkpoint_every_steps=1",
                      heartbeat=10)
-  metrics = w / "metrics.jsonl"
+  metrics, saving = w / "metrics.jsonl", w / "checkpoints"
   deadline = time.time() + 240
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    time.sleep(0.3)
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3
+                                         and any(p.name.endswith("-tmp") for p in saving.iterdir())):
+    time.sleep(0.01)
   assert metrics.exists(), "the run did not start logging"
   procs[1].kill()
   t0 = time.time()
@@ -175,6 +178,7 @@ def test_killed_peer_makes_the_other_exit_naming_it(tmp_path):
   # Our sentence, or JAX's own verdict if its coordination service aborts us first.
   assert ("lost peer: process 1 of 2" in err
           or "stopped sending heartbeats):\n1" in err or "Task 1 heartbeat timeout" in err), err[-3000:]
+  assert steps_saved(w), "no complete checkpoint was kept"
 
 
 # --- the faults outside the documented one ----------------------------------------------------
