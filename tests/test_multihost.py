@@ -3,10 +3,11 @@ coordinator on 127.0.0.1) against 1 process x 4 devices -- the pair running the 
 Pallas attention (shard_map over the batch across both processes, interpret mode), the
 single process the XLA one; resume from the checkpoint both wrote; SIGTERM to ONE
 process stops both at one agreed step; a peer killed mid-save makes the other exit
-non-zero, naming it, in bounded time, with the complete checkpoints kept.  The faults JAX ends with a C++ abort (coordinator killed,
-frozen peer, a peer that never joins) and two processes started with different configs
-end every survivor with one sentence of ours (`adpe_jax.supervisor`, the config
-agreement in `adpe_jax.parallel`): one test runs them side by side, before compiling."""
+non-zero, naming it, in bounded time, with the complete checkpoints kept.  The faults JAX
+ends with a C++ abort (coordinator killed, frozen peer, a peer that never joins) and two
+processes started with different configs end every survivor with one sentence of ours
+(`adpe_jax.supervisor`, the config agreement in `adpe_jax.parallel`): one test runs them
+side by side, before compiling."""
 
 import json
 import os
@@ -163,11 +164,18 @@ def test_killed_peer_mid_save_makes_the_other_exit_naming_it(tmp_path):
   procs = start_pair(w, "--config.total_steps=100000", "--config.checkpoint_every_steps=1",
                      heartbeat=10)
   metrics, saving = w / "metrics.jsonl", w / "checkpoints"
+
+  def mid_save() -> bool:   # a few steps logged, and a checkpoint folder still being written
+    return (metrics.exists() and metrics.read_text().count("\n") >= 3 and saving.is_dir()
+            and any(p.name.endswith("-tmp") for p in saving.iterdir()))
+
   deadline = time.time() + 240
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3
-                                         and any(p.name.endswith("-tmp") for p in saving.iterdir())):
+  while time.time() < deadline and not mid_save():
     time.sleep(0.01)
-  assert metrics.exists(), "the run did not start logging"
+  if time.time() >= deadline:
+    for p in procs:
+      p.kill()
+    pytest.fail("no checkpoint was seen being written in 240 s: nothing to kill mid-save")
   procs[1].kill()
   t0 = time.time()
   rc, err = finish(procs[:1], timeout=120)[0]
