@@ -170,12 +170,14 @@ def test_killed_peer_mid_save_makes_the_other_exit_naming_it(tmp_path):
             and any(p.name.endswith("-tmp") for p in saving.iterdir()))
 
   deadline = time.time() + 240
-  while time.time() < deadline and not mid_save():
+  while not mid_save():
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      err = procs[0].communicate()[1]
+      procs[1].communicate()
+      pytest.fail(f"no checkpoint was seen being written: nothing to kill mid-save\n{err[-2000:]}")
     time.sleep(0.01)
-  if time.time() >= deadline:
-    for p in procs:
-      p.kill()
-    pytest.fail("no checkpoint was seen being written in 240 s: nothing to kill mid-save")
   procs[1].kill()
   t0 = time.time()
   rc, err = finish(procs[:1], timeout=120)[0]
