@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.checkpoint import Checkpointer, CheckpointError, abstract_of
+from adpe_jax.checkpoint import Checkpointer, CheckpointError, abstract_of, rundir
 from adpe_jax.train.stop import PreemptedError, PreemptionGuard
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training, run_metadata
@@ -144,6 +144,7 @@ def test_keep_last_n_and_latest_step(tmp_path):
 
   again = Checkpointer(str(tmp_path), every_steps=2, keep=2)
   assert again.latest_step() == 9 and again.all_steps() == [8, 9]
+  assert rundir.complete_steps(tmp_path / "checkpoints") == [8, 9]
   assert_trees_equal(again.restore(abstract_of(tiny_state(0))), tiny_state(9))
   assert_trees_equal(again.restore(abstract_of(tiny_state(0)), step=8), tiny_state(8))
 
@@ -309,6 +310,10 @@ def test_sigkill_mid_save_resumes_from_last_complete(tmp_path):
                     adv_opt_state={})
   ck = Checkpointer(str(tmp_path), every_steps=1, metadata={"run": "killed"})
   assert ck.latest_step() == 1 and ck.all_steps() == [1]
+  # The one listing of complete checkpoints (preflight, weights, the supervisor) agrees.
+  assert rundir.complete_steps(ckdir) == [1] and rundir.newest_step(ckdir) == 1
+  assert rundir.newest_checkpoint(tmp_path) == rundir.checkpoints_dir(tmp_path) / "1"
+  assert [p.name for p in rundir.unfinished(ckdir)] == ["2.orbax-checkpoint-tmp"]
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           want)
@@ -379,3 +384,57 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_evaluation():
         PreemptedError):
       os.kill(os.getpid(), signal.SIGTERM)
     assert guard.signum == signal.SIGTERM
+
+
+# -- the run on disk without a Checkpointer (adpe_jax.checkpoint.rundir) ----------------------
+
+def test_rundir_names_are_orbaxs():
+  """rundir spells orbax's private names as literals (it must not import orbax)."""
+  from orbax.checkpoint._src.path import atomicity_types
+  assert rundir.TMP_SUFFIX == atomicity_types.TMP_DIR_SUFFIX
+  assert rundir.COMMIT_FILE == atomicity_types.COMMIT_SUCCESS_FILE
+
+
+def test_rundir_listing_of_a_workdir(tmp_path):
+  ckdir = tmp_path / "checkpoints"
+  assert rundir.complete_steps(ckdir) == [] and rundir.newest_checkpoint(tmp_path) is None
+  assert not ckdir.exists()  # nothing is created
+  for name in ("3", "12", "40.orbax-checkpoint-tmp", "notes"):
+    (ckdir / name / "state").mkdir(parents=True)
+  (ckdir / "7").write_text("a file, not a checkpoint")
+  assert rundir.complete_steps(ckdir) == [3, 12]        # numerically, not as text
+  assert rundir.newest_checkpoint(tmp_path) == rundir.checkpoints_dir(tmp_path) / "12"
+  for path, want in ((tmp_path, "12"), (ckdir, "12"), (ckdir / "3", "3")):
+    assert rundir.step_dir(str(path)).name == want
+  assert rundir.step_dir(str(tmp_path / "elsewhere")) is None
+
+
+def test_rundir_summary_and_config(tmp_path):
+  assert rundir.read_summary(tmp_path) == {} and rundir.read_config(tmp_path) is None
+  rundir.write_summary(tmp_path, {"status": "stopped", "step": 2})
+  assert rundir.read_summary(str(tmp_path)) == {"status": "stopped", "step": 2}
+  c = smoke_config()
+  rundir.write_config(tmp_path, c)
+  assert rundir.config_fields(rundir.read_config(tmp_path)) == rundir.config_fields(c)
+  for text in (b"[1, 2]", b"{cut", b"\xff\xfe"):   # not an object, cut, not UTF-8
+    (tmp_path / "summary.json").write_bytes(text)
+    (tmp_path / "config.json").write_bytes(text)
+    assert rundir.read_summary(tmp_path) == {} and rundir.read_config(tmp_path) is None
+
+
+def test_rundir_diff():
+  old = {"model": {"variant": "test", "pe": "ape"}, "image_size": 28, "adversary": {},
+         "gone": 1}
+  new = {"model": {"variant": "base", "pe": "ape"}, "image_size": 28, "adversary": {},
+         "added": [1, 2]}
+  assert rundir.flat(old) == {"model.variant": "test", "model.pe": "ape", "image_size": 28,
+                              "adversary": {}, "gone": 1}
+  changes = rundir.diff(old, new)
+  assert [c.field for c in changes] == ["added", "gone", "model.variant"]
+  assert [c.on_both_sides for c in changes] == [False, False, True]
+  assert rundir.metadata_changes(old, new) == [
+      "added (absent there, [1, 2] now)", "gone (1 there, absent now)",
+      "model.variant ('test' there, 'base' now)"]
+  assert changes[2].arrow() == "model.variant ('test' -> 'base')"
+  assert rundir.diff(old, old) == [] and rundir.diff(None, {}) == []
+  assert rundir.diff({"a": {}}, {"a": {"b": 1}})[0].field == "a"  # {} is a value

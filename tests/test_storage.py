@@ -149,9 +149,9 @@ def local_file_calls(source: str, module: str) -> list[str]:
 
 def test_the_scanned_modules_are_those_that_import_storage():
   # The derivation must find the package's run-file modules (seven were listed by hand).
-  assert len(RUN_FILE_MODULES) >= 7 and {"storage.py", "checkpoint.py", "data/folder.py",
-                                          "data/sources.py"} <= set(RUN_FILE_MODULES), \
-      RUN_FILE_MODULES
+  assert len(RUN_FILE_MODULES) >= 7 and {
+      "storage.py", "checkpoint/checkpointer.py", "checkpoint/rundir.py", "data/folder.py",
+      "data/sources.py"} <= set(RUN_FILE_MODULES), RUN_FILE_MODULES
   for snippet, module in [("from adpe_jax import parallel, storage\n", "x.py"),
                           ("from adpe_jax.storage import resolve\n", "x.py"),
                           ("import adpe_jax.storage\n", "x.py"),
@@ -492,3 +492,19 @@ def test_checkpoints_on_gs_need_google_cloud_storage(fake_gcs, monkeypatch):
   monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # not installed
   with pytest.raises(CheckpointError, match="pip install google-cloud-storage"):
     Checkpointer("gs://adpe-test/runs/other", every_steps=1)
+
+
+def test_a_gs_checkpoint_is_complete_once_its_commit_file_is_written(fake_gcs):
+  """On gs:// orbax writes `<step>` directly and commit_success.txt last (no atomic rename):
+  the one listing of complete checkpoints (`checkpoint.rundir`) counts what orbax counts."""
+  from adpe_jax.checkpoint import Checkpointer, rundir
+  work = "gs://adpe-test/runs/listing"
+  ckdir = rundir.checkpoints_dir(work)
+  for name, done in (("3", True), ("5", False), ("7.orbax-checkpoint-tmp", False)):
+    storage.makedirs(ckdir / name / "state")
+    if done:
+      storage.write_text(ckdir / name / rundir.COMMIT_FILE, "")
+  assert rundir.complete_steps(ckdir) == [3]
+  assert str(rundir.newest_checkpoint(work)) == f"{work}/checkpoints/3"
+  with Checkpointer(work, every_steps=1) as ck:
+    assert ck.all_steps() == [3]

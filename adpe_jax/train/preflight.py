@@ -33,6 +33,7 @@ from etils import epath
 
 from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import storage
+from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirError
 
@@ -73,23 +74,14 @@ def free(field: str) -> bool:
   return any(field == f or (f.endswith(".") and field.startswith(f)) for f in NON_TRAJECTORY)
 
 
-def flat_config(config) -> dict:
-  """{dotted field: value} of a config as config.json holds it (JSON types)."""
-  data = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
-      else config
-  return ckpt_lib._flat_dict(data)  # noqa: SLF001 (the same flattening as the metadata's)
-
-
 def trajectory_changes(saved: dict, config, allowed=()) -> tuple[list[str], list[str]]:
   """(trajectory fields changed, free fields changed) between the saved config.json (a
   dict) and `config`, as "field (old -> new)".  A field one side lacks (a config of another
   version) is not compared."""
-  old, new = flat_config(saved), flat_config(config)
   changed, loose = [], []
-  for field in sorted(set(old) & set(new)):
-    if old[field] != new[field]:
-      text = f"{field} ({old[field]!r} -> {new[field]!r})"
-      (loose if free(field) or field in allowed else changed).append(text)
+  for c in rundir.diff(rundir.config_fields(saved), rundir.config_fields(config)):
+    if c.on_both_sides:
+      (loose if free(c.field) or c.field in allowed else changed).append(c.arrow())
   return changed, loose
 
 
@@ -141,29 +133,6 @@ def check_init(config, resuming: bool) -> None:
                     f"checkpoints/<step> directories, or a .pth file.")
 
 
-def _saved_checkpoint(path: epath.Path):
-  """(step directory, run metadata) of the workdir's newest complete checkpoint, or None.
-  Nothing is created: without a checkpoints/ directory no Checkpointer is made."""
-  if not (path / "checkpoints").is_dir():
-    return None
-  ckpt = ckpt_lib.Checkpointer(path, 0, 1)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      return None
-    return ckpt.step_path(step), (ckpt.read_metadata(step).get("run") or {})
-  finally:
-    ckpt.close()
-
-
-def _saved_config(path: epath.Path) -> Optional[dict]:
-  try:
-    saved = json.loads(storage.read_text(path / "config.json") or "null")
-  except (OSError, ValueError, UnicodeDecodeError):
-    return None
-  return saved if isinstance(saved, dict) else None
-
-
 def _task_message(text: str, where, saved_task: str, task: str) -> str:
   head = (f"--workdir={text} holds a {_TASK_RUN[saved_task]} checkpoint ({where}), not a "
           f"{_TASK_RUN[task]} run")
@@ -178,12 +147,12 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
                            upgrade: Optional[Callable] = None) -> bool:
   """Refuses a command that would not continue the run saved in the workdir; returns
   whether the workdir holds a checkpoint (the run resumes)."""
-  saved = _saved_checkpoint(path)
-  if saved is None:
+  where = rundir.newest_checkpoint(path)  # nothing is created
+  if where is None:
     return False
-  where, run = saved
+  run = ckpt_lib.read_meta(where).get("run") or {}
   task = check.task_of(config)
-  saved_config = _saved_config(path)
+  saved_config = rundir.read_config(path)
   saved_task = run.get("task") or (saved_config or {}).get("task") or "pretrain"
   if saved_task != task and saved_task in _TASK_RUN:
     raise WorkdirError(_task_message(text, where, saved_task, task))
@@ -191,7 +160,7 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
     logging.warning("%s has no readable config.json: this command is compared with the run "
                     "metadata of checkpoint %s only", text, where)
   else:
-    status = (_summary(path).get("status") or "")
+    status = (rundir.read_summary(path).get("status") or "")
     allowed = RESTART_FIELDS if status in ("diverged", "non-finite") else ()
     changed, loose = trajectory_changes(saved_config, config, allowed)
     if changed:
@@ -212,22 +181,14 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
       logging.info("config fields changed since the saved run (they do not change its "
                    "trajectory): %s", ", ".join(loose))
   if run_metadata is not None:
-    diff = ckpt_lib._metadata_mismatches((upgrade or (lambda r: r))(run),  # noqa: SLF001
-                                         json.loads(json.dumps(run_metadata(config))))
+    diff = rundir.metadata_changes((upgrade or (lambda r: r))(run),
+                                   json.loads(json.dumps(run_metadata(config))))
     if diff:
       raise WorkdirError(
           f"checkpoint {where} comes from a run whose metadata differs in {', '.join(diff)}: "
           f"it does not belong to this configuration (use another workdir or move that "
           f"checkpoint away), {_UNCHANGED}.")
   return True
-
-
-def _summary(path: epath.Path) -> dict:
-  try:
-    out = json.loads(storage.read_text(path / "summary.json") or "{}")
-  except (OSError, ValueError, UnicodeDecodeError):
-    return {}
-  return out if isinstance(out, dict) else {}
 
 
 def check_workdir(config, workdir, run_metadata: Optional[Callable] = None,

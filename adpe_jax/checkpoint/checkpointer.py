@@ -1,6 +1,6 @@
-"""Checkpoints of the train state (orbax): the Checkpointer.
+"""Checkpoints of the train state (orbax): the Checkpointer, and the reads without one.
 
-Layout: `WORKDIR/checkpoints/<step>/` with two orbax items,
+Layout: `WORKDIR/checkpoints/<step>/` with two orbax items (`rundir` names and lists them),
 
   state/  the TrainState (StandardCheckpointHandler, OCDBT/zarr, restored straight into
           the shardings of the abstract state it is given);
@@ -20,8 +20,12 @@ older ones are removed after a newer one is complete.
 from the configured state, whose run metadata differs, whose files cannot be read, or
 whose arrays do not match the checksums written with them raises `CheckpointError`.
 A checkpoint of the other block layout (model.scan_blocks) is refused in one sentence
-naming that field.  Reading only the `params` of a checkpoint (to fine-tune, probe or
-export an encoder) is `adpe_jax.weights.load`.
+naming that field.
+
+Without a Checkpointer (nothing created, no orbax manager): `read_meta(step_dir)` reads a
+checkpoint's meta item (preflight, `weights.metadata`), `read_params(step_dir)` only its
+`params` (to fine-tune, probe or export an encoder: `adpe_jax.weights.load`), and
+`verify_checksums` is the one check of arrays against the checksums written with them.
 """
 
 from __future__ import annotations
@@ -42,18 +46,11 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adpe_jax import storage
+from adpe_jax.checkpoint import rundir
+from adpe_jax.checkpoint.rundir import META_ITEM, STATE_ITEM
 from adpe_jax.errors import CheckpointError
 from adpe_jax.models.layout import PREFIXES
 
-try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
-  from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX
-except ImportError:  # pragma: no cover
-  _TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-# The two orbax items of a step directory (`adpe_jax.weights` reads them without a
-# Checkpointer).
-STATE_ITEM = "state"
-META_ITEM = "meta"
 _FORMAT = 1
 
 
@@ -175,30 +172,6 @@ def _block_layout(flat: dict) -> str | None:
   return None
 
 
-def _flat_dict(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict) and v:
-      out.update(_flat_dict(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def _metadata_mismatches(saved: dict, current: dict) -> list[str]:
-  s, c = _flat_dict(saved or {}), _flat_dict(current or {})
-  out = []
-  for k in sorted(set(s) | set(c)):
-    if k not in s:
-      out.append(f"{k} (absent there, {c[k]!r} now)")
-    elif k not in c:
-      out.append(f"{k} ({s[k]!r} there, absent now)")
-    elif s[k] != c[k]:
-      out.append(f"{k} ({s[k]!r} there, {c[k]!r} now)")
-  return out
-
-
 _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")   # tensorstore's
 _QUOTED = re.compile(r'"([^"]*/[^"]*)"')
 
@@ -270,6 +243,72 @@ def quiet_orbax_teardown() -> None:
   sys.excepthook = lambda t, v, tb: None if noise(v) else prev_except(t, v, tb)
   threading.excepthook = lambda a: None if noise(a.exc_value) else prev_thread(a)
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else prev_unraisable(u)
+
+
+# ---------------------------------------------------------------------------------------
+# Reads of one step directory without a Checkpointer (no orbax manager: nothing created,
+# no barrier between processes).
+
+
+def read_meta(step_dir) -> dict:
+  """The meta item of the checkpoint in `step_dir` (run metadata, step, data_step,
+  checksums).  Raises CheckpointError naming the directory."""
+  path = storage.as_path(step_dir)
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(path / META_ITEM)
+  except Exception as e:
+    raise CheckpointError(
+        f"checkpoint {path} has no readable run metadata ({path / META_ITEM}: "
+        f"{short_error(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"checkpoint {path} holds run metadata of type "
+                          f"{type(meta).__name__} instead of a JSON object, {_UNCHANGED}.")
+  return meta
+
+
+def verify_checksums(step_dir, tree, meta: dict) -> None:
+  """Raises CheckpointError when a leaf of `tree` (read from the checkpoint in
+  `step_dir`, all of it or a part such as {"params": ...}) does not match the checksum
+  written with it in `meta` (silent corruption).  Leaves without a checksum, and a tree
+  whose checksums cannot be computed, are not checked."""
+  want = meta.get("checksums") or {}
+  if not want:
+    return
+  got = checksums(tree)  # {} if they cannot be computed: then unchecked
+  bad = [p for p, v in want.items() if p in got and got[p] != v]
+  if bad:
+    more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+    raise CheckpointError(
+        f"checkpoint {step_dir} holds {bad[0]}{more} whose data does not match the checksum "
+        f"written at save time; its files are corrupt, {_UNCHANGED}.")
+
+
+def read_params(step_dir, meta: dict | None = None) -> dict:
+  """Only the `params` of the checkpoint in `step_dir` (orbax partial restore: no optimizer
+  state, no adversary), onto the default device, in the block layout they were saved in,
+  checked against the checksums of `meta` (read here when not given).  Raises
+  CheckpointError naming the directory."""
+  path = storage.as_path(step_dir)
+  meta = read_meta(path) if meta is None else meta
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path / STATE_ITEM)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise CheckpointError(f"checkpoint {path} holds no 'params' tree.")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                            tree["params"])
+    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), tree["params"])
+    params = checkpointer.restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": args},
+        partial_restore=True))["params"]
+  except CheckpointError:
+    raise
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {path} could not be read ({short_error(e)}).") from e
+  verify_checksums(path, {"params": params}, meta)
+  return params
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,18 +385,7 @@ class Checkpointer:
     if step is None:
       return None
     self.wait()
-    path = self.step_path(step)
-    try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(
-          **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
-    except Exception as e:
-      raise CheckpointError(
-          f"checkpoint {path} has no readable run metadata ({path / META_ITEM}: "
-          f"{short_error(e)}); its files may be truncated or corrupt, {_UNCHANGED}.") from e
-    if not isinstance(meta, dict):
-      raise CheckpointError(f"checkpoint {path} holds run metadata of type "
-                            f"{type(meta).__name__} instead of a JSON object, {_UNCHANGED}.")
-    return meta
+    return read_meta(self.step_path(step))
 
   # -- restore ---------------------------------------------------------------------------
 
@@ -408,7 +436,7 @@ class Checkpointer:
           f"{saved_layout == 'scanned'} to resume it (or convert the checkpoint with "
           f"adpe_jax.models.layout), {_UNCHANGED}.")
     problems = _tree_mismatches(saved_flat, wanted_flat)
-    meta_diff = _metadata_mismatches(self._upgrade(meta.get("run", {}) or {}), self.metadata)
+    meta_diff = rundir.metadata_changes(self._upgrade(meta.get("run", {}) or {}), self.metadata)
     if problems or meta_diff:
       parts = []
       if problems:
@@ -436,15 +464,7 @@ class Checkpointer:
                             f"configured state's, {_UNCHANGED}.")
 
     # 3. Contents against the checksums written at save time (silent corruption).
-    want = meta.get("checksums") or {}
-    if want:
-      got = checksums(restored)  # {} if they cannot be computed: then unchecked
-      bad = [p for p, v in want.items() if p in got and got[p] != v]
-      if bad:
-        more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"checkpoint {path} holds {bad[0]}{more} whose data does not match the checksum "
-            f"written at save time; its files are corrupt, {_UNCHANGED}.")
+    verify_checksums(path, restored, meta)
     logging.info("restored checkpoint %s (data step %s)", path, meta.get("data_step"))
     return restored
 
@@ -453,15 +473,14 @@ class Checkpointer:
   def _cleanup_tmp(self) -> None:
     """Remove unfinished `<step>.orbax-checkpoint-tmp` dirs of a killed earlier run."""
     self._cleaned_tmp = True
-    if jax.process_index() != 0 or not self.directory.is_dir():
+    if jax.process_index() != 0:
       return
-    for p in self.directory.iterdir():
-      if _TMP_SUFFIX in p.name and p.is_dir():
-        logging.warning("removing unfinished checkpoint %s", p)
-        try:  # a symlink is refused (shutil.rmtree locally) and left alone
-          storage.rmtree(p)
-        except Exception as e:  # noqa: BLE001 (as ignore_errors: the save goes on)
-          logging.warning("could not remove %s: %s", p, short_error(e))
+    for p in rundir.unfinished(self.directory):
+      logging.warning("removing unfinished checkpoint %s", p)
+      try:  # a symlink is refused (shutil.rmtree locally) and left alone
+        storage.rmtree(p)
+      except Exception as e:  # noqa: BLE001 (as ignore_errors: the save goes on)
+        logging.warning("could not remove %s: %s", p, short_error(e))
 
   def maybe_save(self, step: int, state, force: bool = False) -> bool:
     """Start an asynchronous save when step % every_steps == 0 (step > 0) or `force`.
