@@ -5,9 +5,11 @@
 
 `path` is one of (`Weights.kind`):
 
-  "ours"               a run workdir of ours (its newest checkpoint), its `checkpoints/`
-                       directory, or one `checkpoints/<step>` directory.  Only `params`
-                       is read (orbax partial restore: no optimizer state, no adversary),
+  "ours"               a run workdir of ours (its newest complete checkpoint), its
+                       `checkpoints/` directory, or one `checkpoints/<step>` directory
+                       (`checkpoint.rundir.step_dir`).  Only `params` is read
+                       (`checkpoint.read_params`: orbax partial restore, no optimizer
+                       state, no adversary),
                        onto the default device, in the block layout it was saved in, and
                        checked against the checksums written at save time; `run` is the
                        run metadata written with it.
@@ -44,15 +46,14 @@ import dataclasses
 import io
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
 from adpe_jax import convert, storage
-from adpe_jax.checkpoint import META_ITEM, STATE_ITEM, checksums, short_error
+from adpe_jax.checkpoint import rundir
+from adpe_jax.checkpoint.checkpointer import read_meta, read_params, short_error
 from adpe_jax.errors import CheckpointError, InitError
 from adpe_jax.models import layout, posembed
 
@@ -90,16 +91,16 @@ def is_torch_file(path) -> bool:
 def load(path) -> Weights:
   """The weights at `path` (see the module docstring).  Raises CheckpointError."""
   p = _existing(path)
-  return _load_torch(path, p) if is_torch_file(path) else _load_ours(path, p)
+  return _load_torch(path, p) if is_torch_file(path) else _load_ours(path)
 
 
 def metadata(path) -> dict | None:
   """The run metadata of our checkpoint at `path` (the same walk as `load`, reading only
   its meta item); None for a PyTorch file, which has none.  Raises CheckpointError."""
-  p = _existing(path)
+  _existing(path)
   if is_torch_file(path):
     return None
-  return _read_meta(_step_dir(path, p)).get("run", {})
+  return read_meta(_step_dir(path)).get("run", {})
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -111,60 +112,21 @@ def _existing(path):
   return p
 
 
-def _step_dir(path, p):
-  """The step directory of a workdir, its `checkpoints/`, or a step directory itself."""
-  if (p / "checkpoints").is_dir():
-    p = p / "checkpoints"
-  if (p / STATE_ITEM).is_dir():
-    return p
-  steps = sorted(int(d.name) for d in p.iterdir()
-                 if d.name.isdigit() and (d / STATE_ITEM).is_dir()) if p.is_dir() else []
-  if not steps:
+def _step_dir(path):
+  """The step directory of a workdir (its newest complete checkpoint), of its
+  `checkpoints/`, or a step directory itself (`rundir.step_dir`)."""
+  step_dir = rundir.step_dir(path)
+  if step_dir is None:
     raise CheckpointError(
-        f"{path} holds no checkpoint of ours (no checkpoints/<step>/{STATE_ITEM} directory) "
-        f"and is not a PyTorch file ({', '.join(TORCH_SUFFIXES)}).")
-  return p / str(steps[-1])
+        f"{path} holds no checkpoint of ours (no checkpoints/<step>/{rundir.STATE_ITEM} "
+        f"directory) and is not a PyTorch file ({', '.join(TORCH_SUFFIXES)}).")
+  return step_dir
 
 
-def _read_meta(step_dir) -> dict:
-  try:
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / META_ITEM)
-  except Exception as e:
-    raise CheckpointError(f"checkpoint {step_dir} has no readable run metadata "
-                          f"({short_error(e)}).") from e
-  if not isinstance(meta, dict):
-    raise CheckpointError(f"checkpoint {step_dir} holds run metadata of type "
-                          f"{type(meta).__name__} instead of a JSON object.")
-  return meta
-
-
-def _load_ours(path, p) -> Weights:
-  step_dir = _step_dir(path, p)
-  meta = _read_meta(step_dir)
-  try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / STATE_ITEM)
-    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-    if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {step_dir} holds no 'params' tree.")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-                            tree["params"])
-    args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), tree["params"])
-    params = checkpointer.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": args},
-        partial_restore=True))["params"]
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f"checkpoint {step_dir} could not be read ({short_error(e)}).") from e
-  want = {k: v for k, v in (meta.get("checksums") or {}).items() if k.startswith("params/")}
-  if want:
-    got = checksums({"params": params})
-    bad = [k for k, v in want.items() if k in got and got[k] != v]
-    if bad:
-      raise CheckpointError(f"checkpoint {step_dir} holds {bad[0]} whose data does not match "
-                            f"the checksum written at save time; its files are corrupt.")
+def _load_ours(path) -> Weights:
+  step_dir = _step_dir(path)
+  meta = read_meta(step_dir)
+  params = read_params(step_dir, meta)
   run = meta.get("run", {})
   return Weights(params=params, run=run, source=str(step_dir), kind="ours",
                  pos_embed=_our_table(params, run))
