@@ -24,7 +24,6 @@ is agreed across processes (`stop.AgreedStop`); `max_steps_per_run` ends a run e
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from adpe_jax import parallel, storage, workdir_lock
+from adpe_jax.checkpoint import rundir
 from adpe_jax.errors import ConfigError, DivergenceError
 from adpe_jax.train import preflight
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
@@ -95,16 +95,14 @@ def steps_from_epochs(config, num_examples: int) -> tuple[int, float]:
 
 
 def read_summary(workdir) -> dict:
-  try:
-    out = json.loads(storage.read_text(storage.resolve(workdir) / "summary.json") or "{}")
-    return out if isinstance(out, dict) else {}
-  except (OSError, ValueError):
-    return {}
+  """summary.json of the run ({} when missing or unreadable): `rundir.read_summary`."""
+  return rundir.read_summary(workdir)
 
 
 def write_summary(workdir, summary: dict) -> None:
+  """summary.json, written by process 0 (`rundir.write_summary`), and logged."""
   if jax.process_index() == 0:
-    storage.write_text(storage.resolve(workdir) / "summary.json", json.dumps(summary, indent=2))
+    rundir.write_summary(workdir, summary)
   logging.info("summary: %s", summary)
 
 
