@@ -39,6 +39,8 @@ import subprocess
 import sys
 import threading
 
+from adpe_jax.checkpoint import rundir
+
 SUPERVISED = "ADPE_SUPERVISED"
 REPORT_FD = "ADPE_SUPERVISOR_FD"
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -76,21 +78,20 @@ def report(phase: str, **info) -> None:
 
 
 def last_checkpoint(workdir: str | None) -> str:
-  """The newest complete checkpoint of a local workdir, in words (cheap: one listdir).
-  Orbax renames `<step>.orbax-checkpoint-tmp` to `<step>` only once it is complete."""
+  """The newest complete checkpoint of a local workdir, in words (cheap: one listing,
+  `rundir.newest_step`; a gs:// workdir is not listed from here)."""
   if not workdir:
     return "the newest complete checkpoint in the workdir"
-  ckpts = os.path.join(workdir, "checkpoints")
+  ckpts = os.path.join(workdir, rundir.CHECKPOINTS)
   if "://" in workdir:
     return f"the newest complete checkpoint in {ckpts}"
   try:
-    steps = [int(n) for n in os.listdir(ckpts)
-             if n.isdigit() and os.path.isdir(os.path.join(ckpts, n))]
+    step = rundir.newest_step(ckpts)
   except OSError:
-    steps = []
-  if not steps:
+    step = None
+  if step is None:
     return f"no complete checkpoint yet in {ckpts} (the run starts again from step 0)"
-  return f"the last complete checkpoint is {os.path.join(ckpts, str(max(steps)))}"
+  return f"the last complete checkpoint is {os.path.join(ckpts, str(step))}"
 
 
 def _signal_name(signum: int) -> str:

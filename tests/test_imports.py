@@ -40,3 +40,18 @@ def test_kernels_import_nothing_of_adpe_jax_outside_kernels():
   outside = {f"{p.name}: {n}" for p in files for n in _adpe_imports(p)
              if not n.startswith("adpe_jax.kernels")}
   assert not outside, sorted(outside)
+
+
+def test_the_supervisor_and_the_run_listing_import_no_jax():
+  """The supervisor of a multi-process launch never imports JAX (it must not start a backend,
+  and stays small); it lists checkpoints through `adpe_jax.checkpoint.rundir`, which, with
+  the `adpe_jax.checkpoint` package itself, imports neither JAX, numpy nor orbax."""
+  code = ("import sys\nimport adpe_jax.supervisor, adpe_jax.checkpoint.rundir\n"
+          "import adpe_jax.checkpoint as c\nc.rundir, c.STATE_ITEM, c.CheckpointError\n"
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('jax', 'jaxlib', 'numpy', 'orbax', 'flax', 'tensorstore'))\n"
+          "print(bad)\nassert not bad, bad\n"
+          "c.Checkpointer  # the orbax names load on first use\n"
+          "assert 'orbax.checkpoint' in sys.modules\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stdout + r.stderr[-2000:]
