@@ -38,5 +38,6 @@ def __getattr__(name: str):
   """The orbax names (PEP 562): JAX and orbax are imported on first use only."""
   if name in _CHECKPOINTER:
     from adpe_jax.checkpoint import checkpointer  # noqa: PLC0415 (lazily: module docstring)
-    return getattr(checkpointer, name)
+    value = globals()[name] = getattr(checkpointer, name)  # looked up once
+    return value
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
