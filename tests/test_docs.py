@@ -1,7 +1,11 @@
-"""Every "spec N.N" citation in the repository resolves to a section of docs/original.md.
+"""The docs' claims: every "spec N.N" citation resolves to a section of docs/original.md;
+README.md is a front page whose links (and those of docs/) resolve; docs/configuration.md
+documents every field of every task's default config with its default; docs/architecture.md
+names every module of the package.
 
-Pure text; no JAX.  A citation is "spec" (optionally followed by "section" or a section sign)
-and a section number, plus any further numbers chained with ",", "/" or "and", e.g.
+Pure text, but for the config check, which imports adpe_jax.config.  A citation is "spec"
+(optionally followed by "section" or a section sign) and a section number, plus any further
+numbers chained with ",", "/" or "and", e.g.
 "spec 4.4, 4.5, 5.3", "spec 5.2/5.3", "spec 6 and 9.12", "spec 9.3c".  A number resolves
 when docs/original.md has a Markdown heading that starts with it ("## 3. ...", "### 9.4 ...");
 a trailing letter ("9.3c") additionally needs a list item "(c)" inside that heading's section.
@@ -134,7 +138,8 @@ ROW = re.compile(r"^\|\s*`([\w.]+)`\s*\|(.*)\|\s*$")
 
 
 def default_configs() -> dict:
-  from adpe_jax.config import finetune, pretrain, probe  # noqa: PLC0415 (the only import)
+  # Imported here: the rest of this module is pure text.
+  from adpe_jax.config import finetune, pretrain, probe
   return {"pretrain": pretrain.base_config(), "finetune": finetune.finetune_config(),
           "linprobe": probe.linprobe_config(), "knn": probe.knn_config()}
 
