@@ -223,3 +223,13 @@ def test_every_module_of_the_package_is_in_the_architecture_map():
     if not re.search(rf"(?<![\w/]){re.escape(name)}(?![\w/])", text):
       missing.append(name)
   assert not missing, "docs/architecture.md does not name:\n" + "\n".join(missing)
+
+
+def test_every_package_path_the_docs_name_exists():
+  """A module moved or renamed leaves no stale path in the front page, docs/ or launch/."""
+  pages = [README, ROOT / "launch" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  stale = sorted({f"{page.relative_to(ROOT)}: {name}"
+                  for page in pages
+                  for name in re.findall(r"adpe_jax/[\w/]+(?:\.py|/)", page.read_text("utf-8"))
+                  if not (ROOT / name).exists()})
+  assert not stale, "paths that do not exist:\n" + "\n".join(stale)
