@@ -44,7 +44,7 @@ def _explain_bad_flags(argv, error) -> str:
             if field in RENAMED_FIELDS:
               return f"config field {field!r} (from {a}) {RENAMED_FIELDS[field]}"
             return (f"config field {field!r} (from {a}) does not exist in {path}; "
-                    f"see the configuration table in README.md.")
+                    f"see docs/configuration.md.")
           node = node[part]
   return f"bad command line: {error}"
 

@@ -7,7 +7,8 @@ Five of them are then spoiled: a truncated JPEG, random bytes and a text file na
 neighbours: a substitute chain), and a truncated PNG as the last file (its substitute wraps to
 example 0). The independent expectation of "skip" is the same folder with each bad file's
 bytes replaced by its substitute's (the next good file in sorted order, wrapping), read under
-"stop": batches must be equal.
+"stop": batches must be equal.  (Those tests skip without Debian's dataset-fashion-mnist; the
+multi-epoch run uses a folder of noise JPEGs and runs everywhere.)
 """
 
 import io
@@ -33,10 +34,6 @@ N, PER_CLASS = 32, 16
 # Sorted-order example index -> how it is spoiled.
 BAD = {3: "truncated_jpeg", 18: "random_bytes", 19: "text", 31: "truncated_png"}
 SKIP = bad_images.Policy("skip", max_bad_fraction=0.2)
-
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")),
-    reason="apt-get install dataset-fashion-mnist")
 
 
 def substitute(i: int) -> int:
@@ -64,6 +61,8 @@ def _name(i: int) -> str:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
   """(bad_root, expected_root, fmnist images): the spoiled folder and its expectation."""
+  if not os.path.exists(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+    pytest.skip("apt-get install dataset-fashion-mnist")
   fm = data.FashionMnistSource("test", FMNIST_DIR)
   rng = np.random.default_rng(0)
   good = {}
@@ -321,3 +320,53 @@ def test_pretrain_run_skips_bad_files_and_logs_the_count(folders, tmp_path):
   for i in BAD:
     assert r.stderr.count(f"bad image {os.path.join(bad_root, _name(i))}") == 1
   shutil.rmtree(tmp_path / "run")
+
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory):
+  """(root, bad file names): 32 small noise JPEGs in two class folders, two of them truncated.
+  Needs no dataset, so it runs wherever the suite does."""
+  root = tmp_path_factory.mktemp("noise")
+  rng = np.random.default_rng(0)
+  bad = ("c0/003.jpg", "c1/011.jpg")
+  for i in range(N):
+    name = f"c{i // PER_CLASS}/{i % PER_CLASS:03d}.jpg"
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (36 + 4 * (i % 3), 40, 3), np.uint8)).save(
+        out, format="JPEG", quality=90)
+    payload = out.getvalue()
+    (root / name).parent.mkdir(exist_ok=True)
+    (root / name).write_bytes(payload[:len(payload) // 2] if name in bad else payload)
+  return str(root), bad
+
+
+def test_a_multi_epoch_skip_run_with_few_bad_files_does_not_stop(noise_folder, tmp_path):
+  """Three epochs under "skip" with 2 distinct bad files, below the limit (0.1 of 32 = 3.2):
+  the bad files recur every epoch (6 substitutions by the end), but the stop counts distinct
+  files, so a copy with a few broken files trains to the end instead of stopping in its
+  second epoch."""
+  bad_root, bad = noise_folder
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
+             PYTHONPATH=os.pathsep.join([root] + sys.path))
+  epochs, steps_per_epoch = 3, N // 8          # the smoke config's batch is 8 images
+  r = subprocess.run(
+      [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.source=folder:{bad_root}",
+       "--config.data.bad_images=skip", "--config.data.max_bad_fraction=0.1",
+       "--config.data.num_workers=0", f"--config.total_steps={epochs * steps_per_epoch}",
+       f"--config.log_every_steps={steps_per_epoch}",
+       f"--config.checkpoint_every_steps={epochs * steps_per_epoch}",
+       "--config.compilation_cache=none"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["status"] == "finished", summary
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if '"loss"' in line]
+  # The cumulative count is of substituted examples: each bad file once per epoch.
+  counts = {rec["step"]: rec["bad_images"] for rec in records}
+  assert {s: counts.get(s) for s in (4, 8, 12)} == {4: 2, 8: 4, 12: 6}, counts
+  for name in bad:  # each bad file is still logged once, not once per epoch
+    assert r.stderr.count(f"bad image {os.path.join(bad_root, name)}") == 1

@@ -183,7 +183,7 @@ def test_killed_peer_mid_save_makes_the_other_exit_naming_it(tmp_path):
   rc, err = finish(procs[:1], timeout=120)[0]
   elapsed = time.time() - t0
   procs[1].communicate()
-  assert rc == 3, err[-3000:]             # a lost peer (README "Exit codes")
+  assert rc == 3, err[-3000:]             # a lost peer (docs/running.md "Exit codes")
   assert elapsed < 60, elapsed            # heartbeat timeout 10 s, plus slack
   # Our sentence, or JAX's own verdict if its coordination service aborts us first.
   assert ("lost peer: process 1 of 2" in err

@@ -149,8 +149,11 @@ def test_the_same_command_passes_and_unknown_fields_are_trajectory(pretrained):
   assert not preflight.free("data.some_new_field") and not preflight.free("meshes")
 
 
-def test_after_a_divergence_stop_the_learning_rate_may_be_lowered(copy_of):
-  (copy_of / "summary.json").write_text(json.dumps({"status": "diverged", "step": 2}))
+@pytest.mark.parametrize("status", ["diverged", "non-finite"])
+def test_after_a_divergence_stop_the_learning_rate_may_be_lowered(copy_of, status):
+  # Both stops tell the user to start again with a lower blr (train/loop.py): the kept
+  # checkpoint must accept that after either status summary.json can hold.
+  (copy_of / "summary.json").write_text(json.dumps({"status": status, "step": 2}))
   check(pretrain_smoke(blr=1e-4, warmup_epochs=0.01), copy_of)
   with pytest.raises(WorkdirError, match=r"seed \(0 -> 1\)"):
     check(pretrain_smoke(blr=1e-4, seed=1), copy_of)
