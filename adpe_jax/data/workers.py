@@ -55,9 +55,11 @@ def resolve_num_workers(num_workers: int, backend: str) -> int:
 def _attach(name: str) -> shared_memory.SharedMemory:
   """Opens a worker's segment without adopting it: the worker that made it unlinks it."""
   shm = shared_memory.SharedMemory(name=name)
-  # Python < 3.13 registers every attach with the resource tracker (bpo-39959).
+  # Python < 3.13 registers every attach with the resource tracker (bpo-39959), under the
+  # POSIX name: the public `name` with the leading slash SharedMemory strips from it.
+  tracked = "/" + shm.name if os.name == "posix" else shm.name
   with contextlib.suppress(Exception):
-    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    resource_tracker.unregister(tracked, "shared_memory")
   return shm
 
 
