@@ -63,7 +63,7 @@ class EventWriter:
     self._file = None
     if not self.remote:
       storage.makedirs(self.logdir)
-      self._file = open(os.fspath(self.logdir / self._name), "ab")  # noqa: SIM115
+      self._file = (self.logdir / self._name).open("ab")  # an epath (local) file
     self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
     self.flush()
 

@@ -113,7 +113,7 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True,
-               start_step: int | None = None):
+               start_step: int | None = None, config=None):
     self.workdir = storage.resolve(workdir)  # local or gs://... (etils.epath)
     self.main = jax.process_index() == 0
     self.jsonl = self.workdir / "metrics.jsonl"
@@ -129,6 +129,11 @@ class MetricsLog:
         storage.append_text(self.text, "\n")
     self.writer = EventWriter(self.workdir) if tensorboard and self.main else None
     self.progress = Progress(total_steps, self.writer)
+    self.wandb = None
+    log = config.get("log") if config is not None else None
+    if self.main and log is not None and log.get("wandb"):
+      from adpe_jax.train.wandb_log import WandbLog  # noqa: PLC0415 (imports wandb)
+      self.wandb = WandbLog(config, self.workdir)
 
   def tick(self, step: int) -> None:
     """Cheap per-step host call: steps/s and ETA (no device sync)."""
@@ -146,14 +151,20 @@ class MetricsLog:
     if self.writer is not None:
       self.writer.scalars(step, {k: v for k, v in record.items()
                                  if k != "step" and isinstance(v, (int, float))})
+    if self.wandb is not None:
+      self.wandb.scalars(step, {k: v for k, v in record.items() if k != "step"})
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     if self.writer is not None:
       self.writer.image(step, name, image)
+    if self.wandb is not None:
+      self.wandb.image(step, name, image)
 
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+    if self.wandb is not None:
+      self.wandb.close()
 
 
 class Progress:
