@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The exact tested versions (setup.cfg declares ranges): CI installs exactly these.
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: test lint demo install data clean
+.PHONY: test test-next lint demo install data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,25 @@ test: install data
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The second lane: Python 3.12 (pyenv's, next to the default), the newest jax of setup.cfg's
+# range and the flax that goes with it, no TensorFlow, no torch -- the model, kernels, step,
+# sharded kernel, fidelity and checkpoint tests, and a TF-free run of every task.
+PYTHON_NEXT ?= $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python $$(command -v python3.12); do "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+VENV_NEXT := .venv-next
+NEXT_TESTS := tests/test_kernels.py tests/test_sharded_kernel.py tests/test_fidelity.py \
+  tests/test_train_step.py tests/test_model.py tests/test_checkpoint.py tests/test_tf_free.py
+
+$(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
+	@test -n "$(PYTHON_NEXT)" || { echo "make test-next needs Python 3.12 (pyenv install 3.12, or PYTHON_NEXT=...)"; exit 1; }
+	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
+	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest safetensors
+	touch $@
+
+test-next: $(VENV_NEXT)/.installed data
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+	  $(VENV_NEXT)/bin/python -m pytest -q -p no:xdist $(NEXT_TESTS)
+
 lint: install
 	$(VENV)/bin/ruff check adpe_jax configs launch tests benchmarks
 
@@ -40,4 +59,4 @@ demo: install data
 	$(PY) -m adpe_jax.main --config=configs/demo.py --workdir=runs/demo
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_NEXT) runs

@@ -64,3 +64,19 @@ def test_non_finite_values_are_written_as_json_null(tmp_path):
   text = (tmp_path / "log.txt").read_text()
   assert "loss=nan grad_norm=inf" in text and "loss=-inf" in text   # the value itself
   assert [r["loss"] for r in loop.logged_records(tmp_path, "loss")] == [None, None]
+
+
+def test_progress_reports_rate_and_eta_every_30_seconds():
+  from adpe_jax.train.metrics import Progress
+  now = [100.0]
+  progress = Progress(total_steps=1000, every_seconds=30.0, clock=lambda: now[0])
+  assert progress(0) is None               # the first call sets the origin
+  now[0] = 110.0
+  assert progress(50) is None              # 10 s: not yet
+  now[0] = 140.0
+  # 200 steps in 40 s = 5 steps/s; 800 steps left = 160 s.
+  assert progress(200) == "progress: step 200/1000 (20.0 %), 5 steps/s, ETA 00:02:40"
+  now[0] = 170.0 + 86400.0
+  line = progress(201)                     # one step in a day: ETA in days
+  # 799 steps left at 1 step per 86430 s = 69,057,570 s = 799 days + 23,970 s.
+  assert line.endswith("ETA 799d 06:39:30"), line

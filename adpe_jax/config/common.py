@@ -84,7 +84,20 @@ def add_run_fields(c: ml_collections.ConfigDict, keep_checkpoints: int) -> None:
   # 150 steps, with and without the adversary; MAE's normalised-pixel loss starts near
   # its maximum); blr=1e2 / 1e3 runs exceed 10x at their first bad step and reach 1e4-1e8x.
   c.divergence_factor = 10.0
+  c.log = tracker()
   add_cache_field(c)
+
+
+def tracker() -> ml_collections.ConfigDict:
+  """Optional Weights & Biases logging of the logged records (process 0; the run id is kept
+  in WORKDIR/wandb_run_id so a resumed run continues the same wandb run)."""
+  t = ml_collections.ConfigDict()
+  t.wandb = False
+  t.wandb_project = "adpe_jax"
+  t.wandb_entity = ""       # "" = wandb's default entity
+  t.wandb_name = ""         # "" = the workdir's name
+  t.wandb_mode = "online"   # online | offline (WORKDIR/wandb/, `wandb sync` later) | disabled
+  return t
 
 
 def add_cache_field(c: ml_collections.ConfigDict) -> None:

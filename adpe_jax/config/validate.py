@@ -159,3 +159,20 @@ def values(c) -> None:
     if not (math.isfinite(value) and _inside(value, interval)):
       allowed = _MEANING.get(field, f"a finite number in {interval}")
       raise ConfigError(f"config field {field}={value!r} is not allowed: it must be {allowed}.")
+  tracker(c)
+
+
+def tracker(c) -> None:
+  """log.* (adpe_jax/train/wandb_log.py): the mode, and the wandb package when enabled --
+  refused at start, before anything is written, not at the first log step."""
+  if not _has(c, "log.wandb") or not c.log.wandb:
+    return
+  choice(c, "log.wandb_mode", ("online", "offline", "disabled"))
+  import importlib.util  # noqa: PLC0415
+  try:
+    found = importlib.util.find_spec("wandb") is not None
+  except (ImportError, ValueError):  # a module entry None (blocked) or without a spec
+    found = False
+  if not found:
+    raise ConfigError("config field log.wandb=True needs the wandb package, which is not "
+                      "installed: pip install wandb (or pip install -e '.[wandb]').")

@@ -219,7 +219,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   closes it.
   """
   start_step = int(state.step)
-  log = MetricsLog(workdir, total_steps, start_step=start_step)
+  log = MetricsLog(workdir, total_steps, start_step=start_step, config=config)
   stop_at = total_steps if config.max_steps_per_run <= 0 else min(
       total_steps, start_step + config.max_steps_per_run)
   keys = [e.key for e in evaluators]

@@ -1,7 +1,7 @@
-"""Where metrics go: metrics.jsonl, a text log, TensorBoard (clu writers), MFU.
+"""Where metrics go: metrics.jsonl, a text log, TensorBoard event files, progress, MFU.
 
-clu (and through it TensorFlow's summary writer) is imported lazily, here only, so the
-model, step and kernels stay importable on machines without TensorFlow.
+TensorBoard events are written without TensorFlow (`event_writer`); progress and ETA go to
+the console log every 30 s.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from adpe_jax import storage
+from adpe_jax.train.event_writer import EventWriter
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -112,7 +113,7 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True,
-               start_step: int | None = None):
+               start_step: int | None = None, config=None):
     self.workdir = storage.resolve(workdir)  # local or gs://... (etils.epath)
     self.main = jax.process_index() == 0
     self.jsonl = self.workdir / "metrics.jsonl"
@@ -126,23 +127,17 @@ class MetricsLog:
       text = storage.read_bytes(self.text) if self.text.exists() else b""
       if text and not text.endswith(b"\n"):  # a line cut by a kill: start a new one
         storage.append_text(self.text, "\n")
-    self.writer = None
-    self.progress = None
-    if tensorboard:
-      try:
-        from clu import metric_writers, periodic_actions  # noqa: PLC0415
-        # A string: TF's gfile (under clu's writer) takes local and gs:// paths itself.
-        self.writer = metric_writers.create_default_writer(
-            str(self.workdir), just_logging=not self.main, asynchronous=True)
-        self.progress = periodic_actions.ReportProgress(
-            num_train_steps=total_steps, writer=self.writer, every_secs=30.0)
-      except ImportError as e:  # pragma: no cover - TF-free machines
-        logging.warning("TensorBoard writing disabled (%s); metrics.jsonl is still written.", e)
+    self.writer = EventWriter(self.workdir) if tensorboard and self.main else None
+    self.progress = Progress(total_steps, self.writer)
+    self.wandb = None
+    log = config.get("log") if config is not None else None
+    if self.main and log is not None and log.get("wandb"):
+      from adpe_jax.train.wandb_log import WandbLog  # noqa: PLC0415 (imports wandb)
+      self.wandb = WandbLog(config, self.workdir)
 
   def tick(self, step: int) -> None:
     """Cheap per-step host call: steps/s and ETA (no device sync)."""
-    if self.progress is not None:
-      self.progress(step)
+    self.progress(step)
 
   def write(self, record: dict) -> None:
     step = int(record["step"])
@@ -154,14 +149,48 @@ class MetricsLog:
       storage.append_text(self.text,
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')} step={step} {fields}\n")
     if self.writer is not None:
-      self.writer.write_scalars(step, {k: v for k, v in record.items()
-                                       if k != "step" and isinstance(v, (int, float))})
+      self.writer.scalars(step, {k: v for k, v in record.items()
+                                 if k != "step" and isinstance(v, (int, float))})
+    if self.wandb is not None:
+      self.wandb.scalars(step, {k: v for k, v in record.items() if k != "step"})
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     if self.writer is not None:
-      self.writer.write_images(step, {name: image[None]})
+      self.writer.image(step, name, image)
+    if self.wandb is not None:
+      self.wandb.image(step, name, image)
 
   def close(self) -> None:
     if self.writer is not None:
-      self.writer.flush()
       self.writer.close()
+    if self.wandb is not None:
+      self.wandb.close()
+
+
+class Progress:
+  """Steps/s and ETA in the console log every `every_seconds` (and `steps_per_sec` in
+  TensorBoard): `progress(step)` once a step is dispatched; a host clock only, no sync."""
+
+  def __init__(self, total_steps: int, writer=None, every_seconds: float = 30.0,
+               clock=time.monotonic):
+    self.total, self.writer, self.every, self.clock = int(total_steps), writer, every_seconds, clock
+    self._t, self._step = None, None
+
+  def __call__(self, step: int) -> str | None:
+    now = self.clock()
+    if self._t is None:
+      self._t, self._step = now, step
+      return None
+    if now - self._t < self.every:
+      return None
+    rate = (step - self._step) / max(now - self._t, 1e-9)
+    left = (self.total - step) / rate if rate > 0 else float("inf")
+    eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+    days = int(left // 86400) if math.isfinite(left) else 0
+    line = (f"progress: step {step}/{self.total} ({100.0 * step / max(self.total, 1):.1f} %), "
+            f"{rate:.3g} steps/s, ETA {f'{days}d ' if days else ''}{eta}")
+    logging.info("%s", line)
+    if self.writer is not None:
+      self.writer.scalars(step, {"steps_per_sec": rate})
+    self._t, self._step = now, step
+    return line

@@ -44,6 +44,8 @@ NON_TRAJECTORY = (
     # cadence of logs, checkpoints and evaluations, and the stops
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_steps_per_run",
     "divergence_factor",
+    # where the records also go (a tracker)
+    "log.",
     # evaluations: they read the weights and change no step (a resumed run may add a k-NN)
     "eval.",
     # caches, processes and devices (the same global batch on any mesh; `auto` picks the
