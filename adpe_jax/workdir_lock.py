@@ -34,8 +34,8 @@ other's live checkpoints, delete each other's steps and interleave metrics.jsonl
   (google-cloud-storage is not installed in the test environment).  Other schemes (s3://,
   az://, hf://) have no lock yet: a warning says so.
 * Several processes are one writer: process 0 takes the lock and tells every other
-  process the outcome through JAX's coordination service (key-value store), so a refusal
-  stops all of them with the same sentence, before any of them writes or compiles.
+  process the outcome (`parallel.decide_on_process0`), so a refusal stops all of them
+  with the same sentence, before any of them writes or compiles.
 
 Defaults, and why: heartbeat every 30 s, gone after 120 s without one.  A heartbeat is one
 small conditional write (GCS allows one write per second per object; 30 s costs nothing).
@@ -68,7 +68,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from absl import logging
 
-from adpe_jax.errors import AdpeError, WorkdirBusyError, WorkdirLockError
+from adpe_jax.errors import ExitCode, WorkdirBusyError, WorkdirLockError
 
 LOCK_NAME = ".adpe_lock"
 HEARTBEAT_SECONDS = 30.0
@@ -407,7 +407,7 @@ def _exit_lost(message: str) -> None:
   """The default for a holder whose lease was taken over: stop at once, writing nothing."""
   print(f"error: {message}", file=sys.stderr)
   sys.stderr.flush()
-  os._exit(2)
+  os._exit(ExitCode.REFUSED)
 
 
 class Lease(WorkdirLock):
@@ -551,36 +551,19 @@ def _take_here(workdir: str) -> WorkdirLock:
   return Lease(store, name, f"{workdir.rstrip('/')}/{LOCK_NAME}")
 
 
-def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, client: Any,
-          process_index: int, process_count: int, timeout_s: float) -> WorkdirLock:
-  """Process 0 runs `take`; its outcome (held, or the refusal's sentence) reaches every
-  process under `key` of the coordination service's key-value store (`client`:
-  `jax._src.distributed.global_state.client`), so all go on or all refuse."""
-  if process_index == 0:
-    try:
-      lock = take()
-    except AdpeError as e:
-      client.key_value_set(key, json.dumps({"error": type(e).__name__, "message": str(e)}))
-      raise
-    except BaseException as e:
-      client.key_value_set(key, json.dumps({
-          "error": "WorkdirLockError",
-          "message": f"process 0 failed to take the lock of workdir {workdir} "
-                     f"({type(e).__name__}: {e}); see its log, then re-run."}))
-      raise
-    client.key_value_set(key, json.dumps({"ok": True}))
-    return lock
-  try:
-    answer = json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
-  except Exception as e:  # a deadline, a lost coordinator
-    raise WorkdirLockError(
-        f"process {process_index} of {process_count} had no word from process 0 on the lock "
-        f"of workdir {workdir} within {timeout_s:.0f} s ({type(e).__name__}); see process "
-        f"0's log, then re-run the same command on every process.") from e
-  if answer.get("ok"):
-    return Unlocked(workdir)
-  cls = WorkdirBusyError if answer.get("error") == "WorkdirBusyError" else WorkdirLockError
-  raise cls(answer.get("message", f"process 0 refused workdir {workdir}."))
+def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, timeout_s: float,
+          **coordination) -> WorkdirLock:
+  """Process 0 runs `take`, and every process hears the outcome
+  (`parallel.decide_on_process0`; `coordination`: its client, process_index and
+  process_count, for tests): the lock on process 0, `Unlocked` on the others, or the same
+  refusal on all."""
+  from adpe_jax import parallel  # noqa: PLC0415 (imports jax: only several processes need it)
+
+  held = []
+  parallel.decide_on_process0(key, lambda _: held.append(take()) or "held", timeout_s,
+                              what=f"take the lock of workdir {workdir}",
+                              error=WorkdirLockError, **coordination)
+  return held[0] if held else Unlocked(workdir)
 
 
 # -- acquire, and release at the task's end --------------------------------------------------
@@ -598,15 +581,12 @@ def acquire(workdir, config=None) -> WorkdirLock:
   if jax.process_count() == 1:
     lock = _take_here(workdir)
   else:
-    from jax._src import distributed  # noqa: PLC0415 (the coordination service's client)
     d = getattr(config, "distributed", None)
     timeout = float(getattr(d, "heartbeat_timeout_seconds", 60) or 60) + 60.0
     global _agreements
     key = _KEY.format(_agreements)
     _agreements += 1
-    lock = agree(lambda: _take_here(workdir), workdir, key=key,
-                 client=distributed.global_state.client, process_index=jax.process_index(),
-                 process_count=jax.process_count(), timeout_s=timeout)
+    lock = agree(lambda: _take_here(workdir), workdir, key=key, timeout_s=timeout)
   (_scopes[-1] if _scopes else _unscoped).append(lock)
   return lock
 

@@ -392,7 +392,8 @@ def test_gs_lease_without_google_cloud_storage_says_what_to_install(monkeypatch)
 # -- several processes: process 0 decides for all ---------------------------------------------
 
 class FakeKeyValueClient:
-  """The coordination service's key-value calls that `agree` uses (jax 0.10.2 signatures)."""
+  """The coordination service's key-value calls that `parallel.decide_on_process0` uses
+  (jax 0.10.2 signatures)."""
 
   def __init__(self):
     self.values, self.cond = {}, threading.Condition()
@@ -462,8 +463,8 @@ from adpe_jax import workdir_lock
 from adpe_jax.errors import WorkdirLockError
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 jax.distributed.initialize(f"127.0.0.1:{{port}}", num_processes=1, process_id=0)
-from jax._src import distributed
-client = distributed.global_state.client
+from adpe_jax import jax_compat
+client = jax_compat.coordination_client()
 kw = dict(client=client, process_count=2, timeout_s=2.0)
 lock = workdir_lock.agree(lambda: workdir_lock.FileLock({str(tmp_path)!r}), "/w", key="k",
                           process_index=0, **kw)
