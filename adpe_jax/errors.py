@@ -1,8 +1,42 @@
-"""Every error a user can act on: its message is one sentence naming what and where.
+"""Every error a user can act on: its message is one sentence naming what and where; and
+the exit codes of every adpe_jax command (`ExitCode`).
 
 `main.py` catches `AdpeError` and prints that sentence; anything else is a bug (a
-traceback).  This module is a leaf: it imports nothing of adpe_jax.
+traceback).  This module is a leaf: it imports nothing of adpe_jax (nor JAX: the
+supervisor of a multi-process launch uses it).
 """
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+  """How an adpe_jax process ends (README "Exit codes"); 128 + n stays the shell's code for
+  a process ended by signal n."""
+
+  OK = 0         # finished, stopped as asked, or preempted and saved
+  BUG = 1        # a traceback (or a failure every process of a run shares)
+  REFUSED = 2    # a refusal or stop of ours: one sentence says what to change
+  LOST_PEER = 3  # a multi-process run lost a peer or its coordinator, or never gathered
+
+
+def lost_peer_message(process: int, processes: int, heartbeat_timeout=None, *, lost: str = "",
+                      ended: str = "", coordinator: str = "", resume: str = "") -> str:
+  """The sentence for a multi-process run that lost a peer or its coordinator, written by
+  the process that saw it (`lost`: who is gone, as the coordination service said; see
+  `train/stop.lost_peer_exit`) or by its supervisor once JAX aborted it (`ended`: how it
+  ended; who is gone is not known there; see `supervisor.exit_code`).  `resume`: what to
+  re-run, naming the last checkpoint where known."""
+  who = f"process {process if process >= 0 else '?'} of {processes if processes > 0 else '?'}"
+  heartbeat = "?" if heartbeat_timeout is None else f"{heartbeat_timeout:g}"
+  resume = resume or ("re-run the same command on every process to resume from the last "
+                      "complete checkpoint")
+  if lost:
+    return (f"lost peer: {lost} of {processes} stopped responding (no heartbeat for "
+            f"{heartbeat} s); process {process} stops too; {resume}.")
+  return (f"{who} {ended}: a peer or the coordinator (process 0 at "
+          f"{coordinator or '(auto-detected)'}) most likely died or froze, or sent no "
+          f"heartbeat for distributed.heartbeat_timeout_seconds={heartbeat} s (the lines above "
+          f"say which); {resume}.")
 
 
 class AdpeError(Exception):

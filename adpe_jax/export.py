@@ -37,7 +37,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from adpe_jax import convert, weights
-from adpe_jax.errors import AdpeError, CheckpointError, ConfigError
+from adpe_jax.errors import AdpeError, CheckpointError, ConfigError, ExitCode
 from adpe_jax.models import layout, posembed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
@@ -141,14 +141,14 @@ def main(argv):
   del argv
   if not _WORKDIR.value or not _OUT.value:
     print("error: both --workdir and --out are required.", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitCode.REFUSED)
   try:
     _check_out(_OUT.value)  # before the checkpoint is read
     sd = export(_WORKDIR.value, _OUT.value)
   except AdpeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()
-    os._exit(2)
+    os._exit(ExitCode.REFUSED)
   rpe = any("rpe_k" in k for k in sd)
   print(json.dumps({"out": _OUT.value, "tensors": len(sd),
                     "parameters": int(sum(np.size(v) for v in sd.values())),

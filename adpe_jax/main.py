@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from adpe_jax import supervisor
 from adpe_jax.config.validate import RENAMED_FIELDS
-from adpe_jax.errors import AdpeError
+from adpe_jax.errors import AdpeError, ExitCode
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), e.g. configs/vitb_ape.py:smoke.",
@@ -56,7 +56,7 @@ def _parse_flags(argv):
     return rest
   except Exception as e:  # noqa: BLE001 (any failure becomes one sentence)
     print(f"error: {_explain_bad_flags(argv, e)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitCode.REFUSED)
 
 
 def main(argv):
@@ -64,7 +64,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if supervisor.multi_process_launch(config) and not supervisor.supervised():
+  multi_process = supervisor.detect_launch(config).multi_process
+  if multi_process and not supervisor.supervised():
     # Several processes: the work runs in a child, so that JAX's fatal aborts (a lost
     # peer or coordinator, a peer that never joins) still end with our sentence.  The
     # supervisor never imports JAX (0.5 s and 20 MB, not 6 s and 260 MB).
@@ -74,7 +75,7 @@ def main(argv):
   from adpe_jax.train import stop, tasks  # noqa: PLC0415
   try:
     # The loop and its evaluations hold their own guard; several processes: none (JAX's).
-    with stop.interruptible(multi_process=supervisor.multi_process_launch(config)):
+    with stop.interruptible(multi_process=multi_process):
       tasks.run(config, workdir)
   except stop.PreemptedError as e:
     name = stop.signal_name(e.signum)
@@ -90,7 +91,7 @@ def main(argv):
     sys.stderr.flush()
     # Exit without interpreter teardown: a refused checkpoint leaves orbax reads in flight
     # (checkpoint.quiet_orbax_teardown).  Nothing is pending: the error precedes any save.
-    os._exit(2)
+    os._exit(ExitCode.REFUSED)
   except Exception as e:
     if jax.process_count() <= 1:
       raise

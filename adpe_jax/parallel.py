@@ -1,12 +1,14 @@
 """Processes, the (data, fsdp) mesh and the shardings of state and batch.
 
-* `initialize_distributed(config)`: joins a multi-process run (TPU pod slices, SLURM,
-  GKE auto-detected by `jax.distributed.initialize()`; otherwise config.distributed.* or
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).  A peer that stops
-  sending heartbeats for `distributed.heartbeat_timeout_seconds` makes JAX stop the others.
+* `initialize_distributed(config)`: joins a multi-process run (what the launch is:
+  `supervisor.detect_launch`, decided without JAX).  A peer that stops sending heartbeats
+  for `distributed.heartbeat_timeout_seconds` makes JAX stop the others.
+* `decide_on_process0(key, decide, timeout_s)`: process 0 decides, every process hears
+  the verdict (the config agreement below, the workdir lock), through JAX's coordination
+  service (`adpe_jax.jax_compat`: the package's one use of private jax).
 * `agree_on_config(config)`: right after joining, every process's config is compared with
-  process 0's through the coordination service; a difference is refused (ConfigError)
-  by every process before anything compiles or is written.
+  process 0's; a difference is refused (ConfigError) by every process before anything
+  compiles or is written.
 * `make_mesh(devices, data=-1, fsdp=1)`: a 2-axis mesh (`jax.make_mesh`, which lays the
   devices out for the interconnect); -1 = the rest of the devices.
 * `batch_sharding(mesh)`: the leading (example) axis over both axes.
@@ -22,19 +24,17 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import os
+from typing import Callable
 
 import jax
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from adpe_jax import supervisor
-from adpe_jax.supervisor import multi_process_launch  # noqa: F401 (decided without JAX)
-from adpe_jax.errors import ConfigError, MeshError
+from adpe_jax import errors, jax_compat, supervisor
+from adpe_jax.errors import AdpeError, ConfigError, MeshError
 from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
 DATA, FSDP = "data", "fsdp"
@@ -42,16 +42,9 @@ BATCH_AXES = (DATA, FSDP)
 FSDP_MIN_SIZE = 2 ** 14   # tensors smaller than this stay replicated
 
 
-def _distributed_initialized() -> bool:
-  is_init = getattr(jax.distributed, "is_initialized", None)
-  if is_init is not None:
-    return bool(is_init())
-  from jax._src import distributed  # noqa: PLC0415 (older jax)
-  return distributed.global_state.client is not None
-
-
 def initialize_distributed(config=None) -> bool:
-  """Starts JAX's distributed runtime when this is a multi-process launch; True if so.
+  """Starts JAX's distributed runtime when this is a multi-process launch
+  (`supervisor.detect_launch`); True if so.
 
   Explicit: config.distributed.coordinator_address (+ num_processes, process_id) or the
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment.  Otherwise
@@ -59,34 +52,23 @@ def initialize_distributed(config=None) -> bool:
   `jax.distributed.initialize()` itself.  CPU collectives use gloo, so the same code runs
   as several processes on one machine (the tests do).
   """
-  if _distributed_initialized():
+  if jax.distributed.is_initialized():
     return jax.process_count() > 1
+  launch = supervisor.detect_launch(config)
+  address, num, pid = launch.coordinator, launch.num_processes, launch.process_id
+  if address and (num < 1 or pid < 0):
+    raise MeshError(
+        f"config field distributed.coordinator_address={address!r} needs "
+        f"distributed.num_processes (got {num}) and distributed.process_id (got {pid}), or "
+        f"JAX_NUM_PROCESSES / JAX_PROCESS_ID.")
+  if not launch.multi_process:
+    return False
   d = getattr(config, "distributed", None)
-  address = (d.coordinator_address if d is not None else "") or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS", "")
-  num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-  pid = d.process_id if d is not None and d.process_id >= 0 else int(
-      os.environ.get("JAX_PROCESS_ID", "-1"))
   timeouts = {}
   if d is not None:
     timeouts = dict(heartbeat_timeout_seconds=int(d.heartbeat_timeout_seconds),
                     initialization_timeout=int(d.initialization_timeout_seconds))
-  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  gke = "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ
-  if address:
-    if num < 1 or pid < 0:
-      raise MeshError(
-          f"config field distributed.coordinator_address={address!r} needs "
-          f"distributed.num_processes (got {num}) and distributed.process_id (got {pid}), or "
-          f"JAX_NUM_PROCESSES / JAX_PROCESS_ID.")
-    if num == 1:
-      return False
-  elif not (slurm or tpu_pod or gke):
-    return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if not address and slurm:
-    num, pid = int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_PROCID", "-1"))
   init_timeout = int(d.initialization_timeout_seconds) if d is not None else 300
   supervisor.report("joining", process=pid, processes=num, coordinator=address,
                     initialization_timeout=init_timeout,
@@ -107,15 +89,66 @@ def initialize_distributed(config=None) -> bool:
         f"{first}); start the same command on every host, check that the coordinator is "
         f"reachable, or raise distributed.initialization_timeout_seconds.") from e
   supervisor.report("joined", process=jax.process_index(), processes=jax.process_count(),
-                    coordinator=address or distributed_coordinator())
+                    coordinator=address or jax_compat.coordinator_address())
   logging.info("process %d of %d joined (%d local / %d global devices)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
 
 
-def distributed_coordinator() -> str:
-  from jax._src import distributed  # noqa: PLC0415 (no public API for the address)
-  return distributed.global_state.coordinator_address or ""
+def decide_on_process0(key: str, decide: Callable[[dict[int, str]], str], timeout_s: float, *,
+                       what: str, error: type[AdpeError] = AdpeError,
+                       share: str | None = None, client=None, process_index: int | None = None,
+                       process_count: int | None = None) -> str:
+  """Process 0 decides, every process hears: process 0 calls `decide(shared)`, and the
+  string it returns reaches every process under `key` of JAX's coordination service and is
+  returned on each.  `share`: this process's own text; process 0's `decide` gets every
+  process's as {index: text} (else {}).
+
+  The coordination service's key-value store, not a collective
+  (`multihost_utils.broadcast_one_to_all`): strings of any length, no compiled computation
+  (the processes agree before the mesh, a compile or a write), and a process that waits
+  gives up after `timeout_s` rather than hanging.  If `decide` raises on process 0, it
+  re-raises there and every other process raises too: an adpe_jax error with process 0's
+  own sentence (and class), anything else as `error` "process 0 failed to <what>"; no word
+  within `timeout_s`: `error` naming the waiting process.  `client`, `process_index`,
+  `process_count` default to this process's (tests pass their own).
+  """
+  client = jax_compat.coordination_client() if client is None else client
+  me = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  timeout_ms = int(timeout_s * 1000)
+  if share is not None:
+    client.key_value_set(f"{key}/share/{me}", share)
+  if me == 0:
+    try:
+      shared = {} if share is None else {
+          i: share if i == 0 else client.blocking_key_value_get(f"{key}/share/{i}", timeout_ms)
+          for i in range(n)}
+      verdict = decide(shared)
+    except BaseException as e:
+      told = e if isinstance(e, AdpeError) else error(
+          f"process 0 failed to {what} ({type(e).__name__}: {e}); see its log, then re-run.")
+      client.key_value_set(key, json.dumps({"error": type(told).__name__,
+                                            "message": str(told)}))
+      raise
+    client.key_value_set(key, json.dumps({"verdict": verdict}))
+    return verdict
+  try:
+    answer = json.loads(client.blocking_key_value_get(key, timeout_ms))
+  except Exception as e:  # a deadline, a lost coordinator
+    raise error(
+        f"process {me} of {n} had no word from process 0 within {timeout_s:.0f} s "
+        f"({type(e).__name__}) when it was to {what}; see process 0's log, then re-run the "
+        f"same command on every process.") from e
+  if "verdict" in answer:
+    return answer["verdict"]
+  message = answer.get("message") or f"process 0 failed to {what}; see its log, then re-run."
+  cls = getattr(errors, str(answer.get("error")), None)
+  try:
+    told = cls(message) if isinstance(cls, type) and issubclass(cls, AdpeError) else None
+  except TypeError:  # an error whose fields are not a sentence (BadImageError)
+    told = None
+  raise told or error(message)
 
 
 # Fields that may differ between the processes of one run: who it is, how it names the
@@ -163,40 +196,27 @@ def config_mismatch(mine: dict, theirs: dict[int, dict], limit: int = 4) -> str 
 
 
 def agree_on_config(config, workdir=None) -> None:
-  """Several processes: every process publishes its config (less `PER_PROCESS_FIELDS`)
-  through the coordination service; process 0 compares each digest with its own and
-  publishes the verdict, which every process reads.  A mismatch raises ConfigError on
-  every process (the same sentence, naming the processes and fields), before the mesh,
-  the compile or any write.  Before raising, the processes leave the service together
-  (`jax.distributed.shutdown`), so that process 0's exit does not abort the others."""
-  if not _distributed_initialized() or jax.process_count() == 1:
+  """Several processes: every process shares its config (less `PER_PROCESS_FIELDS`);
+  process 0 compares each with its own and every process hears the verdict
+  (`decide_on_process0`).  A mismatch raises ConfigError on every process (the same
+  sentence, naming the processes and fields), before the mesh, the compile or any write.
+  Before raising, the processes leave the service together (`jax.distributed.shutdown`),
+  so that process 0's exit does not abort the others."""
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
     return
-  from jax._src import distributed  # noqa: PLC0415 (the coordination client: no public API)
-  client = distributed.global_state.client
-  me, n = jax.process_index(), jax.process_count()
-  fields = _flat_config(config, workdir)
-  text = json.dumps(fields, sort_keys=True, default=str)
-  digest = hashlib.sha256(text.encode()).hexdigest()
+  text = json.dumps(_flat_config(config, workdir), sort_keys=True, default=str)
+
+  def compare(shared: dict[int, str]) -> str:
+    theirs = {i: json.loads(t) for i, t in shared.items() if i and t != text}
+    return config_mismatch(json.loads(text), theirs) or ""
+
   d = getattr(config, "distributed", None)
-  timeout_ms = 1000 * int(d.initialization_timeout_seconds if d is not None else 300)
-  client.key_value_set(f"{_KEY}/json/{me}", text)
-  client.key_value_set(f"{_KEY}/digest/{me}", digest)
-  if me == 0:
-    theirs = {}
-    for i in range(1, n):
-      if client.blocking_key_value_get(f"{_KEY}/digest/{i}", timeout_ms) != digest:
-        theirs[i] = json.loads(client.blocking_key_value_get(f"{_KEY}/json/{i}", timeout_ms))
-    verdict = config_mismatch(json.loads(text), theirs) or "agreed"
-    client.key_value_set(f"{_KEY}/verdict", verdict)
-  else:
-    verdict = client.blocking_key_value_get(f"{_KEY}/verdict", timeout_ms)
-  if verdict != "agreed":
+  verdict = decide_on_process0(
+      _KEY, compare, float(d.initialization_timeout_seconds if d is not None else 300),
+      what="compare the configs of the processes", error=ConfigError, share=text)
+  if verdict:
     jax.distributed.shutdown()
     raise ConfigError(verdict)
-
-
-# Kept for callers of the first version.
-maybe_initialize_distributed = initialize_distributed
 
 
 def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:

@@ -11,11 +11,11 @@ not supervise again) and waits:
   supervisor are forwarded to it (so a preemption notice reaches JAX's preemption manager
   in the child, which stops all processes at one agreed step, saves and exits 0); the
   child dies with the supervisor (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
-* the child's exit codes that are ours pass through (`exit_code`): 0 finished / stopped /
-  preempted, 1 a bug (traceback), 2 a refusal or stop of ours, 3 a lost peer (named by
-  the child itself), 128 + n a signal outside the training steps.
+* the child's exit codes that are ours pass through (`exit_code`): `errors.ExitCode` (OK
+  finished / stopped / preempted, BUG a traceback, REFUSED a refusal or stop of ours,
+  LOST_PEER named by the child itself), 128 + n a signal outside the training steps.
 * any other end (killed by a signal, an exit code we never produce) becomes one sentence
-  of ours, printed as the last line, and exit 3 (128 + n for a signal the supervisor
+  of ours, printed as the last line, and LOST_PEER (128 + n for a signal the supervisor
   forwarded or a SIGKILL): which process, what most likely happened (it could not join;
   a peer or the coordinator was lost or froze for the heartbeat timeout), the last
   complete checkpoint, and what to do.
@@ -25,13 +25,16 @@ whose descriptor is in `ADPE_SUPERVISOR_FD`, so that the sentence can tell a pro
 never joined from one whose peer was lost.  A single-process run has no supervisor: it
 has no peers, and every fault of its own is caught in-process.
 
-This module imports nothing of JAX (the supervisor never starts a backend).
+`detect_launch` decides whether a launch is one of several processes (the supervisor's
+question, and what `parallel.initialize_distributed` joins).  This module imports nothing
+of JAX (the supervisor never starts a backend).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -40,27 +43,53 @@ import sys
 import threading
 
 from adpe_jax.checkpoint import rundir
+from adpe_jax.errors import ExitCode, lost_peer_message
 
 SUPERVISED = "ADPE_SUPERVISED"
 REPORT_FD = "ADPE_SUPERVISOR_FD"
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
-# Exit codes of ours (see main.py and README "Exit codes").
-OK, BUG, REFUSED, LOST = 0, 1, 2, 3
 
 
-def multi_process_launch(config=None) -> bool:
-  """Whether this process is one of several (what `initialize_distributed` will join),
-  decided without starting JAX's backend (which must not start before it joins),
-  nor importing JAX (the supervisor does without)."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """What this process's launch is (`detect_launch`): `kind` "" for a single process;
+  "explicit" (a coordinator address in config.distributed or JAX_COORDINATOR_ADDRESS),
+  "slurm" (> 1 task), "tpu_pod" (a multi-host TPU slice) or "gke" (JOBSET / indexed jobs),
+  which `jax.distributed.initialize()` detects itself.  `num_processes` 0 and `process_id`
+  -1: not known before joining."""
+
+  kind: str = ""
+  coordinator: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+
+  @property
+  def multi_process(self) -> bool:
+    return bool(self.kind)
+
+
+def detect_launch(config=None) -> Launch:
+  """What `parallel.initialize_distributed` will join, decided without starting JAX's
+  backend (which must not start before it joins), nor importing JAX (the supervisor does
+  without).  An explicit address with one process is a single-process launch; one with no
+  process count or id is reported as a multi-process launch (joining refuses it, naming
+  the fields)."""
   d = getattr(config, "distributed", None)
   address = (d.coordinator_address if d is not None else "") or os.environ.get(
       "JAX_COORDINATOR_ADDRESS", "")
   num = (d.num_processes if d is not None else 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  pid = d.process_id if d is not None and d.process_id >= 0 else int(
+      os.environ.get("JAX_PROCESS_ID", "-1"))
   if address:
-    return num != 1
-  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-          or "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ)
+    return Launch("explicit" if num != 1 else "", address, num, pid)
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return Launch("slurm", "", int(os.environ["SLURM_NTASKS"]),
+                  int(os.environ.get("SLURM_PROCID", "-1")))
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return Launch("tpu_pod", "", num, pid)
+  if "JOBSET_NAME" in os.environ or "JOB_COMPLETION_INDEX" in os.environ:
+    return Launch("gke", "", num, pid)
+  return Launch("", "", num, pid)
 
 
 def supervised() -> bool:
@@ -107,7 +136,7 @@ def exit_code(returncode: int, phase: dict | None = None, forwarded=(),
   -n = killed by signal n), having last reported `phase`, after the supervisor forwarded
   the signals `forwarded`.  None: the child's own code passes through, its last line is
   already ours (or a traceback: a bug)."""
-  if returncode in (OK, BUG, REFUSED, LOST) or returncode >= 128:
+  if returncode in tuple(ExitCode) or returncode >= 128:
     return returncode, None
   phase = phase or {}
   me, n = phase.get("process", -1), phase.get("processes", 0)
@@ -126,18 +155,14 @@ def exit_code(returncode: int, phase: dict | None = None, forwarded=(),
     what = f"ended with exit code {returncode}, which adpe_jax never uses"
   if phase.get("phase", "joining") == "joining":
     timeout = phase.get("initialization_timeout")
-    return LOST, (
+    return ExitCode.LOST_PEER, (
         f"{who} could not join the run: the coordinator at {address} did not gather all "
         f"{n if n > 0 else 'the'} processes within distributed.initialization_timeout_seconds"
         f"={timeout if timeout is not None else '?'} s ({what}); start the same command on "
         f"every host (each with its own distributed.process_id), check that {address} is "
         f"reachable from this host, or raise distributed.initialization_timeout_seconds.")
-  heartbeat = phase.get("heartbeat_timeout")
-  return LOST, (
-      f"{who} {what}: a peer or the coordinator (process 0 at {address}) most likely died or "
-      f"froze, or sent no heartbeat for distributed.heartbeat_timeout_seconds="
-      f"{heartbeat if heartbeat is not None else '?'} s (the lines above say which); "
-      f"{resume}.")
+  return ExitCode.LOST_PEER, lost_peer_message(
+      me, n, phase.get("heartbeat_timeout"), ended=what, coordinator=address, resume=resume)
 
 
 def _die_with_parent():

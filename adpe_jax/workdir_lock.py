@@ -1,51 +1,23 @@
 """One writer per workdir: a second run on a workdir refuses at start, naming the first.
 
-`loop.start_run` calls `acquire(workdir, config)` after the mesh and the config's
-validation and before anything is written into the workdir (config.json) or compiled; the
-task entries are wrapped in `released_at_end`, which releases it when the task ends (a
-return, an error, a signal turned into `PreemptedError`).  Two runs on one workdir (a SLURM
-requeue whose old process still hangs, a command typed twice) otherwise restore each
-other's live checkpoints, delete each other's steps and interleave metrics.jsonl.
+`acquire(workdir, config)` takes the lock after the config's validation and before
+anything is written into the workdir or compiled (docs/running.md: why, and the defaults).
 
-* Local disks (`FileLock`): an exclusive `fcntl.flock` on `WORKDIR/.adpe_lock`, held as
-  long as the run.  The kernel drops it when its process ends in any way (crash, SIGKILL,
-  OOM kill), so a holder that is gone never blocks a resume, and no stale-lock guessing is
-  needed.  The file holds the holder's host, pid, start time (UTC) and command line, written
-  only after the lock is ours (opened without O_TRUNC: a refused run changes nothing).  On a
-  shared file system (NFS) flock is served by the file server, which frees the lock of a
-  host that died after its own lease time; deleting the file frees it at once (a run locks
-  the file the path names now: `_same_file`).
-* gs:// (`Lease`): an object store has no flock and a preempted VM cannot release
-  anything, so "gone" must be decided by time: the lock object `WORKDIR/.adpe_lock` holds
-  the holder's info and a heartbeat time; it is created only if absent (generation
-  precondition 0), rewritten every `HEARTBEAT_SECONDS` by a daemon thread with a
-  precondition on the generation it last wrote, and counts as gone when its heartbeat is
-  older than `TTL_SECONDS`; a gone lease is taken over with a precondition on the stale
-  generation, so of two runs taking it over at once exactly one wins.  A holder that finds
-  its lease taken over (it was frozen or cut off for longer than the TTL) exits at once
-  without saving (exit 2, one sentence): the other run owns the workdir.  The heartbeat is
-  compared with the reader's own clock: hosts' clocks must agree to well under the TTL
-  (NTP-synchronised cloud VMs agree to milliseconds).  The orbax checkpoint manager has no
-  primitive for this (it has no notion of a second writer), hence a lease of our own.
-  The lease logic runs over a four-call `ObjectStore` interface: `GcsObjectStore`
-  (google-cloud-storage, imported lazily) and `LocalObjectStore` (a directory, the same
-  semantics: atomic create, a generation counter, compare-and-swap under a flock), on which
-  tests/test_workdir_lock.py tests the lease.  The GCS backend itself is NOT tested here
-  (google-cloud-storage is not installed in the test environment).  Other schemes (s3://,
-  az://, hf://) have no lock yet: a warning says so.
-* Several processes are one writer: process 0 takes the lock and tells every other
-  process the outcome through JAX's coordination service (key-value store), so a refusal
-  stops all of them with the same sentence, before any of them writes or compiles.
-
-Defaults, and why: heartbeat every 30 s, gone after 120 s without one.  A heartbeat is one
-small conditional write (GCS allows one write per second per object; 30 s costs nothing).
-The TTL spans four heartbeats, so three late or failed ones in a row (GCS latency, a
-retried request, a long pause of the host) do not hand a live run's workdir to another.
-A preempted VM that got its notice ends the run through SIGTERM and deletes its lease
-(resume at once); one that vanished leaves a lease that is gone 120 s after its last
-heartbeat, and bringing up a replacement VM or requeueing a job takes longer than that, so
-the TTL rarely delays a resume (if it does, the refusal says in how many seconds the lease
-counts as gone, and how to delete it by hand).
+* Local disks (`FileLock`): an exclusive `fcntl.flock` on WORKDIR/.adpe_lock, held as long
+  as the run.  The kernel drops it when its process ends in any way, so a holder that is
+  gone never blocks a resume.  The file names the holder (host, pid, start, command),
+  written only once the lock is ours: a refused run changes nothing.
+* gs:// (`Lease`): an object store has no flock and a preempted VM releases nothing, so
+  "gone" is decided by time.  The lock object holds the holder and a heartbeat; it is
+  created only if absent, rewritten every HEARTBEAT_SECONDS on a precondition on the
+  generation it last wrote, and counts as gone after TTL_SECONDS without one; a gone lease
+  is taken over on a precondition on its stale generation (of two contenders exactly one
+  wins).  A holder whose lease was taken over exits at once without saving.  Hosts'
+  clocks must agree to well under the TTL.  The lease runs over a four-call `ObjectStore`
+  (`GcsObjectStore`; the tests' fake: tests/object_store_fake.py).  Other schemes (s3://,
+  az://, hf://) have no lock: a warning says so.
+* Several processes are one writer: process 0 takes the lock and every process hears the
+  outcome (`parallel.decide_on_process0`), so all go on or all refuse with one sentence.
 """
 
 from __future__ import annotations
@@ -68,12 +40,12 @@ from typing import Any, Callable, Optional, Protocol
 
 from absl import logging
 
-from adpe_jax.errors import AdpeError, WorkdirBusyError, WorkdirLockError
+from adpe_jax.errors import ExitCode, WorkdirBusyError, WorkdirLockError
 
 LOCK_NAME = ".adpe_lock"
-HEARTBEAT_SECONDS = 30.0
-TTL_SECONDS = 120.0
-_COMMAND_CHARS = 160  # of the holder's command line in a refusal
+HEARTBEAT_SECONDS = 30.0  # one small conditional write (GCS allows one per second per object)
+TTL_SECONDS = 120.0       # four heartbeats: three late or failed ones in a row are no loss
+_COMMAND_CHARS = 160      # of the holder's command line in a refusal
 
 
 # -- the holder -------------------------------------------------------------------------------
@@ -151,8 +123,9 @@ def _flock(fd: int) -> None:
 
 
 def _same_file(fd: int, path: str) -> bool:
-  """Whether the locked descriptor is still the file `path` names (a file deleted by hand
-  between our open and our flock is no lock at all)."""
+  """Whether the locked descriptor is still the file `path` names: one deleted (by hand)
+  between our open and our flock is no lock at all.  Deleting the file frees a lock at
+  once, also on NFS, whose server frees a dead host's flock only after its lease time."""
   try:
     st = os.stat(path)
   except FileNotFoundError:
@@ -184,13 +157,20 @@ class FileLock(WorkdirLock):
     self.path = os.path.join(workdir, LOCK_NAME)
     self._fd: Optional[int] = None
     for _ in range(10):
-      fd = self._open()
+      try:
+        # No O_TRUNC: a refused run must not wipe the holder's info.  Not inherited (PEP 446).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+      except OSError as e:
+        raise WorkdirLockError(
+            f"workdir {workdir} is not writable: creating its lock file {self.path} failed "
+            f"({e.strerror}); pass a --workdir you can write to.") from e
       try:
         _flock(fd)
       except OSError as e:
-        holder = _read_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        holder = _read_holder(fd) if busy else None
         os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if not busy:
           raise FlockUnsupportedError(e.errno, e.strerror) from e
         raise WorkdirBusyError(_busy_message(
             workdir, holder, f"if that process is known to be dead on another host, delete "
@@ -206,15 +186,6 @@ class FileLock(WorkdirLock):
     os.ftruncate(fd, 0)  # ours now: the previous holder's info goes
     os.pwrite(fd, (json.dumps(self.holder, indent=1) + "\n").encode(), 0)
 
-  def _open(self) -> int:
-    try:
-      # No O_TRUNC: a refused run must not wipe the holder's info.  Not inherited (PEP 446).
-      return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-      raise WorkdirLockError(
-          f"workdir {self.workdir} is not writable: creating its lock file {self.path} "
-          f"failed ({e.strerror}); pass a --workdir you can write to.") from e
-
   def release(self) -> None:
     fd, self._fd = self._fd, None
     if fd is None:
@@ -228,28 +199,19 @@ class FileLock(WorkdirLock):
 
 class ObjectStore(Protocol):
   """What the lease needs of an object store; a generation identifies one version of an
-  object and never repeats for that name (GCS's own generations; the fake's counter)."""
+  object and never repeats for that name.  Each call answers None / False where its
+  precondition failed."""
 
-  def create_if_absent(self, name: str, data: bytes) -> Optional[int]:
-    """Creates the object if there is none: its generation, else None."""
-
-  def read_with_generation(self, name: str) -> Optional[tuple[bytes, int]]:
-    """(data, generation), None if there is no object."""
-
-  def replace_if_generation(self, name: str, data: bytes, generation: int) -> Optional[int]:
-    """Rewrites the object if its generation is `generation`: the new one, else None."""
-
-  def delete(self, name: str, generation: Optional[int] = None) -> bool:
-    """Deletes the object (only if it is at `generation`, if given): whether it did."""
+  def create_if_absent(self, name: str, data: bytes) -> Optional[int]: ...
+  def read_with_generation(self, name: str) -> Optional[tuple[bytes, int]]: ...
+  def replace_if_generation(self, name: str, data: bytes, generation: int) -> Optional[int]: ...
+  def delete(self, name: str, generation: Optional[int] = None) -> bool: ...
 
 
 class GcsObjectStore:
-  """A GCS bucket through google-cloud-storage (`if_generation_match` preconditions).
-
-  UNTESTED in this repository's test environment (the package is not installed there);
-  tests run the same lease over `LocalObjectStore`.  Requests are bounded (20 s with
-  retries), so that a slow heartbeat cannot outlive the TTL unseen.
-  """
+  """A GCS bucket through google-cloud-storage (`if_generation_match` preconditions),
+  UNTESTED here (the package is not installed in the test environment).  Requests are
+  bounded (20 s with retries), so that a slow heartbeat cannot outlive the TTL unseen."""
 
   def __init__(self, bucket: str, client: Any = None):
     try:
@@ -268,13 +230,7 @@ class GcsObjectStore:
       self._kw = dict(timeout=10)
 
   def create_if_absent(self, name, data):
-    blob = self._bucket.blob(name)
-    try:
-      blob.upload_from_string(data, content_type="application/json", if_generation_match=0,
-                              **self._kw)
-    except self._lost:
-      return None
-    return int(blob.generation)
+    return self.replace_if_generation(name, data, 0)  # GCS: generation 0 = no live object
 
   def read_with_generation(self, name):
     blob = self._bucket.get_blob(name, **self._kw)
@@ -303,98 +259,6 @@ class GcsObjectStore:
     return True
 
 
-class LocalObjectStore:
-  """A directory with object-store semantics, for tests of the lease (a fake of GCS):
-  create is atomic and exclusive (a hard link of a complete file, as O_EXCL), every write
-  takes a new generation from a per-object counter that never repeats (not even after a
-  delete), and compare-and-swap happens under a flock, so processes may share it."""
-
-  def __init__(self, root):
-    self.root = os.fspath(root)
-
-  def _paths(self, name: str) -> tuple[str, str, str]:
-    path = os.path.join(self.root, name)
-    head, tail = os.path.split(path)
-    return path, os.path.join(head, f".{tail}.mutex"), os.path.join(head, f".{tail}.generation")
-
-  @contextlib.contextmanager
-  def _locked(self, name: str):
-    path, mutex, counter = self._paths(name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(mutex, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX)
-      yield path, counter
-    finally:
-      os.close(fd)
-
-  @staticmethod
-  def _next_generation(counter: str) -> int:
-    try:
-      with open(counter) as f:
-        gen = int(f.read() or 0) + 1
-    except FileNotFoundError:
-      gen = 1
-    with open(counter, "w") as f:
-      f.write(str(gen))
-    return gen
-
-  @staticmethod
-  def _read(path: str) -> Optional[tuple[bytes, int]]:
-    try:
-      with open(path, "rb") as f:
-        raw = f.read()
-    except FileNotFoundError:
-      return None
-    gen, _, data = raw.partition(b"\n")
-    return data, int(gen)
-
-  @staticmethod
-  def _write(path: str, data: bytes, gen: int, exclusive: bool) -> bool:
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(b"%d\n" % gen + data)
-    try:
-      if exclusive:
-        os.link(tmp, path)  # fails if the object exists: an atomic create-if-absent
-      else:
-        os.replace(tmp, path)
-    except FileExistsError:
-      return False
-    finally:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    return True
-
-  def create_if_absent(self, name, data):
-    with self._locked(name) as (path, counter):
-      if os.path.exists(path):
-        return None
-      gen = self._next_generation(counter)
-      return gen if self._write(path, data, gen, exclusive=True) else None
-
-  def read_with_generation(self, name):
-    with self._locked(name) as (path, _):
-      return self._read(path)
-
-  def replace_if_generation(self, name, data, generation):
-    with self._locked(name) as (path, counter):
-      current = self._read(path)
-      if current is None or current[1] != generation:
-        return None
-      gen = self._next_generation(counter)
-      self._write(path, data, gen, exclusive=False)
-      return gen
-
-  def delete(self, name, generation=None):
-    with self._locked(name) as (path, _):
-      current = self._read(path)
-      if current is None or (generation is not None and current[1] != generation):
-        return False
-      os.unlink(path)
-      return True
-
-
 def object_store_for(workdir: str) -> Optional[tuple[ObjectStore, str]]:
   """(store, object name) of the lock object of a remote workdir; None: no lock there."""
   if workdir.startswith("gs://"):
@@ -407,7 +271,7 @@ def _exit_lost(message: str) -> None:
   """The default for a holder whose lease was taken over: stop at once, writing nothing."""
   print(f"error: {message}", file=sys.stderr)
   sys.stderr.flush()
-  os._exit(2)
+  os._exit(ExitCode.REFUSED)
 
 
 class Lease(WorkdirLock):
@@ -532,8 +396,7 @@ _agreements = 0  # every process makes the same sequence of acquire calls
 
 
 def _take_here(workdir: str) -> WorkdirLock:
-  remote = "://" in workdir
-  if not remote:
+  if "://" not in workdir:
     try:
       return FileLock(workdir)
     except FlockUnsupportedError as e:
@@ -551,36 +414,19 @@ def _take_here(workdir: str) -> WorkdirLock:
   return Lease(store, name, f"{workdir.rstrip('/')}/{LOCK_NAME}")
 
 
-def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, client: Any,
-          process_index: int, process_count: int, timeout_s: float) -> WorkdirLock:
-  """Process 0 runs `take`; its outcome (held, or the refusal's sentence) reaches every
-  process under `key` of the coordination service's key-value store (`client`:
-  `jax._src.distributed.global_state.client`), so all go on or all refuse."""
-  if process_index == 0:
-    try:
-      lock = take()
-    except AdpeError as e:
-      client.key_value_set(key, json.dumps({"error": type(e).__name__, "message": str(e)}))
-      raise
-    except BaseException as e:
-      client.key_value_set(key, json.dumps({
-          "error": "WorkdirLockError",
-          "message": f"process 0 failed to take the lock of workdir {workdir} "
-                     f"({type(e).__name__}: {e}); see its log, then re-run."}))
-      raise
-    client.key_value_set(key, json.dumps({"ok": True}))
-    return lock
-  try:
-    answer = json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
-  except Exception as e:  # a deadline, a lost coordinator
-    raise WorkdirLockError(
-        f"process {process_index} of {process_count} had no word from process 0 on the lock "
-        f"of workdir {workdir} within {timeout_s:.0f} s ({type(e).__name__}); see process "
-        f"0's log, then re-run the same command on every process.") from e
-  if answer.get("ok"):
-    return Unlocked(workdir)
-  cls = WorkdirBusyError if answer.get("error") == "WorkdirBusyError" else WorkdirLockError
-  raise cls(answer.get("message", f"process 0 refused workdir {workdir}."))
+def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, timeout_s: float,
+          **coordination) -> WorkdirLock:
+  """Process 0 runs `take`, and every process hears the outcome
+  (`parallel.decide_on_process0`; `coordination`: its client, process_index and
+  process_count, for tests): the lock on process 0, `Unlocked` on the others, or the same
+  refusal on all."""
+  from adpe_jax import parallel  # noqa: PLC0415 (imports jax: only several processes need it)
+
+  held = []
+  parallel.decide_on_process0(key, lambda _: held.append(take()) or "held", timeout_s,
+                              what=f"take the lock of workdir {workdir}",
+                              error=WorkdirLockError, **coordination)
+  return held[0] if held else Unlocked(workdir)
 
 
 # -- acquire, and release at the task's end --------------------------------------------------
@@ -598,15 +444,12 @@ def acquire(workdir, config=None) -> WorkdirLock:
   if jax.process_count() == 1:
     lock = _take_here(workdir)
   else:
-    from jax._src import distributed  # noqa: PLC0415 (the coordination service's client)
     d = getattr(config, "distributed", None)
     timeout = float(getattr(d, "heartbeat_timeout_seconds", 60) or 60) + 60.0
     global _agreements
     key = _KEY.format(_agreements)
     _agreements += 1
-    lock = agree(lambda: _take_here(workdir), workdir, key=key,
-                 client=distributed.global_state.client, process_index=jax.process_index(),
-                 process_count=jax.process_count(), timeout_s=timeout)
+    lock = agree(lambda: _take_here(workdir), workdir, key=key, timeout_s=timeout)
   (_scopes[-1] if _scopes else _unscoped).append(lock)
   return lock
 

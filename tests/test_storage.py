@@ -37,6 +37,7 @@ import pytest
 from PIL import Image
 
 from adpe_jax import storage, workdir_lock
+from object_store_fake import LocalObjectStore
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PKG = ROOT / "adpe_jax"
@@ -392,7 +393,7 @@ def fake_gcs(tmp_path_factory):
     # google.cloud.storage has no blobs.
     lease_root = tmp_path_factory.mktemp("fake_gcs_leases")
     mp.setattr(workdir_lock, "object_store_for", lambda workdir: (
-        workdir_lock.LocalObjectStore(lease_root),
+        LocalObjectStore(lease_root),
         workdir.split("://", 1)[1].rstrip("/") + "/" + workdir_lock.LOCK_NAME))
     for proto in ("gs", "gcs"):
       fsspec.register_implementation(proto, FakeGcsFileSystem, clobber=True)

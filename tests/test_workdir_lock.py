@@ -23,6 +23,7 @@ import pytest
 from adpe_jax import workdir_lock
 from adpe_jax.errors import WorkdirBusyError, WorkdirLockError
 from devices import xla_flags
+from object_store_fake import LocalObjectStore
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -242,7 +243,7 @@ def lease(store, clock, **kw):
 
 
 def test_store_create_replace_delete_semantics(tmp_path):
-  store = workdir_lock.LocalObjectStore(tmp_path)
+  store = LocalObjectStore(tmp_path)
   assert store.read_with_generation("x/o") is None
   g1 = store.create_if_absent("x/o", b"one")
   assert g1 is not None and store.create_if_absent("x/o", b"two") is None
@@ -256,7 +257,7 @@ def test_store_create_replace_delete_semantics(tmp_path):
 
 
 def test_live_lease_refuses_and_changes_nothing(tmp_path):
-  store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
+  store, clock = LocalObjectStore(tmp_path), Clock()
   a = lease(store, clock)
   before = store.read_with_generation(NAME)
   clock.t += 60
@@ -272,7 +273,7 @@ def test_live_lease_refuses_and_changes_nothing(tmp_path):
 
 
 def test_stale_lease_is_taken_over_and_the_old_holder_learns_it(tmp_path):
-  store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
+  store, clock = LocalObjectStore(tmp_path), Clock()
   lost = []
   a = lease(store, clock, on_lost=lost.append)
   clock.t += 121  # a's heartbeat is 121 s old: a is gone
@@ -288,7 +289,7 @@ def test_stale_lease_is_taken_over_and_the_old_holder_learns_it(tmp_path):
 
 
 def test_a_stale_holder_releasing_leaves_the_new_holders_lease(tmp_path):
-  store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
+  store, clock = LocalObjectStore(tmp_path), Clock()
   a = lease(store, clock)
   clock.t += 121
   b = lease(store, clock)
@@ -299,7 +300,7 @@ def test_a_stale_holder_releasing_leaves_the_new_holders_lease(tmp_path):
 
 
 def test_heartbeats_keep_a_lease_alive(tmp_path):
-  store, clock = workdir_lock.LocalObjectStore(tmp_path), Clock()
+  store, clock = LocalObjectStore(tmp_path), Clock()
   a = lease(store, clock)
   clock.t += 100
   assert a.refresh()
@@ -311,7 +312,7 @@ def test_heartbeats_keep_a_lease_alive(tmp_path):
 
 
 def test_the_heartbeat_thread_refreshes(tmp_path):
-  store = workdir_lock.LocalObjectStore(tmp_path)
+  store = LocalObjectStore(tmp_path)
   a = workdir_lock.Lease(store, NAME, DISPLAY, ttl_s=0.5, heartbeat_s=0.05)
   try:
     time.sleep(1.2)  # over twice the TTL
@@ -326,12 +327,12 @@ def test_the_heartbeat_thread_refreshes(tmp_path):
 
 def test_racing_takeovers_of_a_stale_lease_exactly_one_wins(tmp_path):
   clock, n = Clock(), 6
-  base = workdir_lock.LocalObjectStore(tmp_path)
+  base = LocalObjectStore(tmp_path)
   dead = dict(workdir_lock.holder_info(), heartbeat_unix=clock.t - 1000, ttl_seconds=120)
   base.create_if_absent(NAME, json.dumps(dead).encode())
   barrier, seen = threading.Barrier(n, timeout=30), threading.local()
 
-  class AllReadTheStaleOneFirst(workdir_lock.LocalObjectStore):
+  class AllReadTheStaleOneFirst(LocalObjectStore):
     def read_with_generation(self, name):
       out = super().read_with_generation(name)
       if not getattr(seen, "done", False):  # every contender holds the stale generation
@@ -359,7 +360,7 @@ def test_racing_takeovers_of_a_stale_lease_exactly_one_wins(tmp_path):
 
 
 def test_a_create_whose_answer_was_lost_is_recognised_as_ours(tmp_path):
-  class LostAnswer(workdir_lock.LocalObjectStore):
+  class LostAnswer(LocalObjectStore):
     def create_if_absent(self, name, data):
       super().create_if_absent(name, data)
       return None  # the write landed; its answer did not (a retried request sees 412)
@@ -372,7 +373,7 @@ def test_a_create_whose_answer_was_lost_is_recognised_as_ours(tmp_path):
 
 
 def test_gs_workdirs_take_a_lease_and_other_schemes_warn(tmp_path, monkeypatch):
-  store = workdir_lock.LocalObjectStore(tmp_path)
+  store = LocalObjectStore(tmp_path)
   monkeypatch.setattr(workdir_lock, "object_store_for",
                       lambda w: (store, "run/.adpe_lock") if w.startswith("gs://") else None)
   with workdir_lock.acquire("gs://bucket/run") as lock:
@@ -392,7 +393,8 @@ def test_gs_lease_without_google_cloud_storage_says_what_to_install(monkeypatch)
 # -- several processes: process 0 decides for all ---------------------------------------------
 
 class FakeKeyValueClient:
-  """The coordination service's key-value calls that `agree` uses (jax 0.10.2 signatures)."""
+  """The coordination service's key-value calls that `parallel.decide_on_process0` uses
+  (jax 0.10.2 signatures)."""
 
   def __init__(self):
     self.values, self.cond = {}, threading.Condition()
@@ -462,8 +464,8 @@ from adpe_jax import workdir_lock
 from adpe_jax.errors import WorkdirLockError
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 jax.distributed.initialize(f"127.0.0.1:{{port}}", num_processes=1, process_id=0)
-from jax._src import distributed
-client = distributed.global_state.client
+from adpe_jax import jax_compat
+client = jax_compat.coordination_client()
 kw = dict(client=client, process_count=2, timeout_s=2.0)
 lock = workdir_lock.agree(lambda: workdir_lock.FileLock({str(tmp_path)!r}), "/w", key="k",
                           process_index=0, **kw)

@@ -23,7 +23,7 @@ import time
 
 from adpe_jax import storage
 from adpe_jax.data import bad_images
-from adpe_jax.errors import BadImageError, DataError
+from adpe_jax.errors import BadImageError, DataError, ExitCode
 
 _SOURCE = None  # the source, in a check worker process
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     bad = find_bad(source, args.workers)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return ExitCode.REFUSED
   lines = "".join(f"{path}\t{reason}\n" for _, path, reason in bad)
   if args.out:
     storage.write_text(storage.as_path(args.out), lines)

@@ -45,7 +45,7 @@ from PIL import Image
 
 from adpe_jax import storage
 from adpe_jax.data import bad_images, images
-from adpe_jax.errors import BadImageError, DataError
+from adpe_jax.errors import BadImageError, DataError, ExitCode
 
 FORMAT = "adpe_jax.prepared/1"
 INDEX = "prepared.json"
@@ -286,7 +286,7 @@ def main(argv=None) -> None:
                     bad_images_policy=args.bad_images)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitCode.REFUSED)
   for _, path, reason in index["bad_images"]:
     print(f"bad image {path} ({reason}): stored as its substitute", file=sys.stderr)
   print(f"prepared {index['num_examples']} examples in {len(index['shards'])} shards: "

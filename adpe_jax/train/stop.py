@@ -16,8 +16,10 @@ import time
 
 import jax
 from absl import logging
-from jax._src import distributed  # the coordination client: get_live_nodes (no public API)
 from jax.experimental import multihost_utils
+
+from adpe_jax import jax_compat
+from adpe_jax.errors import ExitCode, lost_peer_message
 
 
 class PreemptedError(BaseException):
@@ -152,7 +154,7 @@ def interruptible(multi_process: bool | None = None):
   """SIGTERM / SIGINT raise `PreemptedError` inside (one process: the end-of-run
   evaluations after the loop, whose state is already saved); several processes: nothing
   is installed (JAX's preemption manager owns SIGTERM there).  Before JAX has started,
-  pass `multi_process` (`parallel.multi_process_launch`): asking jax.process_count()
+  pass `multi_process` (`supervisor.detect_launch`): asking jax.process_count()
   would start the backend before the processes join."""
   if jax.process_count() > 1 if multi_process is None else multi_process:
     yield None
@@ -162,8 +164,8 @@ def interruptible(multi_process: bool | None = None):
 
 
 def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
-  """A failure in a multi-process run: name the process that is gone, exit 3 (1 if none
-  is: a failure every process shares, e.g. a bug).
+  """A failure in a multi-process run: name the process that is gone, exit LOST_PEER (BUG
+  if none is: a failure every process shares, e.g. a bug).
 
   A dead peer first shows up as a failed collective (e.g. gloo's 'Connection reset by
   peer'); JAX's coordination service declares it dead after the heartbeat timeout.  Wait
@@ -175,11 +177,11 @@ def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
   print(f"error: process {me} of {n}: {type(error).__name__}: {first}", file=sys.stderr)
   sys.stderr.flush()
   if isinstance(error, FloatingPointError):  # agreed by all processes (a global value)
-    os._exit(1)
+    os._exit(ExitCode.BUG)
   dead: list[int] = []
   answers = {"ok": 0, "failed": 0}
   deadline = time.time() + float(heartbeat_timeout) + 15
-  client = distributed.global_state.client
+  client = jax_compat.coordination_client()
 
   def ask() -> None:  # get_live_nodes may block: asked from a daemon thread
     while client is not None and time.time() < deadline and not dead:
@@ -198,13 +200,11 @@ def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
   if dead or (me != 0 and answers["failed"] and not answers["ok"]):
     # No answer at all: the coordination service, in process 0, is gone.
     who = ", ".join(f"process {i}" for i in dead) if dead else "process 0 (the coordinator)"
-    print(f"error: lost peer: {who} of {n} stopped responding (no heartbeat for "
-          f"{heartbeat_timeout:g} s); process {me} stops too; re-run the same command on "
-          f"every process to resume from the last complete checkpoint.", file=sys.stderr)
+    print(f"error: {lost_peer_message(me, n, heartbeat_timeout, lost=who)}", file=sys.stderr)
     sys.stderr.flush()
-    os._exit(3)  # a lost peer (README "Exit codes"; the supervisor passes it through)
+    os._exit(ExitCode.LOST_PEER)  # the supervisor passes it through
   print(f"error: process {me} of {n} stops after a failure shared with its peers (see the "
         f"other processes' logs); re-run the same command on every process to resume.",
         file=sys.stderr)
   sys.stderr.flush()
-  os._exit(1)
+  os._exit(ExitCode.BUG)
