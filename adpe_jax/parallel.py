@@ -34,6 +34,7 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from adpe_jax import errors, jax_compat, supervisor
+from adpe_jax.checkpoint import rundir
 from adpe_jax.errors import AdpeError, ConfigError, MeshError
 from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
@@ -159,16 +160,7 @@ _KEY = "adpe_jax/config"
 
 
 def _flat_config(config, workdir=None) -> dict:
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
-
-  fields = flat(json.loads(config.to_json_best_effort()))
+  fields = rundir.config_fields(config)  # the one flattening (config.json, the saved run)
   if workdir is not None:
     fields["--workdir"] = str(workdir)
   return {k: v for k, v in fields.items() if k not in PER_PROCESS_FIELDS}
@@ -176,15 +168,13 @@ def _flat_config(config, workdir=None) -> dict:
 
 def config_mismatch(mine: dict, theirs: dict[int, dict], limit: int = 4) -> str | None:
   """The sentence naming the processes whose fields differ from process 0's (`mine`), or
-  None.  `theirs`: process index -> its flat config."""
+  None.  `theirs`: process index -> its flat config (`rundir.diff`, the one config diff)."""
   parts = []
   for i, other in sorted(theirs.items()):
-    diff = sorted(k for k in set(mine) | set(other) if mine.get(k, "<absent>") !=
-                  other.get(k, "<absent>"))
-    if diff:
-      shown = ", ".join(f"{k}={other.get(k, '<absent>')!r} (process 0: "
-                        f"{mine.get(k, '<absent>')!r})" for k in diff[:limit])
-      more = f" and {len(diff) - limit} more fields" if len(diff) > limit else ""
+    changes = rundir.diff(mine, other)
+    if changes:
+      shown = ", ".join(f"{c.field}={c.new!r} (process 0: {c.old!r})" for c in changes[:limit])
+      more = f" and {len(changes) - limit} more fields" if len(changes) > limit else ""
       parts.append(f"process {i} has {shown}{more}")
   if not parts:
     return None
