@@ -22,12 +22,10 @@ anything is written into the workdir or compiled (docs/running.md: why, and the 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import errno
 import fcntl
-import functools
 import json
 import os
 import shlex
@@ -429,16 +427,13 @@ def agree(take: Callable[[], WorkdirLock], workdir: str, *, key: str, timeout_s:
   return held[0] if held else Unlocked(workdir)
 
 
-# -- acquire, and release at the task's end --------------------------------------------------
-
-_scopes: list[list[WorkdirLock]] = []
-_unscoped: list[WorkdirLock] = []
-
+# -- acquire -----------------------------------------------------------------------------------
 
 def acquire(workdir, config=None) -> WorkdirLock:
   """Takes the workdir's lock for this run (process 0 for all processes), or raises
-  WorkdirBusyError naming its holder.  Inside a `released_at_end` task it is released when
-  the task ends; otherwise at `release()` or the end of the process."""
+  WorkdirBusyError naming its holder.  The caller releases it, however the run ends:
+  `with acquire(...):` in `run.run_task` (the kernel drops a flock at a kill anyway; a
+  lease would otherwise wait out its TTL)."""
   import jax  # noqa: PLC0415 (this module is importable without starting jax)
   workdir = os.fspath(workdir)
   if jax.process_count() == 1:
@@ -450,28 +445,4 @@ def acquire(workdir, config=None) -> WorkdirLock:
     key = _KEY.format(_agreements)
     _agreements += 1
     lock = agree(lambda: _take_here(workdir), workdir, key=key, timeout_s=timeout)
-  (_scopes[-1] if _scopes else _unscoped).append(lock)
   return lock
-
-
-def released_at_end(entry: Callable) -> Callable:
-  """Wraps a task's entry: the locks `acquire` takes during it are released when it ends,
-  however it ends (the kernel drops a flock at a kill anyway; a lease would otherwise
-  wait out its TTL)."""
-
-  @functools.wraps(entry)
-  def wrapped(*args, **kwargs):
-    _scopes.append([])
-    try:
-      return entry(*args, **kwargs)
-    finally:
-      for lock in reversed(_scopes.pop()):
-        lock.release()
-
-  return wrapped
-
-
-@atexit.register
-def _release_unscoped() -> None:
-  while _unscoped:
-    _unscoped.pop().release()

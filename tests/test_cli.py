@@ -63,6 +63,7 @@ def test_cli_smoke_run_writes_metrics_and_loss_falls(tmp_path):
     ("--config.mask_ratio=1.0", "mask_ratio=1.0"),
     ("--config.image_size=30", "image_size=30"),
     ("--config.batch_size=6", "batch_size=6"),
+    ("--config.eval.evaluators=('knn', 'classifier')", "names 'classifier', not an evaluator"),
 ])
 def test_cli_bad_input_one_sentence(tmp_path, override, needle):
   r = run_cli("--config=configs/vitb_ape.py:smoke", f"--workdir={tmp_path}", override, timeout=120)

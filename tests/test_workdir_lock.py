@@ -183,7 +183,7 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monk
 def test_every_task_takes_the_lock_first_and_releases_it_at_its_end(config_name, tmp_path,
                                                                     monkeypatch):
   from adpe_jax.config import validate
-  from adpe_jax.train import loop, tasks
+  from adpe_jax.train import run, tasks
 
   config = load_config(config_name)
   entry = tasks.ENTRIES[validate.task_of(config)]
@@ -193,29 +193,28 @@ def test_every_task_takes_the_lock_first_and_releases_it_at_its_end(config_name,
   assert sorted(os.listdir(tmp_path)) == [".adpe_lock"]  # no config.json
   holder.release()
 
-  real = loop.start_run
+  real = run.write_config
 
-  def start_then_fail(*args, **kwargs):
+  def write_then_fail(*args, **kwargs):
     real(*args, **kwargs)
     assert os.path.getsize(tmp_path / ".adpe_lock") > 0  # held while the task runs
     raise RuntimeError("the task fails after its start")
 
-  monkeypatch.setattr(loop, "start_run", start_then_fail)
+  monkeypatch.setattr(run, "write_config", write_then_fail)
   with pytest.raises(RuntimeError, match="fails after its start"):
     entry(config, str(tmp_path))
   with workdir_lock.FileLock(str(tmp_path)):  # released by the failed task's end
     pass
 
 
-def test_released_at_end_on_return_and_on_error(tmp_path):
-  @workdir_lock.released_at_end
+def test_acquire_is_released_by_its_with_on_return_and_on_error(tmp_path):
   def task(fail: bool):
-    workdir_lock.acquire(str(tmp_path))
-    with pytest.raises(WorkdirBusyError):  # held inside the task
-      workdir_lock.FileLock(str(tmp_path))
-    if fail:
-      raise KeyboardInterrupt
-    return "done"
+    with workdir_lock.acquire(str(tmp_path)):
+      with pytest.raises(WorkdirBusyError):  # held inside the task
+        workdir_lock.FileLock(str(tmp_path))
+      if fail:
+        raise KeyboardInterrupt
+      return "done"
 
   assert task(False) == "done"
   with pytest.raises(KeyboardInterrupt):

@@ -65,6 +65,7 @@ def finetune_config() -> ml_collections.ConfigDict:
 
   c.data = common.labelled_data()
   c.eval = common.top1_eval()
+  c.eval.evaluators = ("classifier",)  # by name (train/evaluate.py EVALUATORS)
   return c
 
 

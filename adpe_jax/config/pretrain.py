@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   common.add_bad_image_fields(c.data)
 
   c.eval = ml_collections.ConfigDict()
+  # by name (train/evaluate.py EVALUATORS); "knn" runs only with eval.knn_source set
+  c.eval.evaluators = ("knn", "reconstructions")
   c.eval.knn_k = 20
   c.eval.knn_every_steps = 0          # > 0: also k-NN top-1 during training (logged)
   c.eval.knn_source = ""              # e.g. fashion_mnist; "" = no k-NN at the end

@@ -83,6 +83,7 @@ def linprobe_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.data = common.labelled_data()
   c.eval = common.top1_eval()  # eval.batch_size: the feature batches
+  c.eval.evaluators = ("probe",)  # by name (train/evaluate.py EVALUATORS)
   return c
 
 

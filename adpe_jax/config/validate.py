@@ -159,6 +159,9 @@ def values(c) -> None:
     if not (math.isfinite(value) and _inside(value, interval)):
       allowed = _MEANING.get(field, f"a finite number in {interval}")
       raise ConfigError(f"config field {field}={value!r} is not allowed: it must be {allowed}.")
+  if _has(c, "compilation_cache") and not str(c.compilation_cache):
+    raise ConfigError("config field compilation_cache='' is not allowed; use auto, none or "
+                      "a directory.")
   tracker(c)
 
 
@@ -176,3 +179,22 @@ def tracker(c) -> None:
   if not found:
     raise ConfigError("config field log.wandb=True needs the wandb package, which is not "
                       "installed: pip install wandb (or pip install -e '.[wandb]').")
+
+
+def num_classes(c, source_classes) -> None:
+  """data.num_classes holds every class of data.source (`source_classes`: the source's
+  count, None when it has none)."""
+  if source_classes and source_classes > c.data.num_classes:
+    raise ConfigError(f"config field data.num_classes={c.data.num_classes} is below the "
+                      f"{source_classes} classes of data.source={c.data.source!r}.")
+
+
+def evaluators(c, known) -> None:
+  """eval.evaluators names only evaluators of this task (`known`: train/evaluate.py's
+  names that the task supplies what they read)."""
+  names = tuple(c.eval.get("evaluators", ())) if _has(c, "eval") else ()
+  for name in names:
+    if name not in known:
+      raise ConfigError(f"config field eval.evaluators={names!r} names "
+                        f"{name!r}, not an evaluator of this task; allowed: "
+                        f"{', '.join(map(repr, known))}.")

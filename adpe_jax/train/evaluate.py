@@ -4,6 +4,9 @@
   ClassifierEvaluator    loss / top-1 / top-5 of a classifier (fine-tuning)
   FeatureProbeEvaluator  loss / top-1 / top-5 of a probe over fixed features (linear probe)
 
+built by name from config.eval.evaluators (`EVALUATORS`, `from_config`: "knn",
+"reconstructions", "classifier", "probe"),
+
 and the frozen encoders they read:
 
   encoder = mae_encoder(model, params)            # the pretraining model (MAEPlus.features)
@@ -30,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from adpe_jax import data, parallel, storage, weights
 from adpe_jax.config import probe as probe_config
 from adpe_jax.errors import CheckpointError, ConfigError, InitError
-from adpe_jax.train import knn_metric
-from adpe_jax.train.state import build_classifier, init_classifier_params
+from adpe_jax.train import knn_metric, reconstruction
+from adpe_jax.train.state import build_classifier, init_classifier_params, init_params
 
 POOLS = probe_config.POOLS
 
@@ -132,21 +136,27 @@ class KnnEvaluator:
   """k-NN top-1 (cosine, `knn_metric.knn_top1`) of an encoder's features: train split -> test split.
 
   `encoder_of(params) -> FrozenEncoder`: the pretraining model's `MAEPlus.features`
-  (`mae_encoder`) or a loaded classifier trunk.  Used by pretraining (every
-  eval.knn_every_steps and at the end) and the stand-alone k-NN task."""
+  (`mae_encoder`) or a loaded classifier trunk.  Used by pretraining (the evaluator "knn":
+  every eval.knn_every_steps and at the end) and the stand-alone k-NN task.
+  `random_init() -> params` (pretraining): its run at `end_step` (the end of the run) also
+  measures the encoder of a random init, the baseline the final k-NN is read against, and
+  the seconds of both (knn_top1_random_init, knn_seconds)."""
   key = "knn_top1"
+  name = "k-NN"
 
   def __init__(self, encoder_of: Callable, train: LabelledImages, test: LabelledImages, *,
                k: int = 20, temperature: Optional[float] = None, batch_size: int = 256,
-               mesh=None, every_steps: int = 0, at_end: bool = True):
+               mesh=None, every_steps: int = 0, at_end: bool = True,
+               random_init: Optional[Callable] = None, end_step: int = 0):
     self.encoder_of, self.train, self.test = encoder_of, train, test
     self.k, self.temperature = k, temperature
     self.batch_size, self.mesh = batch_size, mesh
     self.every_steps, self.at_end = every_steps, at_end
-    self.seconds = 0.0        # the wall time of the last run
+    self.random_init, self.end_step = random_init, end_step
 
   @classmethod
-  def from_pretrain_config(cls, config, model, mesh) -> "KnnEvaluator":
+  def from_pretrain_config(cls, config, model, mesh, random_init: Optional[Callable] = None,
+                           end_step: int = 0) -> "KnnEvaluator":
     name = config.eval.knn_source
     return cls(lambda params: mae_encoder(model, params),
                LabelledImages(data.eval_source(config, "train", name), config.image_size,
@@ -154,17 +164,25 @@ class KnnEvaluator:
                LabelledImages(data.eval_source(config, "test", name), config.image_size,
                               config.eval.knn_test_examples),
                k=config.eval.knn_k, batch_size=64 * mesh.size, mesh=mesh,
-               every_steps=config.eval.knn_every_steps)
+               every_steps=config.eval.knn_every_steps, random_init=random_init,
+               end_step=end_step)
 
-  def run(self, state_or_params, step: int = 0) -> dict:
-    del step
-    t0 = time.time()
-    encoder = self.encoder_of(params_of(state_or_params))
+  def top1(self, params) -> float:
+    encoder = self.encoder_of(params)
     train = self.train.features(encoder, self.batch_size, self.mesh)
     test = self.test.features(encoder, self.batch_size, self.mesh)
-    top1 = knn_metric.knn_top1(*train, *test, k=self.k, temperature=self.temperature)
-    self.seconds = time.time() - t0
-    return {"knn_top1": top1}
+    return knn_metric.knn_top1(*train, *test, k=self.k, temperature=self.temperature)
+
+  def run(self, state_or_params, step: int = 0) -> dict:
+    t0 = time.time()
+    at_end = self.random_init is not None and step >= self.end_step
+    if at_end:
+      logging.info("end-of-run k-NN (%d train / %d test examples)", self.train.n, self.test.n)
+    out = {"knn_top1": self.top1(params_of(state_or_params))}
+    if at_end:
+      out["knn_top1_random_init"] = self.top1(self.random_init())
+      out["knn_seconds"] = time.time() - t0  # the final and the random-init k-NN
+    return out
 
 
 def topk_sums(logits, labels, valid) -> dict:
@@ -192,6 +210,7 @@ class ClassifierEvaluator:
   padded (and masked).  Small eval sets (<= 20000 examples of <= 64 px) are decoded once.
   """
   key = "top1"
+  name = "classifier evaluation"
 
   def __init__(self, model, source, mesh, *, image_size: int, batch_size: int,
                max_examples: int = 0, crop_fraction: float = 1.0, every_steps: int = 0):
@@ -241,6 +260,7 @@ class FeatureProbeEvaluator:
   `apply(state, feats) -> logits`; rows are evaluated `batch` at a time, the last batch
   padded (one compile)."""
   key = "top1"
+  name = "probe evaluation"
 
   def __init__(self, apply: Callable, feats, labels, *, batch: int = 4096,
                every_steps: int = 0):
@@ -263,6 +283,57 @@ class FeatureProbeEvaluator:
       out = self.step(state, f, y, valid)
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return _means(totals)
+
+
+# -- evaluators by name: config.eval.evaluators (as big_vision's config.evals) -------------------
+#
+# name -> builder(config, context) -> an evaluator, or None when the config turns it off.
+# `context`: what the task built that evaluators read; `run.run_task` adds mesh, workdir,
+# total_steps and steps_per_epoch; each builder names the task's own keys it reads.
+
+def _knn(config, context):
+  """Pretraining: model, init_key.  Off without eval.knn_source."""
+  if not config.eval.knn_source:
+    return None
+  model = context["model"]
+  return KnnEvaluator.from_pretrain_config(
+      config, model, context["mesh"], end_step=context["total_steps"],
+      random_init=lambda: jax.jit(lambda k: init_params(model, k))(context["init_key"]))
+
+
+def _reconstructions(config, context):
+  """Pretraining: model, step_key, sample_images."""
+  return reconstruction.Reconstructions(config, context["model"], context["step_key"],
+                                        context["workdir"], config.eval.recon_every_steps,
+                                        context["sample_images"])
+
+
+def _classifier(config, context):
+  """Fine-tuning: model (the classifier), on data.eval_split, every eval.every_steps (0:
+  every epoch)."""
+  return ClassifierEvaluator(
+      context["model"], data.eval_source(config, config.data.eval_split), context["mesh"],
+      image_size=config.image_size, batch_size=config.eval.batch_size,
+      max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
+      every_steps=config.eval.every_steps or int(context["steps_per_epoch"]))
+
+
+def _probe(config, context):
+  """Linear probe: probe_logits, eval_feats, eval_labels (the eval set's frozen features)."""
+  return FeatureProbeEvaluator(
+      context["probe_logits"], context["eval_feats"], context["eval_labels"],
+      every_steps=config.eval.every_steps or int(context["steps_per_epoch"]))
+
+
+EVALUATORS = {"knn": _knn, "reconstructions": _reconstructions, "classifier": _classifier,
+              "probe": _probe}
+
+
+def from_config(config, context: dict) -> list:
+  """The evaluators config.eval.evaluators names, in its order (those its config turns off
+  left out); the names were checked at start (`config.validate.evaluators`)."""
+  built = (EVALUATORS[name](config, context) for name in config.eval.evaluators)
+  return [e for e in built if e is not None]
 
 
 # -- loading an encoder from config.init --------------------------------------------------------

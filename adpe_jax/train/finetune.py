@@ -1,10 +1,10 @@
 """The fine-tuning task (spec 6): `finetune(config, workdir)`, `config.task = "finetune"`.
 
-Phases as in `pretrain.train_and_evaluate`: (1) config and mesh, (2) input, (3) model,
-optimizer (`optimizer.finetune_optimizer`), initial weights (`config.init`) and the
-compiled step, (4) resume, (5) the one loop (`loop.train`) with top-1 / top-5
-(`evaluate.ClassifierEvaluator`) every epoch (or every `eval.every_steps`), (6)
-summary.json with the best and the last evaluation.
+Its own pieces (`TASK`, run by `run.run_task` as every task): (1) input, (2) model,
+optimizer (`optimizer.finetune_optimizer`), initial weights (`config.init`, not read again
+by a resumed run) and the compiled step, (3) the step and what its evaluator reads
+(config.eval.evaluators: "classifier", top-1 / top-5 every epoch or every
+`eval.every_steps`); summary.json has the best and the last evaluation.
 
 The original's recipe (spec 6): AdamW (0.9, 0.999) with layer-wise lr decay
 (`param_groups_lrd`: cls_token, pos_embed, patch_embed -> layer 0, blocks_k -> k + 1, the
@@ -22,16 +22,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
-from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, weights, workdir_lock
+from adpe_jax import data, parallel, weights
 from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import validate as check
 from adpe_jax.data import bad_images
 from adpe_jax.data.finetune import FinetunePipeline, mixup_params
-from adpe_jax.errors import ConfigError
-from adpe_jax.train import evaluate, loop
+from adpe_jax.train import loop, run
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import bad_image_metrics
 from adpe_jax.train.mixup import mix_batch, soft_cross_entropy
@@ -83,7 +80,6 @@ def make_train_step(model, tx, accum_steps: int, lr_fn, num_classes: int, smooth
   return train_step
 
 
-
 def run_metadata(config) -> dict:
   m = config.model
   return {"task": "finetune",
@@ -93,17 +89,10 @@ def run_metadata(config) -> dict:
           "image_size": config.image_size, "num_classes": config.data.num_classes}
 
 
-@workdir_lock.released_at_end
-def finetune(config, workdir: str) -> dict:
-  # 1. Config and mesh.
-  mesh, workdir = loop.start_run(config, workdir, finetune_config.validate, run_metadata,
-                                 check.upgrade_run_metadata)
-
-  # 2. Input.
+def build(config, mesh, workdir, resuming: bool) -> run.Built:
+  # 1. Input.
   source = data.from_config(config, config.data.train_split)
-  if getattr(source, "num_classes", None) and source.num_classes > config.data.num_classes:
-    raise ConfigError(f"config field data.num_classes={config.data.num_classes} is below the "
-                      f"{source.num_classes} classes of data.source={config.data.source!r}.")
+  check.num_classes(config, getattr(source, "num_classes", None))
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   pipeline = FinetunePipeline(
       source, config.batch_size, config.image_size, seed=config.seed,
@@ -112,7 +101,7 @@ def finetune(config, workdir: str) -> dict:
       num_threads=config.data.num_threads or None,
       bad_images=bad_images.Policy.from_config(config.data, source))
 
-  # 3. Model, optimizer, initial weights, compiled steps.
+  # 2. Model, optimizer, initial weights, compiled step.
   model = build_classifier(config)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   params_shape = jax.eval_shape(lambda: init_classifier_params(model, init_key))
@@ -123,13 +112,11 @@ def finetune(config, workdir: str) -> dict:
                                             config.mesh.fsdp_min_size)
   repl = parallel.replicated(mesh)
   info: dict[str, Any] = {"init": config.init or "random"}
-  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
-                               config.keep_checkpoints, metadata=run_metadata(config),
-                               upgrade=check.upgrade_run_metadata)
-  resuming = ckpt.latest_step() is not None
   params = jax.jit(lambda k: init_classifier_params(model, k))(init_key)
   if config.init and not resuming:
     params, info = weights.init_classifier(config, model, params)
+  if resuming:  # where the weights came from: kept from the first run's summary
+    info.update({k: v for k, v in loop.read_summary(workdir).items() if k.startswith("init")})
   # Host copies: the state is then created straight into its (possibly sharded) layout.
   state = jax.jit(create, out_shardings=state_sharding)(jax.device_get(params))
   del params
@@ -138,27 +125,8 @@ def finetune(config, workdir: str) -> dict:
                                           config.data.num_classes, config.aug.smoothing), mesh),
       in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  evaluator = evaluate.ClassifierEvaluator(
-      model, data.eval_source(config, config.data.eval_split), mesh,
-      image_size=config.image_size, batch_size=config.eval.batch_size,
-      max_examples=config.eval.max_examples, crop_fraction=config.eval.crop_fraction,
-      every_steps=config.eval.every_steps or int(steps_per_epoch))
 
-  # 4. Resume (where the weights came from is kept from the first run's summary).
-  restored = ckpt.restore(ckpt_lib.abstract_of(state))
-  if restored is not None:
-    state = restored
-    info.update({k: v for k, v in loop.read_summary(workdir).items() if k.startswith("init")})
-  start_step = int(state.step)
-  kept = loop.already_finished(workdir, start_step, total_steps)
-  if kept is not None:
-    ckpt.close()
-    pipeline.close()
-    return {"state": state, "summary": kept, "evals": []}
-  logging.info("fine-tuning %d steps (%d per epoch) from step %d, init %s",
-               total_steps, steps_per_epoch, start_step, config.init or "random")
-
-  # 5. The loop.
+  # 3. The step; the evaluator reads the model.
   def step_fn(state, step, host):
     batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]}, mesh)
     mix = mixup_params(config.seed, step, config.accum_steps, config.image_size,
@@ -166,14 +134,18 @@ def finetune(config, workdir: str) -> dict:
                        config.aug.mixup_switch_prob)
     return train_step(state, batch, mix, step_key)
 
-  result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
-                      batches=pipeline, total_steps=total_steps,
-                      steps_per_epoch=steps_per_epoch, evaluators=[evaluator],
-                      log_extras=lambda state, done: bad_image_metrics(pipeline),
-                      num_devices=mesh.size)
-  ckpt.close()
+  return run.Built(state=state, step_fn=step_fn, batches=pipeline, total_steps=total_steps,
+                   steps_per_epoch=steps_per_epoch, context={"model": model},
+                   summary=lambda result: info,
+                   log_extras=lambda state, done: bad_image_metrics(pipeline),
+                   note=f"init {config.init or 'random'}")
 
-  # 6. Summary.
-  summary = loop.run_summary(result, total_steps, **info)
-  loop.write_summary(workdir, summary)
-  return {"state": result.state, "summary": summary, "evals": result.evals}
+
+TASK = run.Task("finetune", finetune_config.validate, build=build, run_metadata=run_metadata,
+                upgrade=check.upgrade_run_metadata, evaluators=("classifier",))
+
+
+def finetune(config, workdir: str) -> dict:
+  """Fine-tunes in `workdir` (the same command resumes): {"state", "summary", "history",
+  "evals"}."""
+  return run.run_task(TASK, config, workdir)

@@ -1,18 +1,18 @@
 """The k-NN task (`config.task = "knn"`, configs/knn.py): k-NN top-1 of config.init's
-frozen encoder on data.source, train split -> test split; summary.json, no training."""
+frozen encoder on data.source, train split -> test split; summary.json, no training (`TASK`
+has `measure`, run by `run.run_task` under the same start, refusals, lock and summary)."""
 
 from __future__ import annotations
 
 import time
 
-from adpe_jax import data, workdir_lock
+from adpe_jax import data
 from adpe_jax.config import probe as probe_config
-from adpe_jax.train import evaluate, loop
+from adpe_jax.train import evaluate, run
 
 
-@workdir_lock.released_at_end
-def run_knn(config, workdir: str) -> dict:
-  mesh, workdir = loop.start_run(config, workdir, probe_config.validate_knn)
+def measure(config, mesh) -> dict:
+  """The k-NN of config.init's encoder: its summary.json."""
   t0 = time.time()
   encoder, info, c = evaluate.load_encoder(config)
 
@@ -28,8 +28,14 @@ def run_knn(config, workdir: str) -> dict:
       k=config.k, temperature=temperature, batch_size=config.batch_size, mesh=mesh)
   result = knn.run(encoder.params)
   train_n, test_n = knn.train.n, knn.test.n
-  summary = {**result, "k": config.k, "temperature": temperature,
-             "source": config.data.source, "train_examples": int(train_n),
-             "test_examples": int(test_n), "seconds": time.time() - t0, **info}
-  loop.write_summary(workdir, summary)
-  return summary
+  return {**result, "k": config.k, "temperature": temperature,
+          "source": config.data.source, "train_examples": int(train_n),
+          "test_examples": int(test_n), "seconds": time.time() - t0, **info}
+
+
+TASK = run.Task("knn", probe_config.validate_knn, measure=measure)
+
+
+def run_knn(config, workdir: str) -> dict:
+  """The k-NN task in `workdir`: its summary."""
+  return run.run_task(TASK, config, workdir)

@@ -33,16 +33,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
-from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, parallel, workdir_lock
+from adpe_jax import data, parallel
 from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate as check
 from adpe_jax.data import bad_images
 from adpe_jax.data.finetune import FinetunePipeline
-from adpe_jax.errors import ConfigError
-from adpe_jax.train import evaluate, loop
+from adpe_jax.train import evaluate, loop, run
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import bad_image_metrics
 
@@ -140,22 +137,15 @@ def run_metadata(config, resolved) -> dict:
           "optimizer": config.optimizer}
 
 
-@workdir_lock.released_at_end
-def linprobe(config, workdir: str) -> dict:
-  # 1. Config and mesh.
-  mesh, workdir = loop.start_run(
-      config, workdir, probe_config.validate_linprobe,
-      lambda c: run_metadata(c, evaluate.resolve_encoder_fields(c)), check.upgrade_run_metadata)
-
-  # 2. The frozen encoder (config.init), the eval-set features (once), the train input.
+def build(config, mesh, workdir, resuming: bool) -> run.Built:
+  del workdir, resuming  # a resumed run restores over the initial probe
+  # 1. The frozen encoder (config.init), the eval-set features (once), the train input.
   t0 = time.time()
   encoder, info, resolved = evaluate.load_encoder(config)
   repl = parallel.replicated(mesh)
   encoder_params = jax.device_put(encoder.params, repl)
   source = data.from_config(config, config.data.train_split)
-  if getattr(source, "num_classes", None) and source.num_classes > config.data.num_classes:
-    raise ConfigError(f"config field data.num_classes={config.data.num_classes} is below the "
-                      f"{source.num_classes} classes of data.source={config.data.source!r}.")
+  check.num_classes(config, getattr(source, "num_classes", None))
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   eval_feats, eval_labels = evaluate.labelled_features(
       evaluate.FrozenEncoder(encoder.fn, encoder_params),
@@ -169,7 +159,7 @@ def linprobe(config, workdir: str) -> dict:
       num_threads=config.data.num_threads or None,
       bad_images=bad_images.Policy.from_config(config.data, source))
 
-  # 3. Probe, optimizer, compiled step, evaluator.
+  # 2. Probe, optimizer, compiled step.
   probe = LinearProbe(config.data.num_classes)
   dim = eval_feats.shape[1]
   variables = jax.jit(lambda k: probe.init(k, jnp.zeros((2, dim)), train=False))(
@@ -182,44 +172,31 @@ def linprobe(config, workdir: str) -> dict:
   train_step = jax.jit(make_train_step(probe, encoder.fn, tx, lr_fn),
                        in_shardings=(repl, repl, batch_sharding, batch_sharding),
                        out_shardings=(repl, repl), donate_argnums=(0,))
-  evaluator = evaluate.FeatureProbeEvaluator(
-      probe_logits(probe), eval_feats, eval_labels,
-      every_steps=config.eval.every_steps or int(steps_per_epoch))
 
-  # 4. Resume.
-  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
-                               config.keep_checkpoints,
-                               metadata=run_metadata(config, resolved),
-                               upgrade=check.upgrade_run_metadata)
-  restored = ckpt.restore(ckpt_lib.abstract_of(state))
-  if restored is not None:
-    state = restored
-  start_step = int(state.step)
-  kept = loop.already_finished(workdir, start_step, total_steps)
-  if kept is not None:
-    ckpt.close()
-    pipeline.close()
-    return {"state": state, "summary": kept, "evals": [], "encoder": encoder,
-            "encoder_params": encoder_params}
-  logging.info("linear probe: %d steps (%d per epoch) from step %d, init %s, pool %s",
-               total_steps, steps_per_epoch, start_step, config.init or "random",
-               resolved.model.pool)
-
-  # 5. The loop.
+  # 3. The step; the evaluator reads the probe and the eval-set features.
   def step_fn(state, step, host):
     del step
     batch = parallel.global_batch({"images": host["images"], "labels": host["labels"]}, mesh)
     return train_step(state, encoder_params, batch["images"], batch["labels"])
 
-  result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
-                      batches=pipeline, total_steps=total_steps,
-                      steps_per_epoch=steps_per_epoch, evaluators=[evaluator],
-                      log_extras=lambda state, done: bad_image_metrics(pipeline),
-                      num_devices=mesh.size)
-  ckpt.close()
+  return run.Built(
+      state=state, step_fn=step_fn, batches=pipeline, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+      context=dict(probe_logits=probe_logits(probe), eval_feats=eval_feats,
+                   eval_labels=eval_labels),
+      summary=lambda result: dict(feature_seconds=feature_seconds, **info),
+      log_extras=lambda state, done: bad_image_metrics(pipeline),
+      outputs={"encoder": encoder, "encoder_params": encoder_params},
+      note=f"init {config.init or 'random'}, pool {resolved.model.pool}")
 
-  # 6. Summary.
-  summary = loop.run_summary(result, total_steps, feature_seconds=feature_seconds, **info)
-  loop.write_summary(workdir, summary)
-  return {"state": result.state, "summary": summary, "evals": result.evals, "encoder": encoder,
-          "encoder_params": encoder_params}
+
+TASK = run.Task(
+    "linprobe", probe_config.validate_linprobe, build=build,
+    run_metadata=lambda c: run_metadata(c, evaluate.resolve_encoder_fields(c)),
+    upgrade=check.upgrade_run_metadata, evaluators=("probe",))
+
+
+def linprobe(config, workdir: str) -> dict:
+  """Trains a linear probe on config.init's frozen encoder in `workdir` (the same command
+  resumes): {"state", "summary", "history", "evals", "encoder", "encoder_params"}."""
+  return run.run_task(TASK, config, workdir)

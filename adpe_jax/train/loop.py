@@ -1,9 +1,10 @@
 """The one training loop of every task (pretrain, finetune, linprobe), and what a run
-does the same way whatever its task: start (processes, mesh, validation, workdir), steps
-from epochs, the history of a resumed run, summary.json.
+does the same way whatever its task: steps from epochs, the history of a resumed run,
+summary.json.  The run around the loop (start, lock, checkpointer, restore) is
+`run.run_task`.
 
-A task supplies its state, its step and its evaluators; the loop knows none of them by
-name:
+A task supplies its state and its step, the config its evaluators; the loop knows none of
+them by name:
 
   result = loop.train(config, workdir=..., ckpt=..., state=..., step_fn=..., batches=...,
                       total_steps=..., steps_per_epoch=..., evaluators=[...])
@@ -16,9 +17,11 @@ with them (kept on the device meanwhile, so no extra sync): a non-finite step, o
 above `divergence_factor` times the run's first loss, stops the run (`DivergenceError`
 naming that exact step and the last good checkpoint; summary.json says "non-finite" or
 "diverged"), and these checks precede every save.
-Evaluators run every `evaluator.every_steps` and at the last step; SIGTERM / preemption
-is agreed across processes (`stop.AgreedStop`); `max_steps_per_run` ends a run early
-(status "stopped": the same command continues).
+Evaluators run every `evaluator.every_steps` and at the last step; an end-of-run
+evaluation that an earlier process of the run did not finish (a signal during it) runs
+when the same command finds nothing left to train.  SIGTERM / preemption is agreed across
+processes (`stop.AgreedStop`); `max_steps_per_run` ends a run early (status "stopped": the
+same command continues).
 """
 
 from __future__ import annotations
@@ -32,10 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adpe_jax import parallel, storage, workdir_lock
+from adpe_jax import storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.errors import ConfigError, DivergenceError
-from adpe_jax.train import preflight
 from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
 
@@ -49,37 +51,16 @@ class Evaluator(Protocol):
   the run's evaluations); an (H, W, 3) array is written as an image.  `key` names the
   scalar that marks its records in metrics.jsonl (the history a resumed run reads back).
   The state passed is the task's train state; evaluators of frozen weights take its
-  `.params` (or params themselves)."""
+  `.params` (or params themselves).  `name` names it in messages ("k-NN")."""
   every_steps: int
   at_end: bool
   key: str
+  name: str
 
   def run(self, state, step: int) -> dict: ...
 
 
-# -- start, steps, history, summary -----------------------------------------------------------
-
-def start_run(config, workdir, validate: Optional[Callable] = None,
-              run_metadata: Optional[Callable] = None, upgrade: Optional[Callable] = None):
-  """Join the processes, build the (data, fsdp) mesh, validate the config against it, check
-  the workdir against the request (`preflight`: every refusal comes before anything is
-  written or compiled; `run_metadata(config)` / `upgrade` as the task's Checkpointer gets
-  them), make the workdir (an epath.Path: local and absolute, or gs://...), take its
-  one-writer lock (`workdir_lock`, before the saved run is read; the task's
-  `released_at_end` releases it) and write config.json from process 0.  Returns (mesh, workdir)."""
-  parallel.initialize_distributed(config)
-  parallel.agree_on_config(config, workdir)  # several processes: one config, before compiling
-  mesh = parallel.mesh_from_config(config)
-  if validate is not None:
-    validate(config, num_devices=mesh.size)
-  # Refusals (values, workdir, the lock, the saved run): nothing written before this returns.
-  workdir = preflight.check_workdir(config, workdir, run_metadata=run_metadata,
-                                    upgrade=upgrade,
-                                    lock=lambda path: workdir_lock.acquire(path, config))
-  if jax.process_index() == 0:
-    storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-  return mesh, workdir
-
+# -- steps, history, summary ------------------------------------------------------------------
 
 def steps_from_epochs(config, num_examples: int) -> tuple[int, float]:
   """(total optimizer steps, steps per epoch): total_steps if > 0, else total_epochs of
@@ -121,9 +102,12 @@ def logged_records(workdir, key: str, upto: Optional[int] = None) -> list[dict]:
 
 def run_summary(result: "Result", total_steps: int, **extra) -> dict:
   """summary.json of a trained run: status, steps, timing, the task's `extra` fields and
-  the best / last top-1 evaluation where the task has one."""
+  the best / last top-1 evaluation where the task has one; evaluation "interrupted" when a
+  signal abandoned an end-of-run evaluation (re-running the same command does it)."""
+  interrupted = {"evaluation": "interrupted"} if result.interrupted else {}
   return {"status": result.status, "steps": result.end_step, "total_steps": total_steps,
-          "train_seconds": result.train_seconds, **extra, **best_and_last(result.evals)}
+          "train_seconds": result.train_seconds, **extra, **best_and_last(result.evals),
+          **interrupted}
 
 
 def best_and_last(evals: list, key: str = "top1") -> dict:
@@ -148,11 +132,19 @@ class Result:
   train_seconds: float
   history: list           # the log records of this run
   evals: list             # evaluation records, those of earlier runs of the workdir first
+  interrupted: str = ""   # "SIGTERM during the end-of-run k-NN": a signal abandoned it
 
 
 def _due(evaluator, done: int, total_steps: int) -> bool:
   every = evaluator.every_steps
   return (every > 0 and done % every == 0) or (evaluator.at_end and done == total_steps)
+
+
+def _not_done_at_end(evaluators, evals: list, total_steps: int) -> list:
+  """The end-of-run evaluators with no record at the last step (an earlier process of the
+  run was stopped during that evaluation); those without records (key "") are not known."""
+  return [e for e in evaluators if e.at_end and e.key and not any(
+      r.get("step") == total_steps and e.key in r for r in evals)]
 
 
 def _write_result(log: MetricsLog, step: int, result: dict, epoch: float) -> dict:
@@ -232,7 +224,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   reference = first_loss(workdir, start_step)  # None: a fresh run, set from its step 1
   accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))  # one dispatch per step
   t_last, step_last, t0 = time.time(), start_step, time.time()
-  status = "finished"
+  status, interrupted = "finished", ""
   stream = batches.iterate(start_step, stop_at - start_step)
   # The signal guard covers the steps, the evaluations, the last save and the clean-up.
   with AgreedStop() as agreed:
@@ -302,6 +294,11 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
       end_step = int(state.step)
       ckpt.maybe_save(end_step, state, force=True)
       ckpt.wait()
+      if status == "finished" and end_step == total_steps and not agreed.guard.requested:
+        # The state is saved: a signal now abandons the evaluation, the run ends "preempted".
+        interrupted = _evaluate_at_end(log, agreed, state, evals, evaluators, total_steps,
+                                       steps_per_epoch)
+        status = "preempted" if interrupted else status
     finally:
       stream.close()
       batches.close()
@@ -312,7 +309,31 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   if status == "finished" and end_step < total_steps:
     status = "stopped"  # by max_steps_per_run: re-running the command continues
   return Result(state=state, status=status, start_step=start_step, end_step=end_step,
-                train_seconds=time.time() - t0, history=history, evals=evals)
+                train_seconds=time.time() - t0, history=history, evals=evals,
+                interrupted=interrupted)
+
+
+def _evaluate_at_end(log: MetricsLog, agreed: AgreedStop, state, evals: list, evaluators,
+                     total_steps: int, steps_per_epoch: float) -> str:
+  """Runs the end-of-run evaluations not done yet (`_not_done_at_end`); their records join
+  `evals`.  Returns "" or, when a signal abandoned one, "SIGTERM during the end-of-run
+  NAME"."""
+  missing = _not_done_at_end(evaluators, evals, total_steps)
+  if not missing:
+    return ""
+  current = missing[0]
+  try:
+    with agreed.evaluating():
+      for current in missing:
+        record = _write_result(log, total_steps, current.run(state, total_steps),
+                               total_steps / steps_per_epoch)
+        if record:
+          evals.append(record)
+          logging.info("step %d eval %s", total_steps, {k: v for k, v in record.items()
+                                                        if k not in ("step", "epoch")})
+  except PreemptedError as e:
+    return f"{signal_name(e.signum)} during the end-of-run {current.name}"
+  return ""
 
 
 def _stop(workdir, ckpt, bad: tuple, reference: float, factor: float, total_steps: int):

@@ -1,8 +1,8 @@
 """The refusals of a run's start, before anything is written and before the step compiles.
 
-`check_workdir(config, workdir, run_metadata=..., upgrade=...)` (called by
-`loop.start_run` before config.json is written) refuses, in one sentence, and changes
-nothing on disk:
+`prepare_workdir` then, under the workdir's lock, `check_saved_run` (called by
+`run.run_task` before config.json is written; `check_workdir` does both) refuse, in one
+sentence, and change nothing on disk:
 
   * a config value out of range (`config.validate.values`: rates, epoch counts, seed...);
   * an empty `--workdir` (an unset shell variable would train into the current directory),
@@ -193,22 +193,34 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
   return True
 
 
-def check_workdir(config, workdir, run_metadata: Optional[Callable] = None,
-                  upgrade: Optional[Callable] = None,
-                  lock: Optional[Callable] = None) -> epath.Path:
-  """Every refusal of the module docstring, in that order; the workdir exists and is
-  writable, and `lock(path)` (the one-writer lock) is taken before the saved run is read,
-  so a second run on a live workdir is told that, not how its config differs.  Returns the
-  workdir (an epath.Path: local and absolute, or gs://...)."""
+def prepare_workdir(config, workdir) -> epath.Path:
+  """The refusals before the workdir's lock: config values, an empty / file / unwritable
+  workdir (created if new).  Returns it (an epath.Path: local and absolute, or gs://...)."""
   check.values(config)
   text = "" if workdir is None else os.fspath(workdir)
-  path = _writable(workdir_path(workdir), text)
-  if lock is not None:
-    lock(path)
+  return _writable(workdir_path(workdir), text)
+
+
+def check_saved_run(config, path: epath.Path, workdir, run_metadata: Optional[Callable] = None,
+                    upgrade: Optional[Callable] = None) -> bool:
+  """The refusals under the workdir's lock (taken before the saved run is read, so a second
+  run on a live workdir is told that, not how its config differs): the saved run, then
+  config.init.  `workdir`: the text the user passed (for the messages).  Returns whether
+  the workdir holds a checkpoint (the run resumes)."""
+  text = "" if workdir is None else os.fspath(workdir)
   try:
     resuming = compare_with_saved_run(config, path, text, run_metadata, upgrade)
   except CheckpointError:
     ckpt_lib.quiet_orbax_teardown()
     raise
   check_init(config, resuming)
+  return resuming
+
+
+def check_workdir(config, workdir, run_metadata: Optional[Callable] = None,
+                  upgrade: Optional[Callable] = None) -> epath.Path:
+  """Every refusal of the module docstring, in that order, without the lock (`run.run_task`
+  holds it between `prepare_workdir` and `check_saved_run`).  Returns the workdir."""
+  path = prepare_workdir(config, workdir)
+  check_saved_run(config, path, workdir, run_metadata, upgrade)
   return path

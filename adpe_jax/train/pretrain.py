@@ -1,9 +1,9 @@
 """The pretraining task: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom in numbered phases: (1) config and mesh, (2) input, (3) model,
-optimizer and the compiled step, (4) checkpoint / resume, (5) its evaluators (k-NN,
-reconstructions) and the one loop (`loop.train`), (6) summary.json (with the k-NN of a
-random init beside the final one).
+Its own pieces (`TASK`, run by `run.run_task`: start, refusals, lock, checkpoint, the one
+loop, summary.json): (1) input, (2) model, optimizer and the compiled step, (3) what its
+evaluators read (config.eval.evaluators: "knn", "reconstructions"; the k-NN at the end also
+measures a random init) and its summary fields.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import data, flops, parallel, storage, workdir_lock
+from adpe_jax import data, flops, parallel
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.data import bad_images
-from adpe_jax.train import evaluate, loop, reconstruction, stop
+from adpe_jax.train import loop, run
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import bad_image_metrics, device_peak_flops
-from adpe_jax.train.state import build_model, create_train_state, init_params
+from adpe_jax.train.state import build_model, create_train_state
 from adpe_jax.train.step import make_adversary_gap, make_train_step
 
 
@@ -87,37 +86,9 @@ def _batch_spec(config, sharding):
           "ids": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)}
 
 
-class Reconstructions:
-  """The reconstruction grid of the first batch's first 8 crops (an evaluator: every
-  eval.recon_every_steps and at the end), also saved as WORKDIR/reconstructions.png."""
-  key = ""
-
-  def __init__(self, config, model, step_key, workdir, every_steps: int):
-    self.config, self.model, self.rng, self.workdir = config, model, step_key, workdir
-    self.every_steps, self.at_end = every_steps, True
-    self.images = None        # set from the first host batch
-
-  def run(self, state, step: int) -> dict:
-    del step
-    if self.images is None:
-      return {}
-    pred, mask = reconstruction.reconstruct(self.model, state.params, self.images, self.rng,
-                                            adversary=state.adversary)
-    grid = reconstruction.reconstruction_grid(self.images, pred, mask,
-                                              self.config.model.patch_size)
-    if jax.process_index() == 0:
-      zoom = max(1, 112 // self.config.image_size)  # small crops (28 px) enlarged for the eye
-      reconstruction.save_png(grid.repeat(zoom, 0).repeat(zoom, 1),
-                              storage.resolve(self.workdir) / "reconstructions.png")
-    return {"reconstructions": np.asarray(grid)}
-
-
-@workdir_lock.released_at_end
-def train_and_evaluate(config, workdir: str) -> dict:
-  # 1. Config and mesh. ----------------------------------------------------------------
-  mesh, workdir = loop.start_run(config, workdir, pretrain_config.validate, run_metadata)
-
-  # 2. Input: this process's part of every global batch, a pure function of the step.
+def build(config, mesh, workdir, resuming: bool) -> run.Built:
+  del resuming  # a resumed run restores over the initial state
+  # 1. Input: this process's part of every global batch, a pure function of the step.
   source = data.from_config(config, config.data.split)
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   pipeline = data.PretrainPipeline(
@@ -129,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       output="uint8" if config.data.normalize_on_device else "float32",
       bad_images=bad_images.Policy.from_config(config.data, source))
 
-  # 3. Model, optimizer, shardings and the compiled step. -------------------------------
+  # 2. Model, optimizer, shardings and the compiled step. -------------------------------
   setup = build_training(config, mesh, total_steps, steps_per_epoch)
   model, state, step_key = setup["model"], setup["state"], setup["step_key"]
   if jax.process_index() == 0:
@@ -150,35 +121,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   adv_gap = (jax.jit(parallel.under_mesh(make_adversary_gap(model), mesh))
              if config.adversary.kind != "none" else None)
 
-  # 4. Checkpoint / resume: the same command with the same workdir continues the run.
-  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint_every_steps,
-                               config.keep_checkpoints, metadata=run_metadata(config))
-  restored = ckpt.restore(ckpt_lib.abstract_of(state))
-  if restored is not None:
-    state = restored
-  start_step = int(state.step)
-  kept = loop.already_finished(workdir, start_step, total_steps)
-  if kept is not None:  # re-running a finished run changes nothing
-    ckpt.close()
-    pipeline.close()
-    return {"state": state, "history": [], "summary": kept}
-  logging.info("training %d steps (%.1f per epoch) on %d devices from step %d",
-               total_steps, steps_per_epoch, mesh.size, start_step)
-
-  # 5. Evaluators and the loop. ---------------------------------------------------------
-  evaluators = []
-  knn = None
-  if config.eval.knn_source:
-    knn = evaluate.KnnEvaluator.from_pretrain_config(config, model, mesh)
-    evaluators.append(knn)
-  recon = Reconstructions(config, model, step_key, workdir, config.eval.recon_every_steps)
-  evaluators.append(recon)
+  # 3. The step, its log extras, what its evaluators read, its summary fields. ----------
   last = {}
 
   def step_fn(state, step, host_batch):
     del step
-    if recon.images is None:
-      recon.images = data.normalize(host_batch["images"][:8]) if (
+    if "sample" not in last:  # the reconstructions' crops: the first batch's first 8
+      last["sample"] = data.normalize(host_batch["images"][:8]) if (
           host_batch["images"].dtype == np.uint8) else host_batch["images"][:8]
     last["batch"] = parallel.global_batch(host_batch, mesh)
     return train_step(state, last["batch"], step_key)
@@ -191,35 +140,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                     last["batch"],
                                                     jax.random.fold_in(step_key, done)))}
 
-  result = loop.train(config, workdir=workdir, ckpt=ckpt, state=state, step_fn=step_fn,
-                      batches=pipeline, total_steps=total_steps,
-                      steps_per_epoch=steps_per_epoch, evaluators=evaluators,
-                      log_extras=log_extras, flops_per_step=flops_per_step,
-                      peak_flops=device_peak_flops(), num_devices=mesh.size)
-  ckpt.close()
+  def summary(result: loop.Result) -> dict:
+    final_loss = (result.history[-1]["loss"] if result.history else
+                  (loop.logged_records(workdir, "loss") or [{}])[-1].get("loss"))
+    out = dict(compile_seconds=compile_seconds, step_flops=flops_per_step,
+               final_loss=final_loss)
+    if result.status == "finished" and config.eval.knn_source and (
+        "knn" in config.eval.evaluators):
+      # The evaluator's run at the last step (this process's or an earlier one's).
+      final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
+      out.update({k: final[-1][k] for k in KNN_SUMMARY if final and k in final[-1]})
+    return out
 
-  # 6. Summary. ---------------------------------------------------------------------------
-  final_loss = (result.history[-1]["loss"] if result.history else
-                (loop.logged_records(workdir, "loss") or [{}])[-1].get("loss"))
-  summary = loop.run_summary(result, total_steps, compile_seconds=compile_seconds,
-                             step_flops=flops_per_step, final_loss=final_loss)
-  if result.status == "finished" and knn is not None:
-    try:  # the state is saved: a signal now abandons the k-NN and ends the run "preempted"
-      with stop.interruptible():
-        logging.info("end-of-run k-NN (%d train / %d test examples)", knn.train.n, knn.test.n)
-        final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
-        # (none only when the last step ran in an earlier process that ended before its
-        # summary, or was preempted during its evaluation)
-        summary["knn_top1"] = (final[-1]["knn_top1"] if final
-                               else knn.run(result.state)["knn_top1"])
-        seconds = knn.seconds
-        summary["knn_top1_random_init"] = knn.run(
-            jax.jit(lambda k: init_params(model, k))(setup["init_key"]))["knn_top1"]
-        summary["knn_seconds"] = seconds + knn.seconds  # the final and the random-init k-NN
-    except stop.PreemptedError as e:
-      summary.update(status="preempted", evaluation="interrupted")
-      logging.warning("preemption: got %s during the end-of-run k-NN; the run is trained and "
-                      "saved at step %d; summary.json says preempted; re-running the same "
-                      "command does the k-NN", stop.signal_name(e.signum), result.end_step)
-  loop.write_summary(workdir, summary)
-  return {"state": result.state, "history": result.history, "summary": summary}
+  return run.Built(
+      state=state, step_fn=step_fn, batches=pipeline, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, summary=summary, log_extras=log_extras,
+      flops_per_step=flops_per_step, peak_flops=device_peak_flops(),
+      context=dict(model=model, step_key=step_key, init_key=setup["init_key"],
+                   sample_images=lambda: last.get("sample")))
+
+
+# summary.json's fields from the k-NN at the end (evaluate.KnnEvaluator with random_init)
+KNN_SUMMARY = ("knn_top1", "knn_top1_random_init", "knn_seconds")
+
+TASK = run.Task("pretrain", pretrain_config.validate, build=build, run_metadata=run_metadata,
+                evaluators=("knn", "reconstructions"))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Pretrains in `workdir` (the same command resumes): {"state", "summary", "history",
+  "evals"}."""
+  return run.run_task(TASK, config, workdir)

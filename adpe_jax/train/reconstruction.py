@@ -3,6 +3,7 @@
   pred, mask = reconstruct(model, params, images, key, adversary=state.adversary)
   grid = reconstruction_grid(images, pred, mask, patch)        # uint8 (rows*H, 3*W, 3)
   save_png(grid, "recon.png")
+  Reconstructions(...)       # the pretraining evaluator "reconstructions" (train/evaluate.py)
 
 `pred` is in normalised-patch units (the norm-pixel loss target), so each predicted
 patch is de-normalised with the mean / std (ddof=1, eps 1e-6) of the same patch of the
@@ -91,3 +92,31 @@ def reconstruct(model: MAEPlus, params, images, key, adversary=None
   """
   pred, mask = _apply_fn(model)(params, adversary or {}, np.asarray(images, np.float32), key)
   return np.asarray(pred, np.float32), np.asarray(mask, np.float32)
+
+
+class Reconstructions:
+  """The evaluator "reconstructions" (pretraining): the grid of the first batch's first 8
+  crops every eval.recon_every_steps and at the end, also saved as
+  WORKDIR/reconstructions.png.  `images() -> (N, H, W, 3) normalised float or None`: the
+  crops, taken by the task's step from its first host batch (None before it)."""
+  key = ""
+  name = "reconstructions"
+
+  def __init__(self, config, model, step_key, workdir, every_steps: int, images):
+    self.config, self.model, self.rng, self.workdir = config, model, step_key, workdir
+    self.every_steps, self.at_end = every_steps, True
+    self.images = images
+
+  def run(self, state, step: int) -> dict:
+    del step
+    images = self.images()
+    if images is None:
+      return {}
+    pred, mask = reconstruct(self.model, state.params, images, self.rng,
+                             adversary=state.adversary)
+    grid = reconstruction_grid(images, pred, mask, self.config.model.patch_size)
+    if jax.process_index() == 0:
+      zoom = max(1, 112 // self.config.image_size)  # small crops (28 px) enlarged for the eye
+      save_png(grid.repeat(zoom, 0).repeat(zoom, 1),
+               storage.resolve(self.workdir) / "reconstructions.png")
+    return {"reconstructions": np.asarray(grid)}

@@ -1,4 +1,5 @@
-"""`config.task` -> the task's entry `(config, workdir) -> result`; `run` is what main calls."""
+"""`config.task` -> the task's entry `(config, workdir) -> result` (each a call of
+`run.run_task` with the task module's `TASK`); `run` is what main calls."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import jax
 
 from adpe_jax.config import validate
-from adpe_jax.errors import ConfigError
 from adpe_jax.train import finetune, knn, linprobe, pretrain
 
 ENTRIES = {
@@ -23,16 +23,13 @@ def enable_compilation_cache(config, workdir: str) -> str | None:
   resumed run or another run of the same program loads the compiled step instead of
   compiling it again.  Returns the directory used (None = off)."""
   setting = str(config.get("compilation_cache", "auto"))
-  if setting == "none":
+  if setting in ("none", ""):  # "" is refused at start (config.validate.values)
     return None
   if setting == "auto":
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # jax has read it already
       return os.environ["JAX_COMPILATION_CACHE_DIR"]
     setting = (workdir.rstrip("/") + "/jax_cache" if "://" in workdir
                else os.path.join(os.path.abspath(workdir), "jax_cache"))
-  elif not setting:
-    raise ConfigError("config field compilation_cache='' is not allowed; use auto, none or "
-                      "a directory.")
   jax.config.update("jax_compilation_cache_dir", setting)
   return setting
 

@@ -1,0 +1,139 @@
+"""The run of every task, written once: `run_task(task, config, workdir)`.
+
+A task module supplies only what is its own, as a `Task`: its config validation, its run
+metadata, and `build` (input, model, state, compiled step, its summary fields, what its
+evaluators read).  The run reads top to bottom in numbered phases, as big_vision's
+train.py:
+
+  1. start: join the processes, one config for all, the mesh, the task's validation;
+  2. the refusals before the lock (values, the workdir made and writable);
+  3. `with` the workdir's one-writer lock: the saved run compared with this command (every
+     refusal comes before anything is written), then config.json;
+  4. the task's pieces (`task.build`), `with` the Checkpointer: restore or the built init,
+     nothing to do for a finished run, the evaluators named by config.eval.evaluators
+     (`evaluate.from_config`), the one loop (`loop.train`);
+  5. summary.json: `loop.run_summary` and the task's fields.
+
+A task that trains nothing (knn) supplies `measure` instead of `build`: phase 4 is that
+one call, under the same start, refusals, lock and summary.  (Not in train/tasks.py: each
+task module builds its `Task` with this module and calls `run_task` from its public entry,
+and tasks.py imports the task modules.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+from absl import logging
+
+from adpe_jax import checkpoint as ckpt_lib
+from adpe_jax import parallel, storage, workdir_lock
+from adpe_jax.config import validate as check
+from adpe_jax.train import evaluate, loop, preflight
+
+
+@dataclasses.dataclass
+class Built:
+  """What a training task builds for its run (`Task.build`)."""
+  state: Any                  # the initial state (a checkpoint restores into its shardings)
+  step_fn: Callable           # (state, step, host_batch) -> (state, metrics)
+  batches: Any                # the input pipeline: iterate(start, count), close()
+  total_steps: int
+  steps_per_epoch: float
+  context: dict = dataclasses.field(default_factory=dict)  # what its evaluators read
+  summary: Callable = lambda result: {}  # (loop.Result) -> its fields of summary.json
+  log_extras: Optional[Callable] = None  # (state, step) -> metrics added to each log record
+  flops_per_step: float = 0.0            # analytic: TFLOP/s and MFU in the log
+  peak_flops: Optional[float] = None
+  outputs: dict = dataclasses.field(default_factory=dict)  # returned beside the state
+  note: str = ""                         # added to the log line that starts the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task's own pieces; `run_task` sequences the run.  Exactly one of `build` (a
+  training task) and `measure` (no training: the k-NN task)."""
+  name: str                                        # config.task
+  validate: Callable                               # (config, num_devices) -> None
+  build: Optional[Callable] = None                 # (config, mesh, workdir, resuming) -> Built
+  measure: Optional[Callable] = None               # (config, mesh) -> summary dict
+  run_metadata: Optional[Callable] = None          # (config) -> what a checkpoint must match
+  upgrade: Optional[Callable] = None               # saved run metadata -> today's names
+  evaluators: tuple = ()                           # the evaluate.EVALUATORS its context serves
+
+
+def start(task: Task, config, workdir):
+  """Join the processes, agree on one config, build the (data, fsdp) mesh, validate the
+  config against it (and eval.evaluators against the task).  Returns the mesh."""
+  parallel.initialize_distributed(config)
+  parallel.agree_on_config(config, workdir)  # several processes: one config, before compiling
+  mesh = parallel.mesh_from_config(config)
+  task.validate(config, num_devices=mesh.size)
+  check.evaluators(config, task.evaluators)
+  return mesh
+
+
+def write_config(path, config) -> None:
+  """config.json (process 0): written once every refusal has passed, so it is the config of
+  the workdir's checkpoints."""
+  if jax.process_index() == 0:
+    storage.write_text(path / "config.json", config.to_json_best_effort(indent=2))
+
+
+def run_task(task: Task, config, workdir) -> dict:
+  """The run of `task` in `workdir`: {"state", "summary", "history", "evals", ...the task's
+  outputs} (the k-NN task: its summary)."""
+  # 1. Processes, mesh, validation. ------------------------------------------------------------
+  mesh = start(task, config, workdir)
+
+  # 2. Refusals before the lock: nothing is written before every refusal has passed. ---------
+  path = preflight.prepare_workdir(config, workdir)
+
+  # 3. The one-writer lock (before the saved run is read), the saved run, config.json. --------
+  with workdir_lock.acquire(path, config):
+    resuming = preflight.check_saved_run(config, path, workdir, task.run_metadata, task.upgrade)
+    write_config(path, config)
+    if task.measure is not None:  # no training: measure, then summary.json
+      summary = task.measure(config, mesh)
+      loop.write_summary(path, summary)
+      return summary
+
+    # 4. The task's pieces, the checkpoint (restore or init), the evaluators and the loop. ---
+    built = task.build(config, mesh, path, resuming)
+    try:
+      with ckpt_lib.Checkpointer(
+          path, config.checkpoint_every_steps, config.keep_checkpoints,
+          metadata=task.run_metadata(config) if task.run_metadata else None,
+          upgrade=task.upgrade) as ckpt:
+        restored = ckpt.restore(ckpt_lib.abstract_of(built.state))
+        state = built.state if restored is None else restored
+        kept = loop.already_finished(path, int(state.step), built.total_steps)
+        if kept is not None:  # re-running a finished run changes nothing
+          return {"state": state, "summary": kept, "history": [], "evals": [],
+                  **built.outputs}
+        logging.info("%s: %d steps (%.1f per epoch) on %d devices from step %d%s", task.name,
+                     built.total_steps, built.steps_per_epoch, mesh.size, int(state.step),
+                     f", {built.note}" if built.note else "")
+        context = dict(built.context, mesh=mesh, workdir=path, total_steps=built.total_steps,
+                       steps_per_epoch=built.steps_per_epoch)
+        result = loop.train(config, workdir=path, ckpt=ckpt, state=state,
+                            step_fn=built.step_fn, batches=built.batches,
+                            total_steps=built.total_steps,
+                            steps_per_epoch=built.steps_per_epoch,
+                            evaluators=evaluate.from_config(config, context),
+                            log_extras=built.log_extras, flops_per_step=built.flops_per_step,
+                            peak_flops=built.peak_flops, num_devices=mesh.size)
+    finally:
+      built.batches.close()  # (the loop closes it too; a refusal or a finished run does not)
+
+    # 5. Summary. --------------------------------------------------------------------------------
+    summary = loop.run_summary(result, built.total_steps, **built.summary(result))
+    if result.interrupted:
+      logging.warning("preemption: got %s; the run is trained and saved at step %d; "
+                      "summary.json says preempted; re-running the same command does it",
+                      result.interrupted, result.end_step)
+    loop.write_summary(path, summary)
+  return {"state": result.state, "summary": summary, "history": result.history,
+          "evals": result.evals, **built.outputs}
