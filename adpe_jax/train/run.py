@@ -29,7 +29,8 @@ import jax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, storage, workdir_lock
+from adpe_jax import parallel, workdir_lock
+from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.train import evaluate, loop, preflight
 
@@ -79,7 +80,7 @@ def write_config(path, config) -> None:
   """config.json (process 0): written once every refusal has passed, so it is the config of
   the workdir's checkpoints."""
   if jax.process_index() == 0:
-    storage.write_text(path / "config.json", config.to_json_best_effort(indent=2))
+    rundir.write_config(path, config)
 
 
 def run_task(task: Task, config, workdir) -> dict:
