@@ -103,8 +103,9 @@ class Reconstructions:
       return {}
     pred, mask = reconstruction.reconstruct(self.model, state.params, self.images, self.rng,
                                             adversary=state.adversary)
-    grid = reconstruction.reconstruction_grid(self.images, pred, mask,
-                                              self.config.model.patch_size)
+    grid = reconstruction.reconstruction_grid(
+        self.images, pred, mask, self.config.model.patch_size,
+        norm_pix=self.config.model.get("norm_pix_loss", True))
     if jax.process_index() == 0:
       zoom = max(1, 112 // self.config.image_size)  # small crops (28 px) enlarged for the eye
       reconstruction.save_png(grid.repeat(zoom, 0).repeat(zoom, 1),
