@@ -95,6 +95,37 @@ def test_loss_matches_numpy(fmnist_images):
   assert abs(got - expect) < 1e-12 * expect
 
 
+def test_pixel_loss_without_normalisation_matches_numpy(fmnist_images):
+  """model.norm_pix_loss=False: MAE's loss without --norm_pix_loss, the MSE against the
+  (ImageNet-normalised) pixels of the masked patches."""
+  rng = np.random.default_rng(1)
+  t = np.asarray(patchify(fmnist_images[:4].astype(np.float64), 4))
+  pred = rng.normal(size=t.shape)
+  mask = (rng.random((4, 49)) > 0.3).astype(np.float64)
+  expect = (((pred - t) ** 2).mean(-1) * mask).sum() / mask.sum()
+  with jax.enable_x64(True):
+    got = float(norm_pix_loss(jnp.asarray(pred), jnp.asarray(t), jnp.asarray(mask),
+                              normalize=False))
+  assert abs(got - expect) < 1e-12 * expect
+
+
+def test_model_norm_pix_loss_false_predicts_pixels(fmnist_images):
+  """The model's own flag: its loss is the pixel MSE of its own prediction and mask."""
+  from adpe_jax.config.pretrain import apply_smoke, base_config
+  from adpe_jax.train.state import build_model, init_params
+  c = apply_smoke(base_config())
+  c.model.norm_pix_loss = False
+  model = build_model(c)
+  assert model.norm_pix_loss is False
+  images = jnp.asarray(fmnist_images[:4], jnp.float32)
+  params = init_params(model, jax.random.key(0))
+  loss, pred, mask = model.apply({"params": params}, images, rngs={"masking": jax.random.key(1)})
+  t = np.asarray(patchify(np.asarray(images), 4), np.float64)
+  m = np.asarray(mask, np.float64)
+  expect = (((np.asarray(pred, np.float64) - t) ** 2).mean(-1) * m).sum() / m.sum()
+  np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
 def test_patchify_order_and_inverse(fmnist_images):
   x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
   p = np.asarray(patchify(x, 4))

@@ -89,6 +89,19 @@ def test_png_round_trip(tmp_path):
     rec.save_png(grid.astype(np.float32), tmp_path / "bad.png")
 
 
+def test_pixel_predictions_are_shown_as_they_are():
+  """norm_pix=False (model.norm_pix_loss=False): a prediction equal to the pixels of the
+  patches gives the original back, with no per-patch de-normalisation."""
+  images, raw = normalised_images(3, 28)
+  mask = random_mask(3, 49)
+  grid = rec.reconstruction_grid(images, patchify(images, 4), mask, 4, norm_pix=False)
+  original, _, recon = panels(grid, 3, 28, 28)
+  assert np.abs(recon.astype(int) - raw).max() <= 1
+  # The same pixels read as normalised-patch units would be de-normalised: not the original.
+  wrong = rec.reconstruction_grid(images, patchify(images, 4), mask, 4)
+  assert np.abs(panels(wrong, 3, 28, 28)[2].astype(int) - raw).max() > 50
+
+
 def test_reconstruct_with_smoke_model(tmp_path):
   model = build_model(apply_smoke(base_config()))
   params = jax.jit(init_params, static_argnums=0)(model, jax.random.PRNGKey(0))

@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.patch_size = 16
   c.model.pe = "ape"
   c.model.encoder_sees_mask_tokens = True   # MAE+; False = plain MAE, for comparison
+  # True (the original's): the loss target is each patch normalised by its own mean / std;
+  # False: the pixel values (other domains: MAE issues #95, #164, #190), and the
+  # reconstructions show them as predicted.
+  c.model.norm_pix_loss = True
   c.model.dtype = "float32"                 # compute dtype; params stay float32
   c.model.remat = "none"                    # none | block: jax.checkpoint per transformer block
   c.model.attention_impl = "auto"           # auto | xla | pallas (auto: pallas on CUDA, cc >= 8.0)

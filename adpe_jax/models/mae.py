@@ -59,16 +59,19 @@ def unpatchify(x, patch: int, channels: int = 3):
   return x.reshape(n, h * patch, h * patch, channels)
 
 
-def norm_pix_loss(pred, target, mask):
+def norm_pix_loss(pred, target, mask, normalize: bool = True):
   """Per-patch normalised pixel MSE over masked patches (spec 2.3 step 7).
 
-  The per-patch variance is unbiased (ddof=1, torch's default), eps 1e-6.
+  The per-patch variance is unbiased (ddof=1, torch's default), eps 1e-6.  normalize=False
+  (model.norm_pix_loss=False, MAE's --norm_pix_loss off): the MSE against the pixel values
+  themselves (the ImageNet-normalised input), as MAE computes it then.
   """
   pred = _f32_or_wider(pred)
   target = _f32_or_wider(target)
-  mean = target.mean(-1, keepdims=True)
-  var = target.var(-1, keepdims=True, ddof=1)
-  target = (target - mean) / jnp.sqrt(var + 1e-6)
+  if normalize:
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
   per_patch = ((pred - target) ** 2).mean(-1)
   mask = mask.astype(per_patch.dtype)
   return (per_patch * mask).sum() / mask.sum()
@@ -138,6 +141,7 @@ class MAEPlus(nn.Module):
   adversary: str = "none"
   rpe_embedding: str = "per_bucket"
   encoder_sees_mask_tokens: bool = True
+  norm_pix_loss: bool = True   # False: the loss (and `pred`) in pixel units (MAE's flag)
   dtype: Optional[Dtype] = None
   remat: str = "none"   # "block": recompute each block's activations in the backward pass
   attention_impl: str = "auto"   # "xla" | "pallas" | "auto" (adpe_jax.kernels.attention)
@@ -296,7 +300,7 @@ class MAEPlus(nn.Module):
     z = self.decoder_norm(self._run_blocks(self.decoder_blocks, z, query_mask))
     pred = self.decoder_pred(z)[:, 1:]
     target = patchify(images, self.patch_size)
-    loss = norm_pix_loss(pred, target, mask)
+    loss = norm_pix_loss(pred, target, mask, self.norm_pix_loss)
     return loss, pred, mask.astype(pred.dtype)
 
   def features(self, images):

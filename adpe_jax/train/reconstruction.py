@@ -7,9 +7,10 @@
 
 `pred` is in normalised-patch units (the norm-pixel loss target), so each predicted
 patch is de-normalised with the mean / std (ddof=1, eps 1e-6) of the same patch of the
-original image, as MAE's visualisation does. The reconstruction panel shows visible
-patches from the original and predicted patches where mask == 1; the masked panel
-shows the original with masked patches a flat grey (uint8 128).
+original image, as MAE's visualisation does; a model trained with
+model.norm_pix_loss=False predicts pixel values (`norm_pix=False`), shown as they are.
+The reconstruction panel shows visible patches from the original and predicted patches
+where mask == 1; the masked panel shows the original with masked patches a flat grey (uint8 128).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ def denormalize(images) -> np.ndarray:
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def reconstruction_grid(images, pred, mask, patch: int, max_images: int = 8) -> np.ndarray:
+def reconstruction_grid(images, pred, mask, patch: int, max_images: int = 8,
+                        norm_pix: bool = True) -> np.ndarray:
   """uint8 (rows*H, 3*W, 3): one row per image, [original, masked, reconstruction].
 
   images: (N, H, W, 3) ImageNet-normalised; pred: (N, L, p*p*3) normalised-patch
-  predictions; mask: (N, L), 1 = masked; rows = min(N, max_images).
+  predictions (norm_pix=False: in the images' units); mask: (N, L), 1 = masked;
+  rows = min(N, max_images).
   """
   images = np.asarray(images, np.float32)
   n, h, w, c = images.shape
@@ -52,9 +55,11 @@ def reconstruction_grid(images, pred, mask, patch: int, max_images: int = 8) -> 
   if pred.shape != target.shape or mask.shape != target.shape[:2]:
     raise ValueError(f"pred {pred.shape} / mask {mask.shape} do not match the patches "
                      f"{target.shape} of images {images.shape} with patch {patch}")
-  mean = target.mean(-1, keepdims=True)
-  std = np.sqrt(target.var(-1, keepdims=True, ddof=1) + PATCH_EPS)
-  recon = np.where(mask[..., None], pred * std + mean, target)
+  if norm_pix:
+    mean = target.mean(-1, keepdims=True)
+    std = np.sqrt(target.var(-1, keepdims=True, ddof=1) + PATCH_EPS)
+    pred = pred * std + mean
+  recon = np.where(mask[..., None], pred, target)
   recon = unpatchify(recon, patch, c)
 
   original = denormalize(images)
@@ -114,7 +119,8 @@ class Reconstructions:
       return {}
     pred, mask = reconstruct(self.model, state.params, images, self.rng,
                              adversary=state.adversary)
-    grid = reconstruction_grid(images, pred, mask, self.config.model.patch_size)
+    grid = reconstruction_grid(images, pred, mask, self.config.model.patch_size,
+                               norm_pix=self.config.model.get("norm_pix_loss", True))
     if jax.process_index() == 0:
       zoom = max(1, 112 // self.config.image_size)  # small crops (28 px) enlarged for the eye
       save_png(grid.repeat(zoom, 0).repeat(zoom, 1),

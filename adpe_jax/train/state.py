@@ -33,6 +33,7 @@ def build_model(config) -> MAEPlus:
       adversary=config.adversary.kind,
       rpe_embedding=config.adversary.rpe_embedding,
       encoder_sees_mask_tokens=m.encoder_sees_mask_tokens,
+      norm_pix_loss=bool(m.get("norm_pix_loss", True)),
       dtype=None if m.dtype == "float32" else jnp.dtype(m.dtype),
       remat=m.get("remat", "none"),
       attention_impl=m.get("attention_impl", "auto"),
