@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from adpe_jax import storage
 from adpe_jax.errors import CheckpointError
-from adpe_jax.models.layout import PREFIXES
+from adpe_jax.layout import PREFIXES
 
 try:  # private in orbax; the literal is the fallback (orbax-checkpoint 0.12.8)
   from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX as _TMP_SUFFIX

@@ -35,7 +35,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from adpe_jax import supervisor
 from adpe_jax.supervisor import multi_process_launch  # noqa: F401 (decided without JAX)
 from adpe_jax.errors import ConfigError, MeshError
-from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
+from adpe_jax import layout  # a leaf: jax and numpy only
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)

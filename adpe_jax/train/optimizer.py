@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax.models import layout
+from adpe_jax import layout
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
