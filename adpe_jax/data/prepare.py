@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from adpe_jax import storage
+from adpe_jax.config import validate
 from adpe_jax.data import bad_images, images
 from adpe_jax.errors import BadImageError, DataError
 
@@ -275,7 +276,7 @@ def main(argv=None) -> None:
   parser.add_argument("--quality", type=int, default=90)
   parser.add_argument("--num_shards", type=int, default=0)
   parser.add_argument("--num_processes", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--bad_images", choices=bad_images.POLICIES, default="stop",
+  parser.add_argument("--bad_images", choices=validate.BAD_IMAGE_POLICIES, default="stop",
                       help="a file that does not decode: stop naming it, or store its "
                            "substitute and list it")
   args = parser.parse_args(argv)
