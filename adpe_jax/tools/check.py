@@ -1,0 +1,68 @@
+"""`check`: decode every image of a source up front, in parallel, and list the bad files.
+
+    python -m adpe_jax.tools.check --source=folder:/data/imagenet [--split=train] \\
+        [--workers=16] [--out=bad.txt]
+
+(`python -m adpe_jax.data.check` is the same command.)  Each example is decoded as the
+faithful training input decodes it (the source's own `source[i]`: Pillow, the whole file,
+16-bit images scaled; `adpe_jax.data.check.find_bad`). Every file that does not decode
+(truncated, not an image) or cannot be read is listed, one "path<TAB>reason" line each, in
+source order, to --out (default: stdout only); one summary line follows. Exit status: 0 if
+no file is bad, 1 if some are, 2 if the source itself cannot be opened. The --out file is
+what config field data.skip_list takes: its files are then substituted without being read
+(adpe_jax/data/bad_images.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from adpe_jax import storage
+from adpe_jax.data import check as check_lib
+from adpe_jax.data import sources
+from adpe_jax.errors import DataError
+from adpe_jax.tools import source_flags
+from adpe_jax.tools.source_flags import DATA_DIR, OUT, SOURCE, SPLIT
+
+flags.adopt_module_key_flags(source_flags)  # --help lists them with this tool's own
+
+_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "decoding processes")
+
+
+def check(source_name: str, split: str = "train", data_dir: str | None = None,
+          workers: int = 1, out: str = "") -> int:
+  """Lists the bad files of source `source_name` (to `out`, else stdout), prints the
+  summary line and returns the exit status (0 none bad, 1 some, 2 no source)."""
+  t0 = time.time()
+  try:
+    if out and not storage.as_path(out).parent.is_dir():
+      raise DataError(f"--out={out}: its directory does not exist; create it or choose "
+                      f"another file.")
+    source = sources.get_source(source_name, split, data_dir)
+    bad = check_lib.find_bad(source, workers)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  lines = "".join(f"{path}\t{reason}\n" for _, path, reason in bad)
+  if out:
+    storage.write_text(storage.as_path(out), lines)
+  else:
+    sys.stdout.write(lines)
+  where = f", listed in {out}" if out and bad else ""
+  print(f"checked {len(source)} images of {source_name} (split {split}) in "
+        f"{time.time() - t0:.1f} s: {len(bad)} bad{where}")
+  return 1 if bad else 0
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  return check(SOURCE.value, SPLIT.value, DATA_DIR.value, _WORKERS.value, OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
