@@ -74,22 +74,6 @@ def _under(module: str, prefix: str) -> bool:
   return module == prefix or module.startswith(prefix + ".")
 
 
-def _is_main_block(node) -> bool:
-  """`if __name__ == "__main__":`: the code of a module run as a program (e.g. the shims of
-  `python -m adpe_jax.data.check`), never run when the module is imported."""
-  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-          and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
-          and any(isinstance(c, ast.Constant) and c.value == "__main__"
-                  for c in node.test.comparators))
-
-
-def _nodes(node):
-  for child in ast.iter_child_nodes(node):
-    if not _is_main_block(child):
-      yield child
-      yield from _nodes(child)
-
-
 def import_graph() -> dict[str, set[str]]:
   """{module: the adpe_jax modules it imports}, from the source (top level and inside
   functions).  `from package import name` is an arrow to the submodule `package.name` when
@@ -105,7 +89,7 @@ def import_graph() -> dict[str, set[str]]:
   graph = {}
   for path in paths:
     arrows = set()
-    for node in _nodes(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
       if isinstance(node, ast.Import):
         arrows |= {target(a.name) for a in node.names if _under(a.name, "adpe_jax")}
       elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \

@@ -54,9 +54,7 @@ def find_bad(source, workers: int = 1, chunk: int = 256) -> list[tuple[int, str,
     return [b for future in futures for b in future.result()]
 
 
-if __name__ == "__main__":  # the earlier command line; the tool is adpe_jax/tools/check.py
-  from absl import app
+if __name__ == "__main__":  # the earlier command line: runs adpe_jax/tools/check.py
+  import runpy
 
-  from adpe_jax.tools import check as tool
-
-  app.run(tool.main)
+  runpy.run_module("adpe_jax.tools.check", run_name="__main__")

@@ -260,9 +260,7 @@ class PreparedSource:
       raise BadImageError(bad_images.example_name(self, index), index, str(e)) from None
 
 
-if __name__ == "__main__":  # the earlier command line; the tool is adpe_jax/tools/prepare.py
-  from absl import app
+if __name__ == "__main__":  # the earlier command line: runs adpe_jax/tools/prepare.py
+  import runpy
 
-  from adpe_jax.tools import prepare as tool
-
-  app.run(tool.main)
+  runpy.run_module("adpe_jax.tools.prepare", run_name="__main__")

@@ -25,12 +25,8 @@ from adpe_jax import storage
 from adpe_jax.data import check as check_lib
 from adpe_jax.data import sources
 from adpe_jax.errors import DataError
-from adpe_jax.tools import source_flags
-from adpe_jax.tools.source_flags import DATA_DIR, OUT, SOURCE, SPLIT
 
-flags.adopt_module_key_flags(source_flags)  # --help lists them with this tool's own
-
-_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "decoding processes")
+FLAGS = flags.FLAGS
 
 
 def check(source_name: str, split: str = "train", data_dir: str | None = None,
@@ -58,11 +54,22 @@ def check(source_name: str, split: str = "train", data_dir: str | None = None,
   return 1 if bad else 0
 
 
+def define_flags() -> None:
+  """The command line's flags, defined only when it runs: absl flags are process-wide, and
+  an import (a test's) must not meet another entry's flag of the same name (export's --out)."""
+  flags.DEFINE_string("source", None, "a get_source name, e.g. folder:/data/in", required=True)
+  flags.DEFINE_string("split", "train", "the source's split")
+  flags.DEFINE_string("data_dir", None, "the directory a relative source name is taken under")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "decoding processes")
+  flags.DEFINE_string("out", "", "the list of bad files (path<TAB>reason); default: stdout")
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  return check(SOURCE.value, SPLIT.value, DATA_DIR.value, _WORKERS.value, OUT.value)
+  return check(FLAGS.source, FLAGS.split, FLAGS.data_dir, FLAGS.workers, FLAGS.out)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
