@@ -1,7 +1,7 @@
 """The adversary's side of the min-max step (spec 4.1): ascent, projection, metrics.
 
 The adversary is the model's positional input, not a parameter: it lives in the Flax
-variable collection `ADVERSARY` ("adversary"; this module owns the name), declared by the
+variable collection `ADVERSARY` ("adversary", named in `adpe_jax.layout`), declared by the
 modules that read it, so `model.init` returns `{"params": ..., "adversary": ...}`:
 
   APE + embedding   `adv_token` (1, 1, D)      replaces the mask token (spec 4.2)
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from adpe_jax.models import layout
+from adpe_jax import layout
+from adpe_jax.layout import ADVERSARY
 
-ADVERSARY = "adversary"   # the Flax variable collection of the adversary (next to "params")
 NORMS = ("none", "l2", "linf")
 
 

@@ -14,7 +14,7 @@ Layout rules (tests/data/README.md):
   * The frozen `pos_embed`, `decoder_pos_embed` (fixed sin-cos, recomputed by the model)
     and `*.rpe_k.no_shift` are not parameters here; `pos_embed` is checked against the
     table of the model's grid so a checkpoint of another geometry is refused.
-  * A scanned model (config model.scan_blocks, `adpe_jax.models.layout`): `from_torch`
+  * A scanned model (config model.scan_blocks, `adpe_jax.layout`): `from_torch`
     returns the layout of the shapes it is given (`blocks/...` with a leading depth axis);
     `to_torch` takes either.
 
@@ -30,9 +30,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from adpe_jax.adversary import ADVERSARY
+from adpe_jax import layout
 from adpe_jax.errors import ConversionError
-from adpe_jax.models import layout, posembed
+from adpe_jax.layout import ADVERSARY
+from adpe_jax.models import posembed
 
 FROZEN_SUFFIXES = ("pos_embed", "no_shift")
 

@@ -36,9 +36,9 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from adpe_jax import convert, weights
+from adpe_jax import convert, layout, weights
 from adpe_jax.errors import AdpeError, CheckpointError, ConfigError, ExitCode
-from adpe_jax.models import layout, posembed
+from adpe_jax.models import posembed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
                                "(or a step directory, or the original's / MAE's .pth).")

@@ -17,7 +17,7 @@
 * `state_shardings(mesh, tree)`: FSDP -- the largest axis (divisible by the fsdp size) of
   every tensor of at least `min_size` elements and 2 dimensions over `fsdp`, everything
   else replicated; the rule is shape-based, so optimizer moments follow their params.
-  A scanned model's stacked block tensors (`adpe_jax.models.layout`) get the rule of one
+  A scanned model's stacked block tensors (`adpe_jax.layout`) get the rule of one
   block's tensor, with the leading depth axis never sharded.
 """
 
@@ -33,10 +33,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from adpe_jax import errors, jax_compat, supervisor
+from adpe_jax import errors, jax_compat, layout, supervisor
 from adpe_jax.checkpoint import rundir
 from adpe_jax.errors import AdpeError, ConfigError, MeshError
-from adpe_jax.models import layout  # flax-free: adpe_jax.models re-exports nothing
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)

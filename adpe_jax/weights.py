@@ -51,11 +51,11 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from adpe_jax import convert, storage
+from adpe_jax import convert, layout, storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.checkpoint.checkpointer import read_meta, read_params, short_error
 from adpe_jax.errors import CheckpointError, InitError
-from adpe_jax.models import layout, posembed
+from adpe_jax.models import posembed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 KINDS = ("ours", "original_pretrain", "original_finetune", "mae")
@@ -66,7 +66,7 @@ class Weights:
   """What `load` read.
 
   params: our parameter names (nested dicts).  "ours": as saved (scanned or unrolled,
-    `adpe_jax.models.layout` converts); a `.pth`: unrolled (`blocks_i`), numpy.
+    `adpe_jax.layout` converts); a `.pth`: unrolled (`blocks_i`), numpy.
   run: the run metadata of a checkpoint of ours ({} for a `.pth`).
   source: the step directory read (ours) or the `.pth` file.
   kind: one of KINDS.

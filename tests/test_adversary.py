@@ -15,7 +15,7 @@ from adpe_jax import adversary as adv_lib
 from adpe_jax import parallel
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.kernels import irpe
-from adpe_jax.models import layout
+from adpe_jax import layout
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.pretrain import build_training
 from adpe_jax.train.state import build_model, create_train_state, init_variables

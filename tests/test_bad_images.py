@@ -25,8 +25,9 @@ import pytest
 from PIL import Image
 
 from adpe_jax import data
-from adpe_jax.data import bad_images, check, images, prepare
+from adpe_jax.data import bad_images, images, prepare
 from adpe_jax.errors import BadImageError, DataError
+from adpe_jax.tools import check
 from devices import xla_flags
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -190,13 +191,13 @@ def test_check_command_lists_exactly_the_bad_files_and_its_list_skips_them(folde
                                                                          capsys):
   bad_root, expected_root, _ = folders
   out = tmp_path / "bad.txt"
-  assert check.main([f"--source=folder:{bad_root}", "--workers=2", f"--out={out}"]) == 1
+  assert check.check(f"folder:{bad_root}", workers=2, out=str(out)) == 1
   lines = out.read_text().splitlines()
   assert [line.split("\t")[0] for line in lines] == [os.path.join(bad_root, _name(i))
                                                      for i in sorted(BAD)]
   assert all(line.split("\t")[1] for line in lines)
   assert f"checked {N} images" in capsys.readouterr().out
-  assert check.main([f"--source=folder:{expected_root}", "--workers=1"]) == 0
+  assert check.check(f"folder:{expected_root}", workers=1) == 0
   # The list as data.skip_list: those files are substituted unread, even under "stop".
   listed = bad_images.read_skip_list(str(out), _source(bad_root))
   assert listed == frozenset(BAD)
@@ -208,6 +209,34 @@ def test_check_command_lists_exactly_the_bad_files_and_its_list_skips_them(folde
       batch.pop("bad_images", None), batch.pop("bad_indices", None), batch.pop("bad_reasons",
                                                                                None)
       _assert_batches_equal(batch, reference.get_batch(step))
+
+
+@pytest.mark.parametrize("package", ["tools", "data"])
+def test_check_and_prepare_command_lines(folders, tmp_path, package):
+  """`python -m adpe_jax.tools.check / .prepare` (absl) and their earlier names under data/:
+  the same flags, output and exit status."""
+  bad_root, _, _ = folders
+
+  def run(tool, *flags):
+    return subprocess.run([sys.executable, "-m", f"adpe_jax.{package}.{tool}", *flags],
+                          capture_output=True, text=True, timeout=120)
+
+  out = tmp_path / "bad.txt"
+  r = run("check", f"--source=folder:{bad_root}", "--workers=1", f"--out={out}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert f"checked {N} images of folder:{bad_root} (split train)" in r.stdout
+  assert f"{len(BAD)} bad, listed in {out}" in r.stdout
+  assert len(out.read_text().splitlines()) == len(BAD)
+  r = run("check", "--source=folder:/nonexistent", "--workers=1")
+  assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+  prepared = tmp_path / "prepared"
+  r = run("prepare", f"--source=folder:{bad_root}", f"--out={prepared}", "--num_shards=2",
+          "--num_processes=1", "--bad_images=skip")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == (f"prepared {N} examples in 2 shards: {prepared}; {len(BAD)} bad "
+                              f"files substituted")
+  assert r.stderr.count("stored as its substitute") == len(BAD)
+  assert run("prepare", f"--source=folder:{bad_root}", "--bad_images=ignore").returncode != 0
 
 
 def test_eval_arrays_substitute_too(folders):

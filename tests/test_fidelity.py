@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from adpe_jax import convert
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import layout
+from adpe_jax import layout
 from adpe_jax.train.state import build_model, init_variables
 from conftest import DATA
 

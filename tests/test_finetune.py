@@ -18,7 +18,8 @@ import pytest
 
 from adpe_jax import convert
 from adpe_jax.data import finetune as ft_data
-from adpe_jax.models import layout, posembed
+from adpe_jax import layout
+from adpe_jax.models import posembed
 from adpe_jax.models.classifier import ViTClassifier
 from adpe_jax.train.state import build_classifier, init_classifier_params
 from adpe_jax.train import optimizer as optim

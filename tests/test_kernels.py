@@ -26,7 +26,7 @@ from adpe_jax.kernels import irpe
 from adpe_jax.kernels import attention as attn_lib
 from adpe_jax.kernels import rpe_attention as fused
 from adpe_jax.kernels.rpe_attention import BlockSizes, continuous_geometry
-from adpe_jax.models import layout
+from adpe_jax import layout
 
 ON_DEVICE = jax.default_backend() in ("gpu", "tpu")
 B, H = 2, 2

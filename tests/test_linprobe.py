@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adpe_jax.models.probe import LinearProbe
 from adpe_jax.train import evaluate, linprobe as lp
+from adpe_jax.train import optimizer as optim
 from adpe_jax.train import knn_metric as knn
 from devices import xla_flags
 
@@ -131,7 +133,7 @@ def test_linprobe_cli_trains_evaluates_resumes(pretrained_unrolled, tmp_path):
 def test_batchnorm_without_affine_and_head_equal_numpy():
   rng = np.random.default_rng(0)
   x = rng.normal(2.0, 3.0, size=(16, 8)).astype(np.float32)
-  probe = lp.LinearProbe(5)
+  probe = LinearProbe(5)
   v = jax.jit(lambda k: probe.init(k, jnp.zeros((2, 8))))(jax.random.key(0))
   assert set(v["params"]) == {"head"} and set(v["params"]["head"]) == {"kernel", "bias"}
   assert set(v["batch_stats"]["bn"]) == {"mean", "var"}   # no scale, no bias
@@ -162,7 +164,7 @@ def test_lars_is_maes():
   rng = np.random.default_rng(1)
   p = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
   lrs = [0.5, 1.0, 2.0]
-  tx = lp.lars(lambda s: jnp.asarray(lrs)[s], weight_decay=0.05, momentum=0.9)
+  tx = optim.lars(lambda s: jnp.asarray(lrs)[s], weight_decay=0.05, momentum=0.9)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
   state = tx.init(params)
   mu = {k: np.zeros_like(v) for k, v in p.items()}
@@ -191,7 +193,7 @@ def test_encoder_is_frozen():
   encoder, _, _ = evaluate.load_encoder(c)
   enc_params = jax.device_put(encoder.params)
   before = jax.tree.map(np.array, enc_params)
-  probe = lp.LinearProbe(10)
+  probe = LinearProbe(10)
   v = probe.init(jax.random.key(0), jnp.zeros((2, 32)))
   c.total_steps, c.optimizer = 3, "sgd"
   tx, lr_fn = lp.make_optimizer(c, 3, 3.0)

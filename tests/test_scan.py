@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from adpe_jax import adversary as adv_lib
 from adpe_jax import checkpoint, convert, export, parallel, weights
 from adpe_jax.config import pretrain as pretrain_config
-from adpe_jax.models import layout
+from adpe_jax import layout
 from adpe_jax.models.mae import MAEPlus
 from adpe_jax.models.variants import model_kwargs
 from adpe_jax.train import optimizer as optim

@@ -49,7 +49,7 @@ from adpe_jax import storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.checkpoint.rundir import META_ITEM, STATE_ITEM
 from adpe_jax.errors import CheckpointError
-from adpe_jax.models.layout import PREFIXES
+from adpe_jax.layout import PREFIXES
 
 _FORMAT = 1
 
@@ -434,7 +434,7 @@ class Checkpointer:
           f"{saved_layout == 'scanned'}) but this run is configured with config field "
           f"model.scan_blocks={wanted_layout == 'scanned'}; set model.scan_blocks="
           f"{saved_layout == 'scanned'} to resume it (or convert the checkpoint with "
-          f"adpe_jax.models.layout), {_UNCHANGED}.")
+          f"adpe_jax.layout), {_UNCHANGED}.")
     problems = _tree_mismatches(saved_flat, wanted_flat)
     meta_diff = rundir.metadata_changes(self._upgrade(meta.get("run", {}) or {}), self.metadata)
     if problems or meta_diff:

@@ -4,6 +4,7 @@
   pretrain  MAE+ / AdPE pretraining (the default task): base_config, seed_config, smoke
   finetune  fine-tuning a classifier (task "finetune"): finetune_config, recipe, smoke
   probe     frozen-encoder evaluations (tasks "knn" and "linprobe")
+  encoder   their encoder fields left auto, resolved from a checkpoint's run metadata
   validate  the checks, public: each raises ConfigError naming the field
 
 One vocabulary across tasks: `model.pe` is "ape" or "rpe"; `model.rpe_lookup` is

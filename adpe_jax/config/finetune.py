@@ -13,11 +13,37 @@ import ml_collections
 
 from adpe_jax.config import common
 from adpe_jax.config import validate as check
-from adpe_jax.data.finetune import parse_randaugment
 from adpe_jax.config.common import (ATTENTION_IMPLS, DTYPES, PE_TYPES, RPE_LOOKUPS,
                                     RPE_QUERIES, parse_arg)
 from adpe_jax.errors import ConfigError
 from adpe_jax.models.variants import VARIANTS
+
+
+def parse_randaugment(spec: str) -> dict:
+  """'rand-m9-mstd0.5-inc1' -> dict(magnitude=9, std=0.5, num_layers=2, prob=0.5, increasing)
+  (config aug.randaug, timm's RandAugment string; `adpe_jax.data.finetune.RandAugment`
+  applies it).  Raises ValueError."""
+  parts = spec.split("-")
+  if not spec or parts[0] != "rand":
+    raise ValueError(f"RandAugment spec {spec!r} must start with 'rand-' (e.g. "
+                     f"'rand-m9-mstd0.5-inc1').")
+  out = dict(magnitude=10.0, std=0.0, num_layers=2, prob=0.5, increasing=False)
+  for p in parts[1:]:
+    if p.startswith("mstd"):
+      out["std"] = float(p[4:])
+    elif p.startswith("m"):
+      out["magnitude"] = float(p[1:])
+    elif p.startswith("n"):
+      out["num_layers"] = int(p[1:])
+    elif p.startswith("inc"):
+      out["increasing"] = bool(int(p[3:]))
+    elif p.startswith("p"):
+      out["prob"] = float(p[1:])
+    else:
+      raise ValueError(f"RandAugment spec {spec!r}: unknown part {p!r}.")
+  if not out["increasing"]:
+    raise ValueError(f"RandAugment spec {spec!r}: only the 'inc1' op set is implemented.")
+  return out
 
 
 def finetune_config() -> ml_collections.ConfigDict:

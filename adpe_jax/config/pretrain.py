@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"                    # none | block: jax.checkpoint per transformer block
   c.model.attention_impl = "auto"           # auto | xla | pallas (auto: pallas on CUDA, cc >= 8.0)
   # True: encoder and decoder blocks as one nn.scan each -- params blocks/... with a leading
-  # depth axis, compile time flat in depth (adpe_jax.models.layout converts checkpoints).
+  # depth axis, compile time flat in depth (adpe_jax.layout converts checkpoints).
   c.model.scan_blocks = False
 
   c.mesh = common.mesh()

@@ -3,7 +3,7 @@
 
 Encoder fields left "auto" (model.variant "", model.patch_size 0, model.pe "",
 model.rpe_lookup "", image_size 0) are read from the run metadata of `init` (a pretraining
-workdir of ours, `train/evaluate.resolve_encoder_fields`); a .pth or a random init ("")
+workdir of ours, `config/encoder.resolve_encoder_fields`); a .pth or a random init ("")
 needs them set.
 """
 

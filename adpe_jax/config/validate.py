@@ -8,6 +8,7 @@ import math
 from adpe_jax.errors import ConfigError
 
 TASKS = ("pretrain", "finetune", "linprobe", "knn")
+BAD_IMAGE_POLICIES = ("stop", "skip")   # data.bad_images (adpe_jax/data/bad_images.py)
 
 
 def get(c, field: str):
@@ -18,7 +19,11 @@ def get(c, field: str):
 
 
 def choice(c, field: str, allowed) -> None:
-  value = get(c, field)
+  one_of(field, get(c, field), allowed)
+
+
+def one_of(field: str, value, allowed) -> None:
+  """`value` (of config field `field`) among `allowed`."""
   if value not in allowed:
     raise ConfigError(f"config field {field}={value!r} is not allowed; allowed values: "
                       f"{', '.join(map(repr, allowed))}.")
@@ -34,11 +39,16 @@ def positive(c, *fields: str) -> None:
 
 def bad_images(c) -> None:
   """data.bad_images / data.max_bad_fraction (adpe_jax/data/bad_images.py)."""
-  choice(c, "data.bad_images", ("stop", "skip"))
-  fraction = c.data.max_bad_fraction
-  if not 0.0 <= fraction <= 1.0:
-    raise ConfigError(f"config field data.max_bad_fraction={fraction} must lie in [0, 1] (a "
-                      f"fraction of the dataset's examples).")
+  bad_image_policy(c.data.bad_images, c.data.max_bad_fraction)
+
+
+def bad_image_policy(action: str, max_bad_fraction: float) -> None:
+  """The values of data.bad_images and data.max_bad_fraction (also checked where a
+  `bad_images.Policy` is made from them, e.g. by `python -m adpe_jax.tools.prepare`)."""
+  one_of("data.bad_images", action, BAD_IMAGE_POLICIES)
+  if not 0.0 <= max_bad_fraction <= 1.0:
+    raise ConfigError(f"config field data.max_bad_fraction={max_bad_fraction} must lie in "
+                      f"[0, 1] (a fraction of the dataset's examples).")
 
 
 def patch_grid(c) -> None:

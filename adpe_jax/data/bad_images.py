@@ -30,9 +30,9 @@ import dataclasses
 from absl import logging
 
 from adpe_jax import storage
+from adpe_jax.config import validate
 from adpe_jax.errors import BadImageError, ConfigError, DataError
 
-POLICIES = ("stop", "skip")
 DEFAULT_MAX_BAD_FRACTION = 0.001
 
 
@@ -78,12 +78,7 @@ class Policy:
   skip: frozenset = frozenset()
 
   def __post_init__(self):
-    if self.action not in POLICIES:
-      raise ConfigError(f"config field data.bad_images={self.action!r} is not allowed; allowed "
-                        f"values: 'stop', 'skip'.")
-    if not 0.0 <= self.max_bad_fraction <= 1.0:
-      raise ConfigError(f"config field data.max_bad_fraction={self.max_bad_fraction} must lie "
-                        f"in [0, 1].")
+    validate.bad_image_policy(self.action, self.max_bad_fraction)  # the rules' one home
 
   @classmethod
   def from_config(cls, data_config, source) -> "Policy":

@@ -1,29 +1,21 @@
-"""`check`: decode every image of a source up front, in parallel, and list the bad files.
-
-    python -m adpe_jax.data.check --source=folder:/data/imagenet [--split=train] \\
-        [--workers=16] [--out=bad.txt]
+"""Decode every image of a source up front, in parallel, and list the bad files: the work
+of `python -m adpe_jax.tools.check` (the command, its output and exit status are described
+there; `python -m adpe_jax.data.check` runs the same tool).
 
 Each example is decoded as the faithful training input decodes it (the source's own
-`source[i]`: Pillow, the whole file, 16-bit images scaled). Every file that does not decode
-(truncated, not an image) or cannot be read is listed, one "path<TAB>reason" line each, in
-source order, to --out (default: stdout only); one summary line follows. Exit status: 0 if
-no file is bad, 1 if some are, 2 if the source itself cannot be opened. The --out file is
-what config field data.skip_list takes: its files are then substituted without being read
-(adpe_jax/data/bad_images.py).
+`source[i]`: Pillow, the whole file, 16-bit images scaled); a file that does not decode
+(truncated, not an image) or cannot be read is bad. The list is what config field
+data.skip_list takes (adpe_jax/data/bad_images.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import os
 import pickle
-import sys
-import time
 
-from adpe_jax import storage
 from adpe_jax.data import bad_images
-from adpe_jax.errors import BadImageError, DataError, ExitCode
+from adpe_jax.errors import BadImageError, DataError
 
 _SOURCE = None  # the source, in a check worker process
 
@@ -62,39 +54,7 @@ def find_bad(source, workers: int = 1, chunk: int = 256) -> list[tuple[int, str,
     return [b for future in futures for b in future.result()]
 
 
-def main(argv=None) -> int:
-  import argparse  # noqa: PLC0415
+if __name__ == "__main__":  # the earlier command line: runs adpe_jax/tools/check.py
+  import runpy
 
-  from adpe_jax.data import sources  # noqa: PLC0415
-
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--source", required=True, help="a get_source name, e.g. folder:/data/in")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--out", default="", help="the list of bad files (path<TAB>reason)")
-  args = parser.parse_args(argv)
-  t0 = time.time()
-  try:
-    if args.out and not storage.as_path(args.out).parent.is_dir():
-      raise DataError(f"--out={args.out}: its directory does not exist; create it or choose "
-                      f"another file.")
-    source = sources.get_source(args.source, args.split, args.data_dir)
-    bad = find_bad(source, args.workers)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return ExitCode.REFUSED
-  lines = "".join(f"{path}\t{reason}\n" for _, path, reason in bad)
-  if args.out:
-    storage.write_text(storage.as_path(args.out), lines)
-  else:
-    sys.stdout.write(lines)
-  where = f", listed in {args.out}" if args.out and bad else ""
-  print(f"checked {len(source)} images of {args.source} (split {args.split}) in "
-        f"{time.time() - t0:.1f} s: {len(bad)} bad{where}")
-  return 1 if bad else 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  runpy.run_module("adpe_jax.tools.check", run_name="__main__")

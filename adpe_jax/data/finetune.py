@@ -24,6 +24,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from adpe_jax.config.finetune import parse_randaugment
 from adpe_jax.data import multicrop
 from adpe_jax.data.pipeline import PretrainPipeline
 
@@ -45,31 +46,6 @@ RAND_INCREASING_OPS = (
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=tuple(int(k) for k in key)))
-
-
-def parse_randaugment(spec: str) -> dict:
-  """'rand-m9-mstd0.5-inc1' -> dict(magnitude=9, std=0.5, num_layers=2, prob=0.5, increasing)."""
-  parts = spec.split("-")
-  if not spec or parts[0] != "rand":
-    raise ValueError(f"RandAugment spec {spec!r} must start with 'rand-' (e.g. "
-                     f"'rand-m9-mstd0.5-inc1').")
-  out = dict(magnitude=10.0, std=0.0, num_layers=2, prob=0.5, increasing=False)
-  for p in parts[1:]:
-    if p.startswith("mstd"):
-      out["std"] = float(p[4:])
-    elif p.startswith("m"):
-      out["magnitude"] = float(p[1:])
-    elif p.startswith("n"):
-      out["num_layers"] = int(p[1:])
-    elif p.startswith("inc"):
-      out["increasing"] = bool(int(p[3:]))
-    elif p.startswith("p"):
-      out["prob"] = float(p[1:])
-    else:
-      raise ValueError(f"RandAugment spec {spec!r}: unknown part {p!r}.")
-  if not out["increasing"]:
-    raise ValueError(f"RandAugment spec {spec!r}: only the 'inc1' op set is implemented.")
-  return out
 
 
 class RandAugment:

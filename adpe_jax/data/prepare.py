@@ -1,10 +1,11 @@
 """`prepare`: a source written once as ArrayRecord shards of re-encoded, bounded-side JPEGs.
 
-    python -m adpe_jax.data.prepare --source=folder:/data/imagenet --split=train \\
+    python -m adpe_jax.tools.prepare --source=folder:/data/imagenet --split=train \\
         --out=/data/imagenet_s256 [--short_side=256 --quality=90 --num_shards=256 \\
         --num_processes=16 --bad_images=stop]
 
-and then train with `data.source = "prepared:/data/imagenet_s256"`.
+(`python -m adpe_jax.data.prepare` runs the same tool, adpe_jax/tools/prepare.py), and then
+train with `data.source = "prepared:/data/imagenet_s256"`.
 
 Why: decoding a full-size ImageNet JPEG and resampling crops from it is most of the input's
 CPU time (benchmarks/README.md). Stored with its shorter side at most `short_side` px (the
@@ -37,7 +38,6 @@ import multiprocessing
 import os
 import pickle
 import struct
-import sys
 import threading
 
 import numpy as np
@@ -45,7 +45,7 @@ from PIL import Image
 
 from adpe_jax import storage
 from adpe_jax.data import bad_images, images
-from adpe_jax.errors import BadImageError, DataError, ExitCode
+from adpe_jax.errors import BadImageError, DataError
 
 FORMAT = "adpe_jax.prepared/1"
 INDEX = "prepared.json"
@@ -260,38 +260,7 @@ class PreparedSource:
       raise BadImageError(bad_images.example_name(self, index), index, str(e)) from None
 
 
-def main(argv=None) -> None:
-  import argparse  # noqa: PLC0415
+if __name__ == "__main__":  # the earlier command line: runs adpe_jax/tools/prepare.py
+  import runpy
 
-  from adpe_jax.data import sources  # noqa: PLC0415 (sources imports this module)
-
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--source", required=True, help="a get_source name, e.g. folder:/data/in")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--short_side", type=int, default=256)
-  parser.add_argument("--quality", type=int, default=90)
-  parser.add_argument("--num_shards", type=int, default=0)
-  parser.add_argument("--num_processes", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--bad_images", choices=bad_images.POLICIES, default="stop",
-                      help="a file that does not decode: stop naming it, or store its "
-                           "substitute and list it")
-  args = parser.parse_args(argv)
-  try:
-    source = sources.get_source(args.source, args.split, args.data_dir)
-    index = prepare(source, args.out, args.short_side, args.quality, args.num_shards,
-                    args.num_processes, source_name=f"{args.source}/{args.split}",
-                    bad_images_policy=args.bad_images)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(ExitCode.REFUSED)
-  for _, path, reason in index["bad_images"]:
-    print(f"bad image {path} ({reason}): stored as its substitute", file=sys.stderr)
-  print(f"prepared {index['num_examples']} examples in {len(index['shards'])} shards: "
-        f"{args.out}; {len(index['bad_images'])} bad files substituted")
-
-
-if __name__ == "__main__":
-  main()
+  runpy.run_module("adpe_jax.tools.prepare", run_name="__main__")

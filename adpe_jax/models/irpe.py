@@ -2,7 +2,7 @@
 adversary and hands them on as `adpe_jax.kernels.irpe.RPEOperands`; the math (buckets,
 the continuous lookup, the logit term) is `adpe_jax.kernels.irpe`.
 
-Adversaries live in the Flax variable collection ``adpe_jax.adversary.ADVERSARY``
+Adversaries live in the Flax variable collection ``adpe_jax.layout.ADVERSARY``
 (``"adversary"``, not ``"params"``), zero-initialised like the original; the names are the
 original's:
 
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adpe_jax.adversary import ADVERSARY
+from adpe_jax.layout import ADVERSARY
 from adpe_jax.kernels.irpe import ADVERSARIES, LOOKUPS, NUM_BUCKETS, RPEOperands, rpe_bias
 
 

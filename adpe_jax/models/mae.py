@@ -24,7 +24,7 @@ collection is absent (use `variables.get("adversary", {})`).  The frozen-encoder
 Block layout: `blocks_i/...`, `decoder_blocks_i/...` per block (the default), or with
 `scan_blocks=True` one `nn.scan` per stack, `blocks/...` and `decoder_blocks/...` with a
 leading depth axis in both collections (the same function; compile time flat in depth).
-`adpe_jax.models.layout` converts between the two exactly.
+`adpe_jax.layout` converts between the two exactly.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adpe_jax.adversary import ADVERSARY
+from adpe_jax.layout import ADVERSARY
 from adpe_jax.models import posembed
 from adpe_jax.models.vit import LN_EPS, Block, _f32_or_wider, xavier_uniform
 
@@ -145,7 +145,7 @@ class MAEPlus(nn.Module):
   dtype: Optional[Dtype] = None
   remat: str = "none"   # "block": recompute each block's activations in the backward pass
   attention_impl: str = "auto"   # "xla" | "pallas" | "auto" (adpe_jax.kernels.attention)
-  scan_blocks: bool = False   # True: encoder / decoder blocks as one nn.scan each (layout.py)
+  scan_blocks: bool = False   # True: encoder / decoder blocks as one nn.scan each (adpe_jax.layout)
 
   @property
   def grid(self) -> int:
@@ -235,7 +235,7 @@ class MAEPlus(nn.Module):
   def _block_stack(self, name: str, depth: int, num_heads: int):
     """`depth` Blocks named `{name}_i` (unrolled), or with `scan_blocks` ONE `nn.scan` over
     a Block named `name` whose variables ("params" and the RPE "adversary") carry a
-    leading depth axis (`adpe_jax.models.layout`); query_mask is broadcast to every step.
+    leading depth axis (`adpe_jax.layout`); query_mask is broadcast to every step.
     Either way remat="block" checkpoints each block (only block inputs are kept)."""
     kw = dict(num_heads=num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
               rpe=self._rpe(), attention_impl=self.attention_impl)

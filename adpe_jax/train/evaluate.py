@@ -35,9 +35,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adpe_jax import data, parallel, storage, weights
+from adpe_jax import data, parallel, weights
+from adpe_jax.config import encoder as encoder_config
 from adpe_jax.config import probe as probe_config
-from adpe_jax.errors import CheckpointError, ConfigError, InitError
 from adpe_jax.train import knn_metric, reconstruction
 from adpe_jax.train.state import build_classifier, init_classifier_params, init_params
 
@@ -338,60 +338,10 @@ def from_config(config, context: dict) -> list:
 
 # -- loading an encoder from config.init --------------------------------------------------------
 
-def _pe_of(run: dict) -> tuple[str, str]:
-  """(model.pe, model.rpe_lookup) of the encoder a pretraining run trained: the
-  coordinate adversary's runs use the continuous (bilinear) lookup."""
-  if run.get("model", {}).get("pe") != "rpe":
-    return "ape", "integer"
-  return "rpe", ("continuous" if run.get("adversary", {}).get("kind") == "coordinate"
-                 else "integer")
-
-
 def resolve_encoder_fields(config) -> ml_collections.ConfigDict:
-  """An unlocked copy of `config` with the auto fields (model.variant "", model.patch_size
-  0, model.pe "", model.rpe_lookup "", image_size 0) taken from the run metadata of
-  `config.init` (a
-  pretraining workdir / checkpoint of ours); a .pth or a random init needs them set."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  if c.init and not storage.resolve(c.init).exists():
-    raise InitError(f"config field init={c.init!r} does not exist.")
-  if not c.init:             # a random init: APE (integer lookup for rpe) unless set
-    c.model.pe = c.model.pe or "ape"
-    c.model.rpe_lookup = c.model.rpe_lookup or "integer"
-  if c.model.pe == "ape":
-    c.model.rpe_lookup = c.model.rpe_lookup or "integer"   # unused
-  auto = [f for f, v in (("model.variant", c.model.variant == ""),
-                         ("model.patch_size", c.model.patch_size <= 0),
-                         ("model.pe", c.model.pe == ""),
-                         ("model.rpe_lookup", c.model.rpe_lookup == ""),
-                         ("image_size", c.image_size <= 0)) if v]
-  if auto:
-    run = None
-    if c.init:
-      try:
-        run = weights.metadata(c.init)
-      except CheckpointError as e:
-        raise InitError(f"config field init={c.init!r} cannot be used: {e}") from e
-    if run is None:
-      what = (f"config.init={c.init!r} is a PyTorch checkpoint" if c.init
-              else "config.init is empty (random init)")
-      raise ConfigError(f"config field {auto[0]} is left to the checkpoint, but {what}; "
-                        f"set {', '.join(auto)}.")
-    m = run.get("model", {})
-    if c.model.variant == "":
-      c.model.variant = m.get("variant", "")
-    if c.model.patch_size <= 0:
-      c.model.patch_size = int(m.get("patch_size", 0))
-    pe, lookup = _pe_of(run)
-    c.model.pe = c.model.pe or pe
-    c.model.rpe_lookup = c.model.rpe_lookup or lookup
-    if c.image_size <= 0:
-      c.image_size = int(run.get("image_size", 0))
-  c.model.drop_path = 0.0
-  c.model.global_pool = False
-  if "num_classes" not in c.data:
-    c.data.num_classes = 2    # the classifier's head is not used
-  return c
+  """`config` with its auto encoder fields read from the run metadata of `config.init`
+  (`adpe_jax.config.encoder.resolve_encoder_fields`, reading through `weights.metadata`)."""
+  return encoder_config.resolve_encoder_fields(config, weights.metadata)
 
 
 def build_encoder_model(config):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,24 +38,10 @@ from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate as check
 from adpe_jax.data import bad_images
 from adpe_jax.data.finetune import FinetunePipeline
+from adpe_jax.models.probe import LinearProbe
 from adpe_jax.train import evaluate, loop, run
 from adpe_jax.train import optimizer as optim
 from adpe_jax.train.metrics import bad_image_metrics
-
-BN_EPS = 1e-6
-
-
-class LinearProbe(nn.Module):
-  """MAE: head = Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear(D, C))."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, feats, train: bool = False):
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                     use_scale=False, use_bias=False, name="bn")(feats)
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=nn.initializers.truncated_normal(0.01))(x)
-
 
 @flax.struct.dataclass
 class ProbeState:
@@ -66,26 +51,11 @@ class ProbeState:
   opt_state: optax.OptState
 
 
-def lars(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
-         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
-  """MAE's util/lars.py LARS from optax's parts: for tensors of > 1 dim, g + wd * p scaled
-  by trust_coefficient * |p| / |g + wd p| (1 where a norm is 0); then mu = m mu + g and
-  p -= lr mu.  (`optax.lars` scales by the lr before the momentum trace, which differs
-  from MAE whenever the lr changes, i.e. under warmup + cosine.)"""
-  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=mask),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0),
-                   mask),
-      optax.trace(decay=momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate))
-
-
 def make_optimizer(config, total_steps: int, steps_per_epoch: float):
   lr = optim.warmup_cosine(optim.scaled_lr(config.blr, config.batch_size), config.min_lr,
                            config.warmup_epochs * steps_per_epoch, total_steps, 1)
   if config.optimizer == "lars":
-    return lars(lr, config.weight_decay, config.momentum), lr
+    return optim.lars(lr, config.weight_decay, config.momentum), lr
   # torch SGD(momentum, weight_decay): g + wd p, mu = m mu + g, p -= lr mu.
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.trace(decay=config.momentum),

@@ -1,4 +1,5 @@
-"""Learning-rate schedules and the optax optimizer (spec 3, tables and schedule)."""
+"""Learning-rate schedules and the optax optimizers: pretraining / fine-tuning (spec 3,
+tables and schedule) and MAE's LARS of the linear probe (`lars`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from adpe_jax import adversary as adv_lib
-from adpe_jax.models import layout
+from adpe_jax import layout
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -129,3 +130,19 @@ def finetune_schedule(config, total_steps: int, steps_per_epoch: float):
   only at micro-step it % accum_iter == 0, the first of each optimizer step)."""
   return warmup_cosine(scaled_lr(config.blr, config.batch_size), config.min_lr,
                              config.warmup_epochs * steps_per_epoch, total_steps, 1)
+
+
+def lars(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """MAE's util/lars.py LARS from optax's parts: for tensors of > 1 dim, g + wd * p scaled
+  by trust_coefficient * |p| / |g + wd p| (1 where a norm is 0); then mu = m mu + g and
+  p -= lr mu.  (`optax.lars` scales by the lr before the momentum trace, which differs
+  from MAE whenever the lr changes, i.e. under warmup + cosine.)  The linear probe's
+  optimizer (config optimizer="lars")."""
+  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0),
+                   mask),
+      optax.trace(decay=momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate))

@@ -20,7 +20,7 @@ import optax
 
 from adpe_jax import adversary as adv_lib
 from adpe_jax.data import multicrop
-from adpe_jax.models import layout
+from adpe_jax import layout
 from adpe_jax.train.state import TrainState
 
 

@@ -1,5 +1,11 @@
-"""Block layouts of a parameter tree: unrolled (`blocks_0`, `blocks_1`, ...) and scanned
-(`blocks` with a leading depth axis), and the exact conversions between them.
+"""The layout of a model's variables: its collections (`params` and `ADVERSARY`) and its
+block layouts, unrolled (`blocks_0`, `blocks_1`, ...) and scanned (`blocks` with a leading
+depth axis), with the exact conversions between them.
+
+A leaf: it imports nothing of adpe_jax, so the models (which declare the collection and
+name the blocks), the adversary (which projects per block), the checkpoint and the
+parallel rules (which read stacked leaves) all read the same names without importing one
+another.
 
 `MAEPlus(scan_blocks=True)` runs its encoder and its decoder as one `nn.scan` each, so
 its variables hold
@@ -27,6 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The Flax variable collection of the adversary, next to "params" (adpe_jax/adversary.py:
+# the model's positional input, not a parameter).
+ADVERSARY = "adversary"
+# The stacked block entries of a scanned model (`MAEPlus(scan_blocks=True)`).
 PREFIXES = ("blocks", "decoder_blocks")
 
 
