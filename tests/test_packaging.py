@@ -44,6 +44,8 @@ def test_constraints_pin_every_declared_package_inside_its_range():
     name = r.name.lower().replace("_", "-")
     if name == "google-cloud-storage":   # the gcs extra is not installed in CI
       continue
+    if name == "adpe-jax":   # an extra naming others ([test] pulls [tfds,wandb]): checked there
+      continue
     assert name in pins, f"{name} is declared in setup.cfg but not pinned in .ci/constraints.txt"
     assert r.specifier.contains(Version(pins[name])), (name, pins[name], str(r.specifier))
 
