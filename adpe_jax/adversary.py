@@ -111,3 +111,17 @@ def adversary_norms(adversary) -> dict[str, jax.Array]:
   """
   return {f"adv_norm/{k}": jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32))))
           for k, v in named_leaves(layout.to_unrolled(adversary)).items()}
+
+
+def adversary_fractions(adversary, norm: str, eps: float) -> dict[str, jax.Array]:
+  """{'adv_frac/<path>': how far each adversary tensor is out to its bound, in [0, 1]} --
+  its L2 norm / eps under norm "l2", its largest |entry| / eps under "linf"; {} without a
+  bound ("none").  Per block under the unrolled names, as `adversary_norms`.  Shows whether
+  the adversary acts at all (a run whose shifts stay near 0 trains MAE+ in effect)."""
+  if norm == "none" or eps <= 0:
+    return {}
+  def size(v):
+    v = v.astype(jnp.float32)
+    return (jnp.sqrt(jnp.sum(jnp.square(v))) if norm == "l2" else jnp.max(jnp.abs(v))) / eps
+  return {f"adv_frac/{k}": size(v)
+          for k, v in named_leaves(layout.to_unrolled(adversary)).items()}

@@ -44,6 +44,10 @@ def get_config(arg=None):
   c.eval.knn_train_examples = 5000
   c.eval.knn_test_examples = 1000
   c.eval.recon_every_steps = 100
+  # The loss on 512 Fashion-MNIST test images, fixed masks, adversary off and on.
+  c.eval.heldout_split = "test"
+  c.eval.heldout_examples = 512
+  c.eval.heldout_every_steps = 50
   if "mae_plus" in args:
     c.adversary.kind = "none"
   if "smoke" in args:
@@ -51,4 +55,5 @@ def get_config(arg=None):
     c.total_steps, c.batch_size, c.num_crops = 10, 16, 2
     c.log_every_steps, c.checkpoint_every_steps, c.eval.recon_every_steps = 5, 10, 0
     c.eval.knn_train_examples, c.eval.knn_test_examples = 1000, 200
+    c.eval.heldout_examples, c.eval.heldout_every_steps = 64, 0
   return c

@@ -152,6 +152,22 @@ def test_l2_projection_of_zero_is_zero_not_nan():
   np.testing.assert_allclose(np.asarray(adv_lib.project(v, "linf", 3.5)["adv_token"]), [3.0, 3.5])
 
 
+def test_adversary_fractions_are_the_size_over_eps_per_block():
+  """adv_frac/<tensor>: |v|_2 / eps under l2, max |v| / eps under linf, per block of a
+  scanned stack under the unrolled names; none without a bound."""
+  tree = {"blocks": {"attn": {"rpe_k": {"adv_shift": jnp.array([[0.3, 0.4], [0.0, -1.5]])}}},
+          "adv_token": jnp.array([3.0, -4.0])}
+  l2 = {k: float(v) for k, v in adv_lib.adversary_fractions(tree, "l2", 2.0).items()}
+  assert l2 == pytest.approx({"adv_frac/blocks_0/attn/rpe_k/adv_shift": 0.25,
+                              "adv_frac/blocks_1/attn/rpe_k/adv_shift": 0.75,
+                              "adv_frac/adv_token": 2.5})
+  linf = {k: float(v) for k, v in adv_lib.adversary_fractions(tree, "linf", 2.0).items()}
+  assert linf == pytest.approx({"adv_frac/blocks_0/attn/rpe_k/adv_shift": 0.2,
+                                "adv_frac/blocks_1/attn/rpe_k/adv_shift": 0.75,
+                                "adv_frac/adv_token": 2.0})
+  assert adv_lib.adversary_fractions(tree, "none", 2.0) == {}
+
+
 def test_pgd_inner_ascent_raises_loss_within_ball(images):
   c = config_for("ape", "coordinate", norm="linf", eps=0.5)
   model = build_model(c)

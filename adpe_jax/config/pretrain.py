@@ -87,13 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   # by name (train/evaluate.py EVALUATORS); "knn" runs only with eval.knn_source set
-  c.eval.evaluators = ("knn", "reconstructions")
+  c.eval.evaluators = ("knn", "reconstructions", "heldout")
   c.eval.knn_k = 20
   c.eval.knn_every_steps = 0          # > 0: also k-NN top-1 during training (logged)
   c.eval.knn_source = ""              # e.g. fashion_mnist; "" = no k-NN at the end
   c.eval.recon_every_steps = 0        # reconstruction grid every N steps (always at the end)
   c.eval.knn_train_examples = 10000
   c.eval.knn_test_examples = 2000
+  # The loss on the first heldout_examples images of data.source's heldout_split ("" = off),
+  # fixed masks, adversary at zero and as trained: heldout_loss / heldout_loss_adv.
+  c.eval.heldout_split = ""
+  c.eval.heldout_examples = 256
+  c.eval.heldout_every_steps = 0      # 0 = only at the end
   return c
 
 

@@ -134,6 +134,8 @@ _RANGES = {
     "data.num_workers": "[-1, inf)",
     "data.num_examples": "[0, inf)",
     "eval.max_examples": "[0, inf)",
+    "eval.heldout_examples": "[1, inf)",
+    "eval.heldout_every_steps": "[0, inf)",
 }
 
 _MEANING = {

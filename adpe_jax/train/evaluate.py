@@ -285,6 +285,53 @@ class FeatureProbeEvaluator:
     return _means(totals)
 
 
+class HeldoutLoss:
+  """The pretraining loss on held-out images (an evaluator, `eval.heldout_split`): the first
+  `examples` images of that split, eval-transformed (Resize -> CenterCrop to image_size,
+  one view each), with masks fixed once for the whole run (noise from `seed`), so the
+  number moves only with the weights.  Twice: with the adversary at zero (`heldout_loss`,
+  the model's own reconstruction; Xie et al., CVPR 2023, find this pretraining validation
+  loss a good indicator of fine-tuning) and with the adversary as trained
+  (`heldout_loss_adv`; their difference is what the adversary costs the model on data it
+  never trained on).  In chunks of `chunk` images (the count is rounded down to a multiple
+  of it): every image has the same number of masked patches, so the mean of the chunks'
+  means is the mean over all masked patches."""
+  name = "heldout"
+  key = "heldout_loss"
+
+  def __init__(self, model, source, image_size: int, examples: int, every_steps: int, mesh,
+               seed: int = 0, chunk: int = 64):
+    n = min(examples, len(source))
+    self.chunk = min(chunk, n)
+    n -= n % self.chunk
+    if n < 1:
+      raise ValueError(f"heldout loss: no examples (asked for {examples})")
+    images, _ = data.labelled_arrays(source, image_size, n)
+    noise = jax.random.uniform(jax.random.key(seed), (n, model.num_patches))
+    repl = parallel.replicated(mesh)
+    self.images = jax.device_put(images.reshape(n // self.chunk, self.chunk, *images.shape[1:]),
+                                 repl)
+    self.noise = jax.device_put(np.asarray(noise).reshape(n // self.chunk, self.chunk, -1), repl)
+    self.n, self.every_steps, self.at_end = n, every_steps, True
+
+    def losses(params, adversary, images, noise):
+      def one(adv):
+        def chunk_loss(args):
+          loss, _, _ = model.apply({"params": params, "adversary": adv}, args[0],
+                                   noise=args[1], rngs={"masking": jax.random.key(0)})
+          return loss
+        return jnp.mean(jax.lax.map(chunk_loss, (images, noise)))
+      return one(jax.tree.map(jnp.zeros_like, adversary)), one(adversary)
+
+    self._losses = jax.jit(parallel.under_mesh(losses, mesh))
+
+  def run(self, state, step: int) -> dict:
+    del step
+    off, on = jax.device_get(self._losses(state.params, state.adversary, self.images,
+                                          self.noise))
+    return {"heldout_loss": float(off), "heldout_loss_adv": float(on)}
+
+
 # -- evaluators by name: config.eval.evaluators (as big_vision's config.evals) -------------------
 #
 # name -> builder(config, context) -> an evaluator, or None when the config turns it off.
@@ -325,8 +372,17 @@ def _probe(config, context):
       every_steps=config.eval.every_steps or int(context["steps_per_epoch"]))
 
 
-EVALUATORS = {"knn": _knn, "reconstructions": _reconstructions, "classifier": _classifier,
-              "probe": _probe}
+def _heldout(config, context):
+  """Pretraining: model.  Off without eval.heldout_split."""
+  if not config.eval.heldout_split:
+    return None
+  return HeldoutLoss(context["model"], data.eval_source(config, config.eval.heldout_split),
+                     config.image_size, config.eval.heldout_examples,
+                     config.eval.heldout_every_steps, context["mesh"], seed=config.seed)
+
+
+EVALUATORS = {"knn": _knn, "reconstructions": _reconstructions, "heldout": _heldout,
+              "classifier": _classifier, "probe": _probe}
 
 
 def from_config(config, context: dict) -> list:

@@ -150,6 +150,10 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
       # The evaluator's run at the last step (this process's or an earlier one's).
       final = [e for e in result.evals if "knn_top1" in e and e["step"] == result.end_step]
       out.update({k: final[-1][k] for k in KNN_SUMMARY if final and k in final[-1]})
+    heldout = [e for e in result.evals if "heldout_loss" in e]
+    if heldout:  # the newest (at the end of a finished run: its last step's)
+      out.update({k: heldout[-1][k] for k in ("heldout_loss", "heldout_loss_adv")},
+                 heldout_step=heldout[-1]["step"])
     return out
 
   return run.Built(
@@ -164,7 +168,7 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
 KNN_SUMMARY = ("knn_top1", "knn_top1_random_init", "knn_seconds")
 
 TASK = run.Task("pretrain", pretrain_config.validate, build=build, run_metadata=run_metadata,
-                evaluators=("knn", "reconstructions"))
+                evaluators=("knn", "reconstructions", "heldout"))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

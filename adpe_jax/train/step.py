@@ -158,6 +158,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
     if adv_lr_fn is not None and jax.tree.leaves(adversary):
       metrics["adv_lr"] = adv_lr_fn(state.step)
     metrics.update(adv_lib.adversary_norms(adversary))
+    metrics.update(adv_lib.adversary_fractions(adversary, adv_norm, adv_eps))
     new_state = state.replace(step=state.step + 1, params=params, adversary=adversary,
                               opt_state=opt_state, adv_opt_state=adv_opt_state)
     return new_state, metrics
