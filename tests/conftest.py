@@ -32,7 +32,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # order (modules with the most tests first) is switched off in `pytest_configure`.
 _LONG_FIRST = ("test_adversary", "test_multihost", "test_finetune", "test_resume", "test_scan",
                "test_linprobe", "test_export", "test_kernels", "test_sharded_kernel",
-               "test_fsdp", "test_fidelity", "test_refusals", "test_cli", "test_model")
+               "test_fsdp", "test_fidelity", "test_refusals", "test_tf_free", "test_cli",
+               "test_model")
 
 
 def pytest_configure(config):
