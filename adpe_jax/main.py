@@ -83,12 +83,20 @@ def main(argv):
   import jax  # noqa: PLC0415 (here: the supervisor above does without)
 
   from adpe_jax.train import stop, tasks  # noqa: PLC0415
+  ended = False  # the run returned: its summary.json says how it ended
   try:
     # The loop and its evaluations hold their own guard; several processes: none (JAX's).
     with stop.interruptible(multi_process=multi_process):
       tasks.run(config, workdir)
+      ended = True
   except stop.PreemptedError as e:
     name = stop.signal_name(e.signum)
+    if ended:
+      # A signal after the run's end (its exception lost earlier, or raised on the way
+      # out): the run ended and wrote its summary, so the exit code is that run's (0), never
+      # the signal's: a finished run does not exit 128 + n.
+      logging.warning("got %s after the run ended; summary.json says how it ended", name)
+      return
     _say(f"error: interrupted by {name} outside the training steps (starting, restoring, "
          f"or a task that saves nothing); nothing on disk was lost; re-run the same command "
          f"to continue.")

@@ -17,7 +17,7 @@ import pytest
 
 from adpe_jax import supervisor
 from adpe_jax.train import stop
-from adpe_jax.train.stop import PreemptionGuard
+from adpe_jax.train.stop import AgreedStop, PreemptedError, PreemptionGuard
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ["--config=configs/vitb_ape.py:smoke", "--config.compilation_cache=none"]
@@ -43,6 +43,26 @@ def default_hangup():
 
 
 # -- in-process: the guards ---------------------------------------------------------------------
+
+def test_a_request_whose_exception_was_lost_reaches_the_loops_guard():
+  # main's guard got SIGINT (its PreemptedError swallowed, as orbax's asyncio callbacks
+  # drop it during the restore); the loop's guard, entered inside, starts with it.
+  with handlers(SIGINT=signal.default_int_handler, SIGTERM=signal.SIG_DFL):
+    with PreemptionGuard() as outer:
+      with contextlib.suppress(PreemptedError), outer.interrupting(), contextlib.suppress(
+          PreemptedError):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+      assert outer.requested and outer.signum == signal.SIGINT
+      with AgreedStop(multi_process=False) as agreed:
+        assert agreed.requested_before_start() == signal.SIGINT
+        assert agreed.should_stop(1)
+    # Once both are gone, a new guard starts clean (a request is not global for ever).
+    with AgreedStop(multi_process=False) as agreed:
+      assert agreed.requested_before_start() is None and not agreed.should_stop(1)
+    # Several processes: JAX's preemption manager decides; nothing is inherited.
+    assert AgreedStop(multi_process=True).requested_before_start() is None
+
 
 def test_sighup_is_a_stop_signal_unless_ignored():
   with handlers(SIGHUP=signal.SIG_DFL):
@@ -156,3 +176,56 @@ def test_sighup_saves_the_current_step_like_sigterm_and_the_rerun_resumes(tmp_pa
   again = json.loads((tmp_path / "summary.json").read_text())
   assert (again["status"], again["steps"]) == ("stopped", saved[-1] + 2)
   assert loss_steps(tmp_path)[-2:] == [saved[-1] + 1, saved[-1] + 2]
+
+
+# Runs adpe_jax.main with Checkpointer.restore sending this process SIGINT and swallowing
+# what the handler raises -- what orbax's asyncio callbacks do with a BaseException other
+# than KeyboardInterrupt (logged as "Exception in callback", dropped) -- then restoring.
+SWALLOWING_RESTORE = """
+import os, runpy, signal, sys, time
+from adpe_jax import checkpoint
+real = checkpoint.Checkpointer.restore
+def restore(self, *args, **kwargs):
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1.0)
+  except BaseException as e:
+    print(f"hook: swallowed {type(e).__name__}", file=sys.stderr, flush=True)
+  return real(self, *args, **kwargs)
+checkpoint.Checkpointer.restore = restore
+sys.argv = ["adpe_jax.main"] + sys.argv[1:]
+runpy.run_module("adpe_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_during_the_restore_is_kept_and_a_run_that_ended_never_exits_130(tmp_path):
+  hook = tmp_path / "hook.py"
+  hook.write_text(SWALLOWING_RESTORE)
+  w = tmp_path / "run"
+  args = [*SMOKE, f"--workdir={w}", "--config.total_steps=4", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=2"]
+  hooked = lambda: subprocess.run(  # noqa: E731
+      [sys.executable, str(hook), *args], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, preexec_fn=default_hangup)
+  # 1. Ctrl-C during the restore, its exception lost: the run stops before training, with
+  #    the sentence and code of an interrupt outside the training steps.
+  r = hooked()
+  assert "hook: swallowed PreemptedError" in r.stderr, r.stderr[-3000:]
+  assert r.returncode == 130, r.stderr[-3000:]
+  assert r.stderr.splitlines()[-1].startswith(
+      "error: interrupted by SIGINT outside the training steps"), r.stderr[-3000:]
+  assert loss_steps(w) == [] and not (w / "summary.json").exists()
+  assert not (w / "checkpoints").exists() or saved_steps(w) == []
+  # 2. The same command, uninterrupted: it trains and finishes.
+  r = subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  finished = (w / "summary.json").read_text()
+  assert json.loads(finished)["status"] == "finished"
+  # 3. Ctrl-C lost during the restore of the finished run: it ended (nothing to do), so it
+  #    exits 0, not 130, and its summary stays as it was.
+  r = hooked()
+  assert "hook: swallowed PreemptedError" in r.stderr, r.stderr[-3000:]
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (w / "summary.json").read_text() == finished
+  assert "outside the training steps" not in r.stderr

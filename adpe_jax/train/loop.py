@@ -245,6 +245,11 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   # The signal guard covers the steps, the evaluations, the last save and the clean-up.
   with AgreedStop() as agreed:
     try:
+      lost = agreed.requested_before_start()
+      if lost is not None:
+        # A stop requested before the loop whose exception was lost (inside orbax's
+        # restore): the run ends before training, as that exception would have ended it.
+        raise PreemptedError(lost)
       for step in range(start_step, stop_at):
         state, metrics = step_fn(state, step, next(stream))
         acc = metrics if acc is None else accumulate(acc, metrics)

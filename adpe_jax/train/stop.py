@@ -4,6 +4,10 @@ and the exit of a multi-process run whose peer is gone.
 The stop policy of the training loop (`loop.train` polls `AgreedStop.should_stop` every
 step); `lost_peer_exit` is what `main.py` calls when a multi-process run fails.
 
+A stop request is kept until it is honoured: a guard entered inside another (the loop's
+inside `main`'s) starts with the request the outer one got, so a signal whose exception
+was swallowed before training (inside orbax's restore: its asyncio callbacks log and drop
+a BaseException other than KeyboardInterrupt) still stops the run before its first step.
 SIGHUP (an ssh session dropping, a terminal closed) is a preemption notice, as SIGTERM,
 unless it is ignored (`nohup`): then it stays ignored.
 """
@@ -27,6 +31,10 @@ from adpe_jax.errors import ExitCode, lost_peer_message
 
 # The signals that stop a single-process run (SIGHUP: see `stop_signals`).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# The guards entered and not yet exited, outermost first (main thread only): a guard
+# entered inside another starts with the request that one got.
+_active: list = []
 
 
 def hangup_ignored() -> bool:
@@ -64,12 +72,15 @@ class PreemptionGuard:
   force-saves at the current step, waits and exits. Inside `guard.interrupting()` (an
   evaluation, which may take minutes: longer than a preemption notice lasts) they also
   raise `PreemptedError` at once. A second SIGINT raises KeyboardInterrupt (to abort for
-  real). The previous handlers come back on exit. From a thread other than the main one
-  no handler can be installed; `request()` still works.
+  real). The previous handlers come back on exit. A guard entered while another is active
+  starts with its request (`pending_at_start`: the outer one's exception may have been
+  swallowed). From a thread other than the main one no handler can be installed;
+  `request()` still works.
   """
 
   def __init__(self, signals=None):
     self.signals = stop_signals() if signals is None else tuple(signals)
+    self.pending_at_start = False  # a request an enclosing guard got before this one began
     self.signum: int | None = None
     self._requested = False
     self._raise = False
@@ -104,6 +115,11 @@ class PreemptionGuard:
     self._requested = True
 
   @property
+  def signalled(self) -> bool:
+    """Whether a stop was requested (`requested`, without its log line)."""
+    return self._requested
+
+  @property
   def requested(self) -> bool:
     if self._requested and not self._logged:
       self._logged = True
@@ -115,6 +131,10 @@ class PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():
       logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
       return self
+    outer = next((g for g in reversed(_active) if g.signalled), None)
+    if outer is not None:  # kept until honoured: this guard's owner stops for it
+      self.signum, self._requested, self.pending_at_start = outer.signum, True, True
+    _active.append(self)
     for s in self.signals:
       self._previous[s] = signal.signal(s, self._handle)
     return self
@@ -123,6 +143,8 @@ class PreemptionGuard:
     for s, h in self._previous.items():
       signal.signal(s, h if h is not None else signal.SIG_DFL)
     self._previous = {}
+    if self in _active:
+      _active.remove(self)
 
 
 class AgreedStop:
@@ -141,6 +163,14 @@ class AgreedStop:
     self.multi = jax.process_count() > 1 if multi_process is None else multi_process
     self.guard = PreemptionGuard(() if self.multi else None)
     self.stopped_by: str | None = None
+
+  def requested_before_start(self) -> int | None:
+    """One process: the signal an enclosing guard got before the loop began (its exception
+    lost, e.g. inside orbax's restore), or None.  The loop stops for it before its first
+    step, as the exception would have stopped the run."""
+    if self.multi or not self.guard.pending_at_start:
+      return None
+    return self.guard.signum if self.guard.signum is not None else signal.SIGTERM
 
   def should_stop(self, step: int) -> bool:
     if self.multi:
