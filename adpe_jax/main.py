@@ -1,5 +1,6 @@
 """Entry point: python -m adpe_jax.main --config=configs/vitb_rpe_coord.py --workdir=DIR"""
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -59,6 +60,15 @@ def _parse_flags(argv):
     sys.exit(ExitCode.REFUSED)
 
 
+def _say(line: str) -> None:
+  """The last line on stderr, flushed; nothing when stderr is gone (a SIGHUP of a closed
+  terminal or a dropped ssh session: writing there fails with EIO or EPIPE)."""
+  with contextlib.suppress(OSError, ValueError):
+    sys.stdout.flush()
+  with contextlib.suppress(OSError, ValueError):
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,22 +83,26 @@ def main(argv):
   import jax  # noqa: PLC0415 (here: the supervisor above does without)
 
   from adpe_jax.train import stop, tasks  # noqa: PLC0415
+  ended = False  # the run returned: its summary.json says how it ended
   try:
     # The loop and its evaluations hold their own guard; several processes: none (JAX's).
     with stop.interruptible(multi_process=multi_process):
       tasks.run(config, workdir)
+      ended = True
   except stop.PreemptedError as e:
     name = stop.signal_name(e.signum)
-    print(f"error: interrupted by {name} outside the training steps (starting, restoring, "
-          f"or a task that saves nothing); nothing on disk was lost; re-run the same command "
-          f"to continue.", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if ended:
+      # A signal after the run's end (its exception lost earlier, or raised on the way
+      # out): the run ended and wrote its summary, so the exit code is that run's (0), never
+      # the signal's: a finished run does not exit 128 + n.
+      logging.warning("got %s after the run ended; summary.json says how it ended", name)
+      return
+    _say(f"error: interrupted by {name} outside the training steps (starting, restoring, "
+         f"or a task that saves nothing); nothing on disk was lost; re-run the same command "
+         f"to continue.")
     os._exit(128 + (e.signum or signal.SIGTERM))  # the shell's code for that signal
   except AdpeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _say(f"error: {e}")
     # Exit without interpreter teardown: a refused checkpoint leaves orbax reads in flight
     # (checkpoint.quiet_orbax_teardown).  Nothing is pending: the error precedes any save.
     os._exit(ExitCode.REFUSED)

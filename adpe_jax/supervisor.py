@@ -9,8 +9,11 @@ not supervise again) and waits:
 
 * stdin / stdout / stderr are the child's own (inherited); SIGTERM / SIGINT sent to the
   supervisor are forwarded to it (so a preemption notice reaches JAX's preemption manager
-  in the child, which stops all processes at one agreed step, saves and exits 0); the
-  child dies with the supervisor (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
+  in the child, which stops all processes at one agreed step, saves and exits 0), and
+  SIGHUP (a dropped ssh session, a closed terminal) is forwarded as SIGTERM: JAX's manager
+  acts on SIGTERM only, and a hang-up is a preemption (unless SIGHUP is ignored, `nohup`:
+  then it stays ignored, here and in the child); the child dies with the supervisor
+  (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
 * the child's exit codes that are ours pass through (`exit_code`): `errors.ExitCode` (OK
   finished / stopped / preempted, BUG a traceback, REFUSED a refusal or stop of ours,
   LOST_PEER named by the child itself), 128 + n a signal outside the training steps.
@@ -47,7 +50,9 @@ from adpe_jax.errors import ExitCode, lost_peer_message
 
 SUPERVISED = "ADPE_SUPERVISED"
 REPORT_FD = "ADPE_SUPERVISOR_FD"
-FORWARDED = (signal.SIGTERM, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the child gets for a signal the supervisor forwards (others: the same signal).
+FORWARDED_AS = {signal.SIGHUP: signal.SIGTERM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,11 +201,14 @@ def supervise(workdir: str | None = None, command: list[str] | None = None) -> i
   phase: dict = {}
 
   def forward(signum, frame):  # noqa: ARG001
-    forwarded.append(signum)
+    sent = FORWARDED_AS.get(signum, signum)
+    forwarded.append(sent)
     with contextlib.suppress(ProcessLookupError):
-      child.send_signal(signum)
+      child.send_signal(sent)
 
-  previous = {s: signal.signal(s, forward) for s in FORWARDED}
+  # An ignored SIGHUP (nohup) stays ignored: that launch asked to outlive its terminal.
+  previous = {s: signal.signal(s, forward) for s in FORWARDED
+              if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN}
 
   def read() -> None:
     with os.fdopen(read_fd, "rb") as f:

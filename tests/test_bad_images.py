@@ -399,3 +399,33 @@ def test_a_multi_epoch_skip_run_with_few_bad_files_does_not_stop(noise_folder, t
   assert {s: counts.get(s) for s in (4, 8, 12)} == {4: 2, 8: 4, 12: 6}, counts
   for name in bad:  # each bad file is still logged once, not once per epoch
     assert r.stderr.count(f"bad image {os.path.join(bad_root, name)}") == 1
+
+
+def test_a_resumed_skip_run_logs_the_bad_image_counts_of_an_uninterrupted_one(noise_folder,
+                                                                               tmp_path):
+  """The cumulative `bad_images` count is of the run, not of the process: stopped mid-epoch
+  (step 6, by max_steps_per_run) and resumed, the run logs at steps 8 and 12 what the
+  uninterrupted run of the test above logs there (4 and 6), not a count restarted at 0."""
+  bad_root, _ = noise_folder
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2),
+             PYTHONPATH=os.pathsep.join([root] + sys.path))
+  command = [sys.executable, "-m", "adpe_jax.main", "--config=configs/vitb_ape.py:smoke",
+             f"--workdir={tmp_path / 'run'}", f"--config.data.source=folder:{bad_root}",
+             "--config.data.bad_images=skip", "--config.data.max_bad_fraction=0.1",
+             "--config.data.num_workers=0", "--config.total_steps=12",
+             "--config.log_every_steps=4", "--config.checkpoint_every_steps=12",
+             "--config.compilation_cache=none"]
+  for extra in (["--config.max_steps_per_run=6"], []):   # stopped at 6, then resumed
+    r = subprocess.run(command + extra, cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["status"] == "finished", summary
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if '"loss"' in line]
+  counts = {rec["step"]: rec["bad_images"] for rec in records}
+  assert sorted(counts) == [4, 6, 8, 12], counts
+  # The uninterrupted run's values (test_a_multi_epoch_skip_run_with_few_bad_files...).
+  assert {s: counts[s] for s in (4, 8, 12)} == {4: 2, 8: 4, 12: 6}, counts
+  assert counts[4] <= counts[6] <= counts[8], counts

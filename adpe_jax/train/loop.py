@@ -38,7 +38,7 @@ from absl import logging
 from adpe_jax import storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.errors import ConfigError, DivergenceError
-from adpe_jax.train.metrics import MetricsLog, json_value, parse_records
+from adpe_jax.train.metrics import CARRIED_COUNTS, MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
 
 # metrics of a step that are not averaged into the log record
@@ -168,6 +168,21 @@ def first_loss(workdir, upto: int) -> Optional[float]:
   return None
 
 
+def carried_counts(workdir, start_step: int) -> dict:
+  """The `metrics.CARRIED_COUNTS` a resumed run starts from: each one's value in the newest
+  record up to its restored step (the loop logs a record at every step it saves), {} for a
+  fresh run.  Every process reads the same file, so all add the same numbers."""
+  if start_step <= 0:
+    return {}
+  carried = {}
+  for key in CARRIED_COUNTS:
+    records = [r for r in logged_records(workdir, key, start_step)
+               if isinstance(r[key], int) and not isinstance(r[key], bool)]
+    if records:
+      carried[key] = max(records, key=lambda r: r.get("step") or 0)[key]
+  return carried
+
+
 def first_bad_step(per_step, first_step: int, reference: Optional[float],
                    factor: float) -> Optional[tuple[int, float, str]]:
   """(step, loss, "non-finite" | "diverged") of the first bad step of a logged window.
@@ -222,6 +237,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   window: list = []  # (loss, finite) device scalars of each step since the last fetch
   factor = float(config.get("divergence_factor", 0.0))
   reference = first_loss(workdir, start_step)  # None: a fresh run, set from its step 1
+  carried = carried_counts(workdir, start_step)  # counts of the run's earlier processes
   accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m))  # one dispatch per step
   t_last, step_last, t0 = time.time(), start_step, time.time()
   status, interrupted = "finished", ""
@@ -229,6 +245,11 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   # The signal guard covers the steps, the evaluations, the last save and the clean-up.
   with AgreedStop() as agreed:
     try:
+      lost = agreed.requested_before_start()
+      if lost is not None:
+        # A stop requested before the loop whose exception was lost (inside orbax's
+        # restore): the run ends before training, as that exception would have ended it.
+        raise PreemptedError(lost)
       for step in range(start_step, stop_at):
         state, metrics = step_fn(state, step, next(stream))
         acc = metrics if acc is None else accumulate(acc, metrics)
@@ -256,7 +277,9 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
             record["first_loss"] = reference
           bad = first_bad_step(per_step, step_last + 1, reference, factor)
           if log_extras is not None:
-            record.update(log_extras(state, done))
+            extras = log_extras(state, done)
+            record.update({k: v + carried.get(k, 0) if k in CARRIED_COUNTS else v
+                           for k, v in extras.items()})
           log.write(record)
           ckpt.check()  # a failed asynchronous save stops the run here, naming the cause
           if bad is not None:

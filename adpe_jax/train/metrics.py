@@ -34,10 +34,19 @@ def device_peak_flops(device=None) -> float | None:
   return None
 
 
+# Log record fields that count from the run's step 0 but that a process can only count from
+# its own start (the pipeline's `bad_images_seen`): a resumed run adds the value logged at
+# its restored step (`loop.carried_counts`), so metrics.jsonl holds what an uninterrupted run
+# logs.  (Read back from metrics.jsonl, as the first loss is, rather than kept in the
+# checkpoint: the loop logs a record at every step it saves, and the count is a log field.)
+CARRIED_COUNTS = ("bad_images",)
+
+
 def bad_image_metrics(pipeline) -> dict:
-  """{"bad_images": substituted examples of all processes' batches since this run started}
-  under data.bad_images="skip" (a log record's field), else {}. Every process calls it at the
-  same log steps (one small all-gather when there are several)."""
+  """{"bad_images": substituted examples of all processes' batches since this process
+  started} under data.bad_images="skip" (a log record's field, of the run once the loop adds
+  the count of its earlier processes: `CARRIED_COUNTS`), else {}. Every process calls it at
+  the same log steps (one small all-gather when there are several)."""
   if not pipeline.bad_policy.skips:
     return {}
   count = pipeline.bad_images_seen

@@ -1,8 +1,15 @@
-"""When a run stops early: SIGTERM / SIGINT / preemption agreed by every process, and the
-exit of a multi-process run whose peer is gone.
+"""When a run stops early: SIGTERM / SIGINT / SIGHUP / preemption agreed by every process,
+and the exit of a multi-process run whose peer is gone.
 
 The stop policy of the training loop (`loop.train` polls `AgreedStop.should_stop` every
 step); `lost_peer_exit` is what `main.py` calls when a multi-process run fails.
+
+A stop request is kept until it is honoured: a guard entered inside another (the loop's
+inside `main`'s) starts with the request the outer one got, so a signal whose exception
+was swallowed before training (inside orbax's restore: its asyncio callbacks log and drop
+a BaseException other than KeyboardInterrupt) still stops the run before its first step.
+SIGHUP (an ssh session dropping, a terminal closed) is a preemption notice, as SIGTERM,
+unless it is ignored (`nohup`): then it stays ignored.
 """
 
 from __future__ import annotations
@@ -22,13 +29,32 @@ from adpe_jax import jax_compat
 from adpe_jax.errors import ExitCode, lost_peer_message
 
 
+# The signals that stop a single-process run (SIGHUP: see `stop_signals`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# The guards entered and not yet exited, outermost first (main thread only): a guard
+# entered inside another starts with the request that one got.
+_active: list = []
+
+
+def hangup_ignored() -> bool:
+  """Whether SIGHUP is ignored here (`nohup`, or a parent that set SIG_IGN): a run started
+  that way asked to outlive its terminal, so no handler of ours replaces that."""
+  return signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+def stop_signals() -> tuple:
+  """SIGTERM, SIGINT and, unless it is ignored (`hangup_ignored`), SIGHUP."""
+  return tuple(s for s in STOP_SIGNALS if s != signal.SIGHUP or not hangup_ignored())
+
+
 class PreemptedError(BaseException):
-  """SIGTERM / SIGINT arrived where waiting is not an option (`PreemptionGuard.interrupting`):
-  during an evaluation it is abandoned, the trained state is (or gets) saved, and the run
-  ends as "preempted" so that re-running the same command does it; before the loop
-  (compiling, restoring) `main` exits naming the signal, nothing being lost.  A
-  BaseException (as KeyboardInterrupt), so that no `except Exception` takes it for the
-  failure of what it interrupted."""
+  """SIGTERM / SIGINT / SIGHUP arrived where waiting is not an option
+  (`PreemptionGuard.interrupting`): during an evaluation it is abandoned, the trained state
+  is (or gets) saved, and the run ends as "preempted" so that re-running the same command
+  does it; before the loop (compiling, restoring) `main` exits naming the signal, nothing
+  being lost.  A BaseException (as KeyboardInterrupt), so that no `except Exception` takes
+  it for the failure of what it interrupted."""
 
   def __init__(self, signum: int | None):
     self.signum = signum
@@ -40,18 +66,21 @@ def signal_name(signum: int | None) -> str:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a flag the training loop polls (`guard.requested`).
+  """Turns SIGTERM / SIGINT / SIGHUP into a flag the training loop polls (`guard.requested`).
 
   Inside `with PreemptionGuard() as guard:` the signals only set the flag; the loop then
   force-saves at the current step, waits and exits. Inside `guard.interrupting()` (an
   evaluation, which may take minutes: longer than a preemption notice lasts) they also
   raise `PreemptedError` at once. A second SIGINT raises KeyboardInterrupt (to abort for
-  real). The previous handlers come back on exit. From a thread other than the main one
-  no handler can be installed; `request()` still works.
+  real). The previous handlers come back on exit. A guard entered while another is active
+  starts with its request (`pending_at_start`: the outer one's exception may have been
+  swallowed). From a thread other than the main one no handler can be installed;
+  `request()` still works.
   """
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-    self.signals = tuple(signals)
+  def __init__(self, signals=None):
+    self.signals = stop_signals() if signals is None else tuple(signals)
+    self.pending_at_start = False  # a request an enclosing guard got before this one began
     self.signum: int | None = None
     self._requested = False
     self._raise = False
@@ -86,6 +115,11 @@ class PreemptionGuard:
     self._requested = True
 
   @property
+  def signalled(self) -> bool:
+    """Whether a stop was requested (`requested`, without its log line)."""
+    return self._requested
+
+  @property
   def requested(self) -> bool:
     if self._requested and not self._logged:
       self._logged = True
@@ -97,6 +131,10 @@ class PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():
       logging.warning("PreemptionGuard outside the main thread: no signal handlers installed")
       return self
+    outer = next((g for g in reversed(_active) if g.signalled), None)
+    if outer is not None:  # kept until honoured: this guard's owner stops for it
+      self.signum, self._requested, self.pending_at_start = outer.signum, True, True
+    _active.append(self)
     for s in self.signals:
       self._previous[s] = signal.signal(s, self._handle)
     return self
@@ -105,23 +143,34 @@ class PreemptionGuard:
     for s, h in self._previous.items():
       signal.signal(s, h if h is not None else signal.SIG_DFL)
     self._previous = {}
+    if self in _active:
+      _active.remove(self)
 
 
 class AgreedStop:
   """One stop step for every process: `agreed.should_stop(step)` on every host, every step.
 
-  One process: the `PreemptionGuard` flag (SIGTERM / SIGINT handled here).  Several
-  processes: JAX's preemption sync manager (started by `jax.distributed.initialize`) owns
-  SIGTERM -- a notice reaching any host is propagated to all and
+  One process: the `PreemptionGuard` flag (SIGTERM / SIGINT / SIGHUP handled here).
+  Several processes: JAX's preemption sync manager (started by `jax.distributed.initialize`)
+  owns SIGTERM -- a notice reaching any host is propagated to all and
   `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at the same
-  step -- so no Python handler is installed (one would hide the signal from JAX), and a
-  SIGINT ends that process (its peers then stop after the heartbeat timeout).
+  step -- so no Python handler is installed (one would hide the signal from JAX; SIGHUP is
+  turned into SIGTERM by `interruptible`), and a SIGINT ends that process (its peers then
+  stop after the heartbeat timeout).
   """
 
   def __init__(self, multi_process: bool | None = None):
     self.multi = jax.process_count() > 1 if multi_process is None else multi_process
-    self.guard = PreemptionGuard(() if self.multi else (signal.SIGTERM, signal.SIGINT))
+    self.guard = PreemptionGuard(() if self.multi else None)
     self.stopped_by: str | None = None
+
+  def requested_before_start(self) -> int | None:
+    """One process: the signal an enclosing guard got before the loop began (its exception
+    lost, e.g. inside orbax's restore), or None.  The loop stops for it before its first
+    step, as the exception would have stopped the run."""
+    if self.multi or not self.guard.pending_at_start:
+      return None
+    return self.guard.signum if self.guard.signum is not None else signal.SIGTERM
 
   def should_stop(self, step: int) -> bool:
     if self.multi:
@@ -151,16 +200,38 @@ class AgreedStop:
 
 @contextlib.contextmanager
 def interruptible(multi_process: bool | None = None):
-  """SIGTERM / SIGINT raise `PreemptedError` inside (one process: the end-of-run
-  evaluations after the loop, whose state is already saved); several processes: nothing
-  is installed (JAX's preemption manager owns SIGTERM there).  Before JAX has started,
-  pass `multi_process` (`supervisor.detect_launch`): asking jax.process_count()
-  would start the backend before the processes join."""
+  """SIGTERM / SIGINT / SIGHUP raise `PreemptedError` inside (one process: before the loop,
+  and the end-of-run evaluations after it, whose state is already saved); several
+  processes: JAX's preemption manager owns SIGTERM, so only SIGHUP gets a handler, which
+  sends this process SIGTERM (the same preemption: every process stops at one agreed step
+  and saves).  Before JAX has started, pass `multi_process` (`supervisor.detect_launch`):
+  asking jax.process_count() would start the backend before the processes join."""
   if jax.process_count() > 1 if multi_process is None else multi_process:
-    yield None
+    with hangup_as_sigterm():
+      yield None
     return
   with PreemptionGuard() as guard, guard.interrupting():
     yield guard
+
+
+@contextlib.contextmanager
+def hangup_as_sigterm():
+  """Inside: SIGHUP sends this process SIGTERM (what JAX's preemption manager, or the
+  default action before it starts, acts on); nothing when SIGHUP is ignored (`nohup`) or
+  outside the main thread."""
+  if hangup_ignored() or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def resend(signum, frame):  # noqa: ARG001
+    logging.warning("got SIGHUP: treated as a preemption notice (SIGTERM)")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGHUP, resend)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
 
 
 def lost_peer_exit(error: BaseException, heartbeat_timeout: float) -> None:
