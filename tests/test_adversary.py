@@ -168,6 +168,37 @@ def test_adversary_fractions_are_the_size_over_eps_per_block():
   assert adv_lib.adversary_fractions(tree, "none", 2.0) == {}
 
 
+def _config_file(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, pathlib.Path(__file__).resolve().parent.parent / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_adversary_budget_is_the_sum_of_its_rate_and_sets_the_demo():
+  """The budget against a hand sum of the warmup-cosine schedule; the demo's rate gives
+  1.5 eps (the rule configs/demo.py states), the seed recipe's 150 eps."""
+  c = _config_file("demo")
+  total, per_epoch = c.total_steps, 60000 // c.batch_size
+  base = c.adversary.lr * c.batch_size / 256
+  warmup = c.warmup_epochs * per_epoch
+  expect = 0.0
+  for t in range(total):
+    u = t + (c.accum_steps - 1) / c.accum_steps   # the original's micro-step position
+    expect += (base * u / warmup if u < warmup else
+               base * 0.5 * (1 + np.cos(np.pi * (u - warmup) / (total - warmup))))
+  got = optim.adversary_budget(c, total, per_epoch)
+  assert got == pytest.approx(expect, rel=1e-5)
+  assert got / c.adversary.eps == pytest.approx(1.5, rel=1e-3)
+  assert optim.adversary_lr_for_budget(c, total, per_epoch, 1.5) == pytest.approx(
+      c.adversary.lr, rel=1e-3)
+  seed = _config_file("vitb_rpe_coord")
+  per_epoch = 1281167 // seed.batch_size
+  assert optim.adversary_budget(seed, int(seed.total_epochs * per_epoch), per_epoch) / (
+      seed.adversary.eps) == pytest.approx(150, rel=0.01)
+
+
 def test_pgd_inner_ascent_raises_loss_within_ball(images):
   c = config_for("ape", "coordinate", norm="linf", eps=0.5)
   model = build_model(c)
