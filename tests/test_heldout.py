@@ -73,3 +73,7 @@ def test_a_run_logs_the_heldout_loss_and_keeps_it_in_the_summary(tmp_path):
   assert summary["heldout_loss"] == held[-1]["heldout_loss"] == out["summary"]["heldout_loss"]
   assert summary["heldout_loss_adv"] == held[-1]["heldout_loss_adv"]
   assert summary["heldout_step"] == 4
+  # The adversary's picture beside the reconstructions (evaluator "adversary_plot").
+  from PIL import Image
+  with Image.open(tmp_path / "adversary.png") as im:
+    assert im.format == "PNG" and im.size[0] >= 720 and im.size[1] > 480

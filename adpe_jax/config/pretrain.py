@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   # by name (train/evaluate.py EVALUATORS); "knn" runs only with eval.knn_source set
-  c.eval.evaluators = ("knn", "reconstructions", "heldout")
+  c.eval.evaluators = ("knn", "reconstructions", "heldout", "adversary_plot")
   c.eval.knn_k = 20
   c.eval.knn_every_steps = 0          # > 0: also k-NN top-1 during training (logged)
   c.eval.knn_source = ""              # e.g. fashion_mnist; "" = no k-NN at the end

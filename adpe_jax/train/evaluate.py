@@ -38,7 +38,7 @@ from absl import logging
 from adpe_jax import data, parallel, weights
 from adpe_jax.config import encoder as encoder_config
 from adpe_jax.config import probe as probe_config
-from adpe_jax.train import knn_metric, reconstruction
+from adpe_jax.train import adversary_plot, knn_metric, loop, reconstruction
 from adpe_jax.train.state import build_classifier, init_classifier_params, init_params
 
 POOLS = probe_config.POOLS
@@ -381,8 +381,18 @@ def _heldout(config, context):
                      config.eval.heldout_every_steps, context["mesh"], seed=config.seed)
 
 
+def _adversary_plot(config, context):
+  """Pretraining: nothing of its own.  Off without an adversary."""
+  if config.adversary.kind == "none":
+    return None
+  workdir = context["workdir"]
+  return adversary_plot.AdversaryPlot(
+      config, workdir, config.eval.recon_every_steps,
+      lambda step: loop.logged_records(workdir, "step", step))
+
+
 EVALUATORS = {"knn": _knn, "reconstructions": _reconstructions, "heldout": _heldout,
-              "classifier": _classifier, "probe": _probe}
+              "adversary_plot": _adversary_plot, "classifier": _classifier, "probe": _probe}
 
 
 def from_config(config, context: dict) -> list:

@@ -168,7 +168,7 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
 KNN_SUMMARY = ("knn_top1", "knn_top1_random_init", "knn_seconds")
 
 TASK = run.Task("pretrain", pretrain_config.validate, build=build, run_metadata=run_metadata,
-                evaluators=("knn", "reconstructions", "heldout"))
+                evaluators=("knn", "reconstructions", "heldout", "adversary_plot"))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
