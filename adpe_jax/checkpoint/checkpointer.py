@@ -6,7 +6,9 @@ Layout: `WORKDIR/checkpoints/<step>/` with two orbax items (`rundir` names and l
           the shardings of the abstract state it is given);
   meta/   JSON: the run metadata given to `Checkpointer` (model variant, pe, adversary...),
           the step and the data position (the input pipeline is a pure function of the
-          step, so both are the same number) and a checksum of every array leaf.
+          step, so both are the same number), the identity of the training data
+          (`adpe_jax.data.identity`; compared by the run's preflight, not by `restore`)
+          and a checksum of every array leaf.
 
 Saves are asynchronous: `maybe_save` returns once the arrays are copied off the devices
 (so the caller may donate / overwrite the state at once) and the files are written by
@@ -326,10 +328,12 @@ class Checkpointer:
       checkpoint whose metadata differs in any field, so put only what must match in it.
     upgrade: optional `run metadata -> run metadata` applied to a checkpoint's before the
       comparison (a task's earlier field names in today's, so old workdirs resume).
+    data: the identity of the training data (`adpe_jax.data.identity.of`), written with
+      every checkpoint as its `data` entry (none when None).
   """
 
   def __init__(self, workdir: str, every_steps: int, keep: int = 3,
-               metadata: dict | None = None, upgrade=None):
+               metadata: dict | None = None, upgrade=None, data: dict | None = None):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1.")
     # An epath.Path: a local workdir made absolute (orbax needs that), gs://... kept.
@@ -345,6 +349,7 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise ValueError(f"Checkpointer metadata is not JSON-able: {e}") from e
     self._upgrade = upgrade or (lambda run: run)
+    self.data = None if data is None else json.loads(json.dumps(dict(data)))
     self._pending_step: int | None = None
     self._cleaned_tmp = False
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -499,6 +504,8 @@ class Checkpointer:
       self._cleanup_tmp()
     meta = {"format": _FORMAT, "step": step, "data_step": step, "run": self.metadata,
             "checksums": checksums(state)}
+    if self.data is not None:
+      meta["data"] = self.data
     self._manager.save(step, args=ocp.args.Composite(
         **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
         force=True)

@@ -50,6 +50,7 @@ def labelled_data() -> ml_collections.ConfigDict:
   d.num_examples = 0               # synthetic sources only
   d.num_threads = 0                # 0 = os.cpu_count()
   add_bad_image_fields(d)
+  d.allow_changed = False          # resume on other data than the checkpoint's (a warning)
   return d
 
 

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.draft = False
   c.data.normalize_on_device = False
   common.add_bad_image_fields(c.data)
+  # A resume on other data than the checkpoint's (count, classes, file list: the run's
+  # preflight compares them) is refused unless this is True (then a warning).
+  c.data.allow_changed = False
 
   c.eval = ml_collections.ConfigDict()
   # by name (train/evaluate.py EVALUATORS); "knn" runs only with eval.knn_source set

@@ -84,5 +84,10 @@ class FashionMnistSource:
   def __len__(self) -> int:
     return self.images.shape[0]
 
+  def identity(self) -> dict:
+    """`adpe_jax.data.identity`: the split, its count and the class names."""
+    return {"kind": "fashion_mnist", "split": self.split, "examples": len(self),
+            "classes": list(self.class_names)}
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self.images[index, :, :, None], int(self.labels[index])

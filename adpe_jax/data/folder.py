@@ -16,6 +16,7 @@ import numpy as np
 
 from adpe_jax import storage
 from adpe_jax.data import bad_images, images
+from adpe_jax.data.identity import digest
 from adpe_jax.errors import BadImageError, DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,6 +56,13 @@ class FolderSource:
 
   def __len__(self) -> int:
     return len(self.paths)
+
+  def identity(self) -> dict:
+    """Count, class names and a digest of the file list relative to the root, in order
+    (`adpe_jax.data.identity`; no file is read)."""
+    root = self.root.rstrip("/") + "/"
+    return {"kind": "folder", "examples": len(self.paths), "classes": list(self.class_names),
+            "files": digest(p[len(root):] if p.startswith(root) else p for p in self.paths)}
 
   def _read(self, index: int) -> bytes:
     path = self.paths[index]

@@ -45,6 +45,7 @@ from PIL import Image
 
 from adpe_jax import storage
 from adpe_jax.data import bad_images, images
+from adpe_jax.data.identity import json_digest
 from adpe_jax.errors import BadImageError, DataError
 
 FORMAT = "adpe_jax.prepared/1"
@@ -232,6 +233,17 @@ class PreparedSource:
 
   def __len__(self) -> int:
     return self._count
+
+  def identity(self) -> dict:
+    """Count, class names and a digest of prepared.json (`adpe_jax.data.identity`): its
+    shards, settings and substituted examples, not the path of the source it came from."""
+    index = self.index
+    kept = {k: index.get(k) for k in ("format", "short_side", "quality", "num_examples",
+                                      "num_classes", "class_names", "shards")}
+    kept["bad_images"] = [b[0] for b in index.get("bad_images") or ()]
+    return {"kind": "prepared", "examples": self._count,
+            "classes": list(self.class_names) if self.class_names else self.num_classes,
+            "shards": len(self._files), "index": json_digest(kept)}
 
   def _reader(self, shard: int):
     readers = getattr(self._local, "readers", None)

@@ -7,6 +7,7 @@ only ever asks for single examples by index, from several threads at once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Protocol
@@ -50,6 +51,11 @@ class ArraySource:
 
   def __len__(self) -> int:
     return self.images.shape[0]
+
+  def identity(self) -> dict:
+    """`adpe_jax.data.identity`: count, classes and a digest of the labels (in memory)."""
+    return {"kind": "arrays", "examples": len(self), "classes": int(self.num_classes),
+            "labels": hashlib.sha256(self.labels.tobytes()).hexdigest()[:32]}
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     image = self.images[index]

@@ -34,6 +34,11 @@ class SyntheticSource:
   def __len__(self) -> int:
     return self.num_examples
 
+  def identity(self) -> dict:
+    """`adpe_jax.data.identity`: a synthetic source is its size (its seed is config.seed)."""
+    return {"kind": "synthetic", "split": self.split, "examples": self.num_examples,
+            "classes": self.num_classes, "size": [self.height, self.width, self.channels]}
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     if not 0 <= index < self.num_examples:
       raise IndexError(index)

@@ -55,6 +55,8 @@ class TfdsSource:
       prepared = True
     info = builder.info
     self.num_classes = _num_classes(info, label_key)
+    self.version = str(getattr(info, "version", "") or "")
+    self.class_names = _class_names(info, label_key)
     self._in_memory = None
     try:
       self._examples = builder.as_data_source(split=split)  # ArrayRecord: random access from disk.
@@ -83,6 +85,13 @@ class TfdsSource:
       return len(self._in_memory[1])
     return len(self._examples)
 
+  def identity(self) -> dict:
+    """`adpe_jax.data.identity`: name, version, split, count and classes (tfds' own
+    metadata; no record is read)."""
+    return {"kind": "tfds", "name": self.name, "version": self.version, "split": self.split,
+            "examples": len(self),
+            "classes": list(self.class_names) if self.class_names else self.num_classes}
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     if self._in_memory is not None:
       images, labels = self._in_memory
@@ -103,6 +112,13 @@ def _num_classes(info, label_key: str) -> int | None:
     return int(info.features[label_key].num_classes)
   except Exception:  # noqa: BLE001
     return None
+
+
+def _class_names(info, label_key: str) -> tuple:
+  try:
+    return tuple(str(n) for n in info.features[label_key].names)
+  except Exception:  # noqa: BLE001 (no ClassLabel feature, or no names)
+    return ()
 
 
 def _as_hwc(image) -> np.ndarray:

@@ -89,9 +89,8 @@ def run_metadata(config) -> dict:
           "image_size": config.image_size, "num_classes": config.data.num_classes}
 
 
-def build(config, mesh, workdir, resuming: bool) -> run.Built:
+def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
   # 1. Input.
-  source = data.from_config(config, config.data.train_split)
   check.num_classes(config, getattr(source, "num_classes", None))
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   pipeline = FinetunePipeline(
@@ -141,8 +140,15 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
                    note=f"init {config.init or 'random'}")
 
 
-TASK = run.Task("finetune", finetune_config.validate, build=build, run_metadata=run_metadata,
-                upgrade=check.upgrade_run_metadata, evaluators=("classifier",))
+def training_source(config):
+  """The data the task trains on (`run.Task.source`: the skeleton opens it once, compares
+  its identity with the checkpoint's and hands it to `build`)."""
+  return data.from_config(config, config.data.train_split)
+
+
+TASK = run.Task("finetune", finetune_config.validate, build=build, source=training_source,
+                run_metadata=run_metadata, upgrade=check.upgrade_run_metadata,
+                evaluators=("classifier",))
 
 
 def finetune(config, workdir: str) -> dict:

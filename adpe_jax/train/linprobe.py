@@ -107,14 +107,13 @@ def run_metadata(config, resolved) -> dict:
           "optimizer": config.optimizer}
 
 
-def build(config, mesh, workdir, resuming: bool) -> run.Built:
+def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
   del workdir, resuming  # a resumed run restores over the initial probe
   # 1. The frozen encoder (config.init), the eval-set features (once), the train input.
   t0 = time.time()
   encoder, info, resolved = evaluate.load_encoder(config)
   repl = parallel.replicated(mesh)
   encoder_params = jax.device_put(encoder.params, repl)
-  source = data.from_config(config, config.data.train_split)
   check.num_classes(config, getattr(source, "num_classes", None))
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   eval_feats, eval_labels = evaluate.labelled_features(
@@ -160,8 +159,14 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
       note=f"init {config.init or 'random'}, pool {resolved.model.pool}")
 
 
+def training_source(config):
+  """The data the task trains on (`run.Task.source`: the skeleton opens it once, compares
+  its identity with the checkpoint's and hands it to `build`)."""
+  return data.from_config(config, config.data.train_split)
+
+
 TASK = run.Task(
-    "linprobe", probe_config.validate_linprobe, build=build,
+    "linprobe", probe_config.validate_linprobe, build=build, source=training_source,
     run_metadata=lambda c: run_metadata(c, evaluate.resolve_encoder_fields(c)),
     upgrade=check.upgrade_run_metadata, evaluators=("probe",))
 

@@ -15,7 +15,17 @@ sentence, and change nothing on disk:
     not in `NON_TRAJECTORY` defines the run's trajectory and is compared with the saved
     config.json (written only once a start passed these checks, so it is the config of the
     checkpoints); the checkpoint's run metadata is compared too (the only comparison left
-    when config.json is missing or unreadable).
+    when config.json is missing or unreadable);
+  * (`check_saved_data`, once the run skeleton has opened the training data) a workdir
+    whose checkpoint was trained on other data than this command reads: the checkpoint
+    records its data's identity (`adpe_jax.data.identity`: example count, class names, a
+    digest of the file list or of a prepared source's index), and a changed identity is
+    refused naming what changed, unless config field data.allow_changed=True (then a
+    warning).  Because the identity is compared, where the checkpoint records one the
+    data's location (data.dir, and the path of a folder:/prepared: data.source) may change:
+    the same data under another path continues the same run.  A checkpoint written before
+    the record existed resumes with a warning that its data could not be compared (and
+    its data location stays a trajectory field).
 
 Reading the newest checkpoint's run metadata is cheap (a JSON item).  The restore-time
 checks of `checkpoint.Checkpointer.restore` stay: they guard the arrays.
@@ -35,6 +45,7 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
+from adpe_jax.data import identity as data_identity
 from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirError
 
 # Fields a resumed run may change: they do not change its trajectory (the batches, masks and
@@ -57,6 +68,8 @@ NON_TRAJECTORY = (
     # what happens to files that do not decode (a run stopped by one resumes with "skip";
     # the batches of a run that met none are unchanged)
     "data.bad_images", "data.max_bad_fraction", "data.skip_list",
+    # the deliberate resume on changed data (`check_saved_data`: a warning says so)
+    "data.allow_changed",
 )
 
 # After a non-finite / divergence stop the message says "start again with a lower learning
@@ -85,6 +98,17 @@ def trajectory_changes(saved: dict, config, allowed=()) -> tuple[list[str], list
     if c.on_both_sides:
       (loose if free(c.field) or c.field in allowed else changed).append(c.arrow())
   return changed, loose
+
+
+def data_location_fields(saved_config: dict, config) -> tuple:
+  """The fields that say only where the data lies: data.dir, and data.source when both name
+  a folder:/prepared: source (its path).  A resume may change them where the checkpoint
+  records its data's identity, which `check_saved_data` then compares."""
+  old = str((saved_config.get("data") or {}).get("source", ""))
+  new = str(config.data.get("source", ""))
+  kind = old.partition(":")[0]
+  same_kind = kind == new.partition(":")[0] and kind in ("folder", "prepared")
+  return ("data.dir", "data.source") if same_kind else ("data.dir",)
 
 
 def workdir_path(workdir) -> epath.Path:
@@ -152,7 +176,8 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
   where = rundir.newest_checkpoint(path)  # nothing is created
   if where is None:
     return False
-  run = ckpt_lib.read_meta(where).get("run") or {}
+  meta = ckpt_lib.read_meta(where)
+  run = meta.get("run") or {}
   task = check.task_of(config)
   saved_config = rundir.read_config(path)
   saved_task = run.get("task") or (saved_config or {}).get("task") or "pretrain"
@@ -164,7 +189,9 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
   else:
     status = (rundir.read_summary(path).get("status") or "")
     allowed = RESTART_FIELDS if status in ("diverged", "non-finite") else ()
-    changed, loose = trajectory_changes(saved_config, config, allowed)
+    moves = data_location_fields(saved_config, config) if isinstance(meta.get("data"),
+                                                                      dict) else ()
+    changed, loose = trajectory_changes(saved_config, config, allowed + moves)
     if changed:
       schedule = any(c.split(" ")[0] in _SCHEDULE for c in changed)
       note = ("; total_steps and total_epochs shape the cosine schedule, so a new value "
@@ -179,6 +206,11 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
     if restarted:
       logging.warning("resuming the %s run in %s from its last good checkpoint with "
                       "changed %s", status, text, ", ".join(restarted))
+    moved = [c for c in loose if c.split(" ")[0] in moves]
+    if moved:
+      logging.info("the data's location changed since the saved run (%s): its identity is "
+                   "compared with the one checkpoint %s records", ", ".join(moved), where)
+    loose = [c for c in loose if c not in moved]
     if loose:
       logging.info("config fields changed since the saved run (they do not change its "
                    "trajectory): %s", ", ".join(loose))
@@ -191,6 +223,36 @@ def compare_with_saved_run(config, path: epath.Path, text: str,
           f"it does not belong to this configuration (use another workdir or move that "
           f"checkpoint away), {_UNCHANGED}.")
   return True
+
+
+def check_saved_data(config, path: epath.Path, workdir, data: dict) -> None:
+  """Refuses a resume on other data than the newest checkpoint was trained on (module
+  docstring).  `data`: the identity of the data this command reads
+  (`adpe_jax.data.identity.of`); `workdir`: the text the user passed."""
+  text = "" if workdir is None else os.fspath(workdir)
+  where = rundir.newest_checkpoint(path)
+  if where is None:
+    return
+  saved = ckpt_lib.read_meta(where).get("data")
+  if not isinstance(saved, dict):
+    logging.warning("checkpoint %s records no identity of its training data (it was written "
+                    "before runs recorded one): the data this run reads (%s examples) could "
+                    "not be compared with the data it was trained on", where,
+                    data.get("examples"))
+    return
+  changes = data_identity.changes(saved, data)
+  if not changes:
+    return
+  if config.data.get("allow_changed", False):
+    logging.warning("data.allow_changed=True: resuming the run of checkpoint %s on changed "
+                    "data (%s); from here on it is not the run an uninterrupted start would "
+                    "have trained", where, "; ".join(changes))
+    return
+  raise WorkdirError(
+      f"--workdir={text} holds a run (checkpoint {where}) trained on other data than this "
+      f"command reads: {'; '.join(changes)}; to go on with this data deliberately pass "
+      f"--config.data.allow_changed=True (the rest of the run then differs from an "
+      f"uninterrupted one), or start a new run with another --workdir, {_UNCHANGED}.")
 
 
 def prepare_workdir(config, workdir) -> epath.Path:

@@ -86,10 +86,9 @@ def _batch_spec(config, sharding):
           "ids": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)}
 
 
-def build(config, mesh, workdir, resuming: bool) -> run.Built:
+def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
   del resuming  # a resumed run restores over the initial state
   # 1. Input: this process's part of every global batch, a pure function of the step.
-  source = data.from_config(config, config.data.split)
   total_steps, steps_per_epoch = loop.steps_from_epochs(config, len(source))
   pipeline = data.PretrainPipeline(
       source, config.batch_size, config.image_size, config.num_crops, seed=config.seed,
@@ -167,8 +166,16 @@ def build(config, mesh, workdir, resuming: bool) -> run.Built:
 # summary.json's fields from the k-NN at the end (evaluate.KnnEvaluator with random_init)
 KNN_SUMMARY = ("knn_top1", "knn_top1_random_init", "knn_seconds")
 
-TASK = run.Task("pretrain", pretrain_config.validate, build=build, run_metadata=run_metadata,
-                evaluators=("knn", "reconstructions", "heldout", "adversary_plot"))
+
+def training_source(config):
+  """The data the task trains on (`run.Task.source`: the skeleton opens it once, compares
+  its identity with the checkpoint's and hands it to `build`)."""
+  return data.from_config(config, config.data.split)
+
+
+TASK = run.Task("pretrain", pretrain_config.validate, build=build, source=training_source,
+                run_metadata=run_metadata, evaluators=("knn", "reconstructions", "heldout",
+                                                       "adversary_plot"))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

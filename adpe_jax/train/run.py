@@ -7,9 +7,11 @@ train.py:
 
   1. start: join the processes, one config for all, the mesh, the task's validation;
   2. the refusals before the lock (values, the workdir made and writable);
-  3. `with` the workdir's one-writer lock: the saved run compared with this command (every
-     refusal comes before anything is written), then config.json;
-  4. the task's pieces (`task.build`), `with` the Checkpointer: restore or the built init,
+  3. `with` the workdir's one-writer lock: the saved run compared with this command, the
+     training data opened (`task.source`) and its identity compared with the one the
+     checkpoint records (every refusal comes before anything is written), then config.json;
+  4. the task's pieces (`task.build`, given that source), `with` the Checkpointer (which
+     records the data's identity in every checkpoint): restore or the built init,
      nothing to do for a finished run, the evaluators named by config.eval.evaluators
      (`evaluate.from_config`), the one loop (`loop.train`);
   5. summary.json: `loop.run_summary` and the task's fields.
@@ -32,6 +34,7 @@ from adpe_jax import checkpoint as ckpt_lib
 from adpe_jax import parallel, workdir_lock
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
+from adpe_jax.data import identity as data_identity
 from adpe_jax.train import evaluate, loop, preflight
 
 
@@ -55,11 +58,14 @@ class Built:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """A task's own pieces; `run_task` sequences the run.  Exactly one of `build` (a
-  training task) and `measure` (no training: the k-NN task)."""
+  training task) and `measure` (no training: the k-NN task).  `source` opens the data a
+  training task trains on: the skeleton compares its identity with the checkpoint's
+  (`preflight.check_saved_data`) and hands it to `build` (None without `source`)."""
   name: str                                        # config.task
   validate: Callable                               # (config, num_devices) -> None
-  build: Optional[Callable] = None                 # (config, mesh, workdir, resuming) -> Built
+  build: Optional[Callable] = None     # (config, mesh, workdir, resuming, source) -> Built
   measure: Optional[Callable] = None               # (config, mesh) -> summary dict
+  source: Optional[Callable] = None                # (config) -> the training data (a Source)
   run_metadata: Optional[Callable] = None          # (config) -> what a checkpoint must match
   upgrade: Optional[Callable] = None               # saved run metadata -> today's names
   evaluators: tuple = ()                           # the evaluate.EVALUATORS its context serves
@@ -95,6 +101,10 @@ def run_task(task: Task, config, workdir) -> dict:
   # 3. The one-writer lock (before the saved run is read), the saved run, config.json. --------
   with workdir_lock.acquire(path, config):
     resuming = preflight.check_saved_run(config, path, workdir, task.run_metadata, task.upgrade)
+    source = task.source(config) if task.source is not None else None
+    data = None if source is None else data_identity.of(source)
+    if resuming and data is not None:
+      preflight.check_saved_data(config, path, workdir, data)
     write_config(path, config)
     if task.measure is not None:  # no training: measure, then summary.json
       summary = task.measure(config, mesh)
@@ -102,12 +112,12 @@ def run_task(task: Task, config, workdir) -> dict:
       return summary
 
     # 4. The task's pieces, the checkpoint (restore or init), the evaluators and the loop. ---
-    built = task.build(config, mesh, path, resuming)
+    built = task.build(config, mesh, path, resuming, source)
     try:
       with ckpt_lib.Checkpointer(
           path, config.checkpoint_every_steps, config.keep_checkpoints,
           metadata=task.run_metadata(config) if task.run_metadata else None,
-          upgrade=task.upgrade) as ckpt:
+          upgrade=task.upgrade, data=data) as ckpt:
         restored = ckpt.restore(ckpt_lib.abstract_of(built.state))
         state = built.state if restored is None else restored
         kept = loop.already_finished(path, int(state.step), built.total_steps)
