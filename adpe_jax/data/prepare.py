@@ -139,7 +139,7 @@ def _write_shard(out: str, k: int, num_shards: int, start: int, count: int, shor
     partial.unlink(missing_ok=True)  # a stopped prepare leaves no partial shard behind
     raise
   writer.close()
-  partial.rename(final)
+  partial.replace(final)  # over a damaged shard of an earlier run (rename refuses to)
   return bad
 
 
