@@ -156,7 +156,9 @@ def test_a_killed_worker_is_named_with_its_pid_and_step(ready):
     assert re.search(rf"Input worker process 1 of 2 \(pid {pid}\) died .*SIGKILL.* step {step}\b",
                      message), message
     assert "\n" not in message
-    assert step == 3
+    # The first step not delivered is worker 1's: 3, or a later one of its steps where the
+    # kill took effect after the next request had been sent (its replies still came).
+    assert step >= 3 and step % 2 == 1
     pipe.num_workers = 0
     for s, batch in enumerate(got):
       np.testing.assert_array_equal(batch["images"], pipe.get_batch(s)["images"])
