@@ -17,14 +17,20 @@ Layout of OUT:
   shard-KKKKK-of-NNNNN.array_record   examples [start, start + count) of the source, in the
                                        source's order (so permutations pick the same examples);
                                        record = int64 little-endian label + JPEG bytes
-  prepared.json                        written last: count, classes, shards, settings
+  prepared.json                        written last: count, classes, shards, settings,
+                                       "shard_bytes" (each shard's size; kept apart from
+                                       "shards", whose entries define the data)
 A file that does not decode stops `prepare` naming it (--bad_images=stop, the default), or
 (--bad_images=skip) is stored as its substitute, the next example in source order that decodes
 (the training pipelines' rule, adpe_jax/data/bad_images.py, so the prepared source keeps the
 source's count and order), and is listed in prepared.json ("bad_images": [[index, file,
 reason], ...]) and in the summary line.
 Resumable: each shard is written to a temporary name and renamed when complete; a re-run
-skips the shards that exist (with the right record count) and writes the rest. Parallel: the
+skips the shards that exist (with the right record count, and the size the index records)
+and writes the rest: a missing or damaged shard (a truncated copy) is written again. Reading
+checks the same (`PreparedSource`): a shard missing or of another size at start, or found
+damaged while read, stops the run with one sentence naming it and the `prepare` command that
+repairs it (`repair_command`). Parallel: the
 shards are spread over `num_processes` processes. The output directory is local (ArrayRecord's
 writer takes a local path).
 """
@@ -37,6 +43,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shlex
 import struct
 import threading
 
@@ -133,14 +140,16 @@ def _write_shard(out: str, k: int, num_shards: int, start: int, count: int, shor
     partial.unlink(missing_ok=True)  # a stopped prepare leaves no partial shard behind
     raise
   writer.close()
-  partial.rename(final)
+  partial.replace(final)  # over a damaged shard of an earlier run (rename refuses to)
   return bad
 
 
-def _shard_done(path, count: int) -> bool:
+def _shard_done(path, count: int, size: int | None = None) -> bool:
+  """Whether the shard at `path` is finished: it opens with `count` records and (where an
+  earlier index recorded it) has `size` bytes."""
   from array_record.python import array_record_module  # noqa: PLC0415
 
-  if not path.exists():
+  if not path.exists() or (size is not None and path.stat().length != size):
     return False
   try:
     return array_record_module.ArrayRecordReader(os.fspath(path)).num_records() == count
@@ -174,9 +183,12 @@ def prepare(source, out: str, short_side: int = 256, quality: int = 90, num_shar
                       f", not {settings}: choose another --out or delete it.")
   policy = bad_images.Policy(bad_images_policy, max_bad_fraction=1.0)
   previous = index.get("bad_images", []) if index_path.exists() else []
+  sizes = (dict(zip([s["file"] for s in index.get("shards", [])], index["shard_bytes"]))
+           if index_path.exists() and "shard_bytes" in index else {})
   bounds = shard_bounds(n, num_shards)
   todo = [(k, start, count) for k, (start, count) in enumerate(bounds)
-          if not _shard_done(root / shard_name(k, num_shards), count)]
+          if not _shard_done(root / shard_name(k, num_shards), count,
+                             sizes.get(shard_name(k, num_shards)))]
   if todo and num_processes > 1:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
@@ -195,9 +207,25 @@ def prepare(source, out: str, short_side: int = 256, quality: int = 90, num_shar
                bad_images=[list(b) for b in bad],
                class_names=list(getattr(source, "class_names", ()) or ()),
                shards=[{"file": shard_name(k, num_shards), "start": start, "count": count}
-                       for k, (start, count) in enumerate(bounds)])
+                       for k, (start, count) in enumerate(bounds)],
+               shard_bytes=[(root / shard_name(k, num_shards)).stat().length
+                            for k in range(num_shards)])
   storage.write_text(index_path, json.dumps(index, indent=1))
   return index
+
+
+def repair_command(root: str, index: dict) -> str:
+  """The `prepare` command that wrote `root`, from its index: re-run, it skips the finished
+  shards and writes a missing or damaged one again (the settings must be the same, or it
+  refuses).  The source and split are those of the command line (index "source" is
+  "<source>/<split>"); a directory prepared from Python names its source as it was given."""
+  source, _, split = str(index.get("source") or "<source>").rpartition("/")
+  args = [f"--source={source}", f"--split={split}"] if source else [f"--source={split}"]
+  args += [f"--out={root}", f"--short_side={index.get('short_side')}",
+           f"--quality={index.get('quality')}", f"--num_shards={index.get('num_shards')}"]
+  if index.get("bad_images"):
+    args.append("--bad_images=skip")
+  return "python -m adpe_jax.tools.prepare " + " ".join(shlex.quote(a) for a in args)
 
 
 class PreparedSource:
@@ -219,8 +247,25 @@ class PreparedSource:
     self.class_names = tuple(index.get("class_names") or ())
     self._files = [os.fspath(storage.as_path(root) / s["file"]) for s in index["shards"]]
     self._starts = np.array([s["start"] for s in index["shards"]], np.int64)
+    self._counts = [int(s["count"]) for s in index["shards"]]
     self._count = int(index["num_examples"])
     self._local = threading.local()
+    sizes = index.get("shard_bytes") or [None] * len(self._files)  # none: an older index
+    for k, size in enumerate(sizes):  # a stat each: found here, not steps later
+      path = storage.as_path(self._files[k])
+      if not path.exists():
+        raise self._damaged(k, "does not exist")
+      if size is not None and path.stat().length != size:
+        raise self._damaged(k, f"is damaged ({path.stat().length} bytes, not the {size} it "
+                               f"was written with)")
+
+  def _damaged(self, shard: int, what: str) -> DataError:
+    """The one sentence for a missing or damaged shard: which, and the command repairing it."""
+    return DataError(
+        f"Prepared shard {self._files[shard]} {what}: re-run "
+        f"`{repair_command(self.root, self.index)}` (the command that prepared "
+        f"{self.root}; it skips the finished shards and writes this one again), then "
+        f"re-run this command (a training run resumes from its last checkpoint).")
 
   def __getstate__(self) -> dict:
     state = self.__dict__.copy()
@@ -253,15 +298,32 @@ class PreparedSource:
     if reader is None:
       from array_record.python import array_record_module  # noqa: PLC0415
 
-      reader = readers[shard] = array_record_module.ArrayRecordReader(
-          self._files[shard], "readahead_buffer_size:0")
+      if not os.path.exists(self._files[shard]):
+        raise self._damaged(shard, "does not exist")
+      try:
+        reader = array_record_module.ArrayRecordReader(self._files[shard],
+                                                       "readahead_buffer_size:0")
+        count = reader.num_records()
+      except Exception as e:  # noqa: BLE001 (ArrayRecord's RuntimeError of a damaged file)
+        raise self._damaged(shard, f"is damaged ({e})") from None
+      if count != self._counts[shard]:
+        raise self._damaged(shard, f"is damaged ({count} records, not "
+                                   f"{self._counts[shard]})")
+      readers[shard] = reader
     return reader
 
   def encoded(self, index: int) -> tuple[bytes, int]:
     if not 0 <= index < self._count:
       raise IndexError(index)
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-    record = self._reader(shard).read([int(index - self._starts[shard])])[0]
+    try:
+      record = self._reader(shard).read([int(index - self._starts[shard])])[0]
+    except DataError:
+      raise
+    except Exception as e:  # noqa: BLE001 (ArrayRecord's RuntimeError of a damaged file)
+      raise self._damaged(shard, f"is damaged ({e})") from None
+    if len(record) < _LABEL.size:  # what a reader opened before a truncation returns
+      raise self._damaged(shard, f"is damaged (example {index} reads as {len(record)} bytes)")
     return record[_LABEL.size:], _LABEL.unpack_from(record)[0]
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:

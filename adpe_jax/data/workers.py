@@ -16,8 +16,10 @@ process whose jax runtime or threads are already running, and unlike multiproces
 it does not re-import the caller's `__main__`, so an unguarded script works and the trainer's
 entry point is not imported again). It gets the caller's sys.path, imports numpy, Pillow and
 adpe_jax.data (plus whatever the pickled source needs) and never touches jax. A worker's error
-(e.g. a DataError naming a file) is re-raised in the consumer; a worker that dies is named in a
-DataError.
+(e.g. a DataError naming a file) is re-raised in the consumer; a worker that dies (killed,
+out of memory) is named in a DataError with its pid, how it ended and the step whose batch the
+consumer waited for, however its death shows (end of file, a broken pipe, its shared memory
+gone): the run stops with that sentence and keeps its last checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -148,23 +151,43 @@ class WorkerPool:
     self._segments: dict[str, shared_memory.SharedMemory] = {}
     self._pending: list[int] = [0] * num_workers  # requests sent, replies not yet read.
 
-  def _receive(self, w: int):
+  def _name(self, w: int) -> str:
+    return f"Input worker process {w} of {self.num_workers} (pid {self._procs[w].pid})"
+
+  def _lost(self, w: int, step: int | None, cause: BaseException) -> DataError:
+    """The one sentence for worker w gone (dead, or its socket or shared memory broken) while
+    the consumer waited for the batch of `step` (None: between iterations)."""
+    proc = self._procs[w]
+    with contextlib.suppress(subprocess.TimeoutExpired):
+      proc.wait(timeout=5)
+    self._pending[w] = 0
+    when = ("between batches" if step is None
+            else f"before the batch of step {step} was delivered")
+    code = proc.returncode
+    if code is None:  # alive, but what it handed over cannot be read
+      return DataError(f"{self._name(w)} failed {when} ({type(cause).__name__}: {cause}); "
+                       f"re-run the same command to resume from the last checkpoint.")
+    try:
+      how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    except ValueError:
+      how = f"exit code {code}"
+    return DataError(f"{self._name(w)} died ({how}) {when}; the last checkpoint is kept: "
+                     f"re-run the same command to resume (lower data.num_workers if the host "
+                     f"ran out of memory; the worker's own error, if any, is above).")
+
+  def _receive(self, w: int, step: int | None = None):
     conn, proc = self._conns[w], self._procs[w]
     deadline = time.monotonic() + self.timeout_s
     try:
       while not conn.poll(0.1):
         if proc.poll() is not None:
-          raise EOFError
+          raise EOFError("its socket closed")
         if time.monotonic() > deadline:
-          raise DataError(f"Input worker process {w} made no batch in {self.timeout_s:.0f} s.")
+          raise DataError(f"{self._name(w)} made no batch in {self.timeout_s:.0f} s"
+                          + ("" if step is None else f" (the batch of step {step})") + ".")
       message = conn.recv()
-    except (EOFError, OSError):
-      with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-      self._pending[w] = 0
-      raise DataError(f"Input worker process {w} (pid {proc.pid}) died with exit code "
-                      f"{proc.returncode}; see its error above, or lower data.num_workers if "
-                      f"the host ran out of memory.") from None
+    except (EOFError, OSError) as e:
+      raise self._lost(w, step, e) from None
     self._pending[w] -= 1
     return message
 
@@ -192,23 +215,31 @@ class WorkerPool:
     end = None if num_steps is None else start_step + num_steps
     n, ahead = self.num_workers, self.num_workers * self.prefetch
 
-    def request(step: int) -> None:
+    def request(step: int, waiting: int) -> None:
+      """Asks for the batch of `step`; the consumer waits for the batch of `waiting`."""
       if end is None or step < end:
         w = (step - start_step) % n
-        self._conns[w].send(("batch", step, ((step - start_step) // n) % self.prefetch))
+        try:
+          self._conns[w].send(("batch", step, ((step - start_step) // n) % self.prefetch))
+        except OSError as e:  # a broken pipe: the worker has died
+          raise self._lost(w, waiting, e) from None
         self._pending[w] += 1
 
     try:
       for step in range(start_step, start_step + ahead):
-        request(step)
+        request(step, start_step)
       step = start_step
       while end is None or step < end:
-        kind, got, payload, layout = self._receive((step - start_step) % n)
+        w = (step - start_step) % n
+        kind, got, payload, layout = self._receive(w, step)
         if kind == "error":
           raise pickle.loads(payload)
         assert got == step, (got, step)
-        batch = self._copy_out(payload, layout)
-        request(step + ahead)  # the slot just read is free again.
+        try:
+          batch = self._copy_out(payload, layout)
+        except OSError as e:  # its shared memory is gone: the worker has died
+          raise self._lost(w, step, e) from None
+        request(step + ahead, step)  # the slot just read is free again.
         yield batch
         step += 1
     finally:
