@@ -35,7 +35,8 @@ test: install data
 
 # The second lane: Python 3.12 (pyenv's, next to the default), the newest jax of setup.cfg's
 # range and the flax that goes with it, no TensorFlow, no torch -- the model, kernels, step,
-# sharded kernel, fidelity and checkpoint tests, and a TF-free run of every task.
+# sharded kernel, fidelity and checkpoint tests, a TF-free run of every task, and a built
+# tfds dataset read with tensorflow-datasets but no TensorFlow.
 PYTHON_NEXT ?= $(shell for p in "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python $$(command -v python3.12); do "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV_NEXT := .venv-next
 NEXT_TESTS := tests/test_kernels.py tests/test_sharded_kernel.py tests/test_fidelity.py \
@@ -45,7 +46,8 @@ $(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
 	@test -n "$(PYTHON_NEXT)" || { echo "make test-next needs Python 3.12 (pyenv install 3.12, or PYTHON_NEXT=...)"; exit 1; }
 	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
 	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest safetensors
+	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest safetensors \
+	  tensorflow-datasets
 	touch $@
 
 test-next: $(VENV_NEXT)/.installed data

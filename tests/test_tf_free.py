@@ -122,6 +122,33 @@ def test_event_files_hold_the_logged_scalars_and_images(runs):
   assert images[0].image.width > 0 and images[0].image.height > 0
 
 
+def test_a_built_tfds_dataset_reads_without_tensorflow():
+  """tests/data/tfds/tiny_images was built with TensorFlow (make_tiny_images.py); reading it
+  (ArrayRecord, tfds.data_source) imports no TensorFlow.  In `make test-next` TensorFlow is
+  not installed at all, tensorflow-datasets is: the accelerator image with tfds."""
+  pytest.importorskip("tensorflow_datasets")
+  code = textwrap.dedent("""
+      import json, sys
+      import numpy as np
+      from adpe_jax import data
+      src = data.get_source("tfds:tiny_images", "train", sys.argv[1])
+      out = [(src[i][0].tolist(), int(src[i][1])) for i in range(len(src))]
+      loaded = [m for m in sys.modules if m.split(".")[0] == "tensorflow"]
+      print(json.dumps({"examples": out, "classes": src.num_classes, "tf": loaded}))
+  """)
+  r = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "tests", "data", "tfds")],
+                     cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got["tf"] == [] and got["classes"] == 3
+  rng = np.random.default_rng(0)  # the images the builder wrote, in generation order
+  expected = {rng.integers(0, 256, (28, 28, 3), dtype=np.uint8).tobytes(): i % 3
+              for i in range(12)}
+  read = {np.asarray(img, np.uint8).tobytes(): label for img, label in got["examples"]}
+  assert read == expected  # every image (PNG: lossless) with its label, in tfds's order
+
+
 def test_main_imports_no_tensorflow_even_where_it_is_installed(tmp_path):
   """`python -X importtime -m adpe_jax.main ...` (TensorFlow installed here) lists no
   tensorflow module: the writers, the data sources and the tasks all do without."""
