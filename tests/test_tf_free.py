@@ -112,14 +112,15 @@ def test_event_files_hold_the_logged_scalars_and_images(runs):
     got = scalars_of(out / task)["loss"]
     assert [s for s, _ in got] == [s for s, _ in logged]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in logged], rtol=1e-6)
-  # The pretraining reconstruction grid, as a PNG image summary.
+  # The pretraining reconstruction grid and the adversary's picture, as PNG image summaries.
   events = []
   for f in sorted((out / "pre").glob("events.out.tfevents.*")):
     events += read_event_file(f.read_bytes())
   images = [v for e in events for v in e.summary.value if v.HasField("image")]
-  assert [v.tag for v in images] == ["reconstructions"]
-  assert images[0].image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
-  assert images[0].image.width > 0 and images[0].image.height > 0
+  assert sorted(v.tag for v in images) == ["adversary", "reconstructions"]
+  for v in images:
+    assert v.image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    assert v.image.width > 0 and v.image.height > 0
 
 
 def test_a_built_tfds_dataset_reads_without_tensorflow():

@@ -298,7 +298,7 @@ class PreparedSource:
     if reader is None:
       from array_record.python import array_record_module  # noqa: PLC0415
 
-      if not os.path.exists(self._files[shard]):
+      if not storage.as_path(self._files[shard]).exists():
         raise self._damaged(shard, "does not exist")
       try:
         reader = array_record_module.ArrayRecordReader(self._files[shard],
