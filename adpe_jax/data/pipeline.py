@@ -148,8 +148,10 @@ class PretrainPipeline:
       raise ValueError(f"num_shards {num_shards} must be a multiple of process_count "
                        f"{process_count}.")
     if global_batch_size <= 0 or global_batch_size % num_shards:
+      parts = (f"process_count {process_count}" if num_shards == process_count else
+               f"num_shards {num_shards} (the devices it is split over)")
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                       f"num_shards {num_shards} (process_count {process_count}).")
+                       f"{parts}.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
     if len(source) < global_batch_size:
