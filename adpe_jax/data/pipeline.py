@@ -20,13 +20,19 @@ Because the augmentation randomness belongs to the example (not to a process or 
 of a global batch do not depend on process_count or num_threads; only which process holds which part
 does.
 
-Batch layout: crop-major within the process, [crop 0 of the local examples, crop 1 of them, ...], as
-the original concatenates its crops (spec 3.3). Assembled into a global array process-major (e.g. by
-jax.make_array_from_process_local_data) the global order is process, then crop, then example; the
-MAE+ loss is a mean over all crops, so the order does not matter to it.  Each row also carries
-its id, the row it would have in a one-process batch (crop * global_batch + global example
-position); the train step draws each crop's mask from (step, id), so masks, losses and updates
-do not depend on the number of processes either.
+Batch layout: shard-major, then crop-major within the shard.  The global batch is split into
+num_shards equal contiguous parts of its examples, one per device of the batch axes (the
+mesh's data x fsdp; default: one per process); a process holds num_shards / process_count of
+them, and its rows are [shard 0: crop 0 of its examples, crop 1 of them, ...; shard 1: ...]
+(crop-major as the original concatenates its crops, spec 3.3).  Assembled into a global array
+process-major (jax.make_array_from_process_local_data), device d of the batch axes then holds
+exactly the rows of shard d, in the same order, whether one process feeds all devices or each
+process one: every device computes on the same numbers, so losses and updates do not depend on
+the number of processes (2 x 1 and 1 x 2 devices agree to the last bit; the cross-device sums
+add the same partial sums, in an order that only matters past 2 devices).  Each row also
+carries its id, crop * global_batch + global example position (its row in a one-shard batch);
+the train step draws each crop's mask from (step, id), so masks follow the crops wherever
+they are.
 """
 
 from __future__ import annotations
@@ -114,16 +120,20 @@ class PretrainPipeline:
     bad_images: what a file that does not decode does (`adpe_jax.data.bad_images.Policy`:
       config data.bad_images, data.max_bad_fraction, data.skip_list); default: stop.
 
+    num_shards: the devices the batch is split over (a multiple of process_count; default
+      process_count): fixes the row order (module docstring), not which examples or crops.
+
   `get_batch(step)` (and each batch `iterate` yields) is
   {"images": float32 (or uint8) (num_crops * local_batch, image_size, image_size, 3),
-   "ids": int32 (num_crops * local_batch,)}: row k * local_batch + i is crop k of this process's
-  i-th example, and its id is the row it has in the one-process batch,
-  k * global_batch_size + process_index * local_batch + i; the train step draws that row's mask
-  from (step, id). A batch in which a bad file was substituted (bad_images "skip") also has
-  "bad_images": int64 () substituted examples, "bad_indices": int64 (m,) and "bad_reasons":
-  str (m,) the bad files met; `iterate` takes these out, logs each file the first time,
-  counts `bad_images_seen` (substituted examples of the batches it yielded) and stops past
-  data.max_bad_fraction.
+   "ids": int32 (num_crops * local_batch,)}: with q = local_batch / shards examples per shard
+  (shards = num_shards / process_count), row s * num_crops * q + k * q + i is crop k of this
+  process's (s * q + i)-th example (with one shard per process: row k * local_batch + i), and
+  its id is k * global_batch_size + process_index * local_batch + s * q + i; the train step
+  draws that row's mask from (step, id). A batch in which a bad file was substituted
+  (bad_images "skip") also has "bad_images": int64 () substituted examples, "bad_indices":
+  int64 (m,) and "bad_reasons": str (m,) the bad files met; `iterate` takes these out, logs
+  each file the first time, counts `bad_images_seen` (substituted examples of the batches it
+  yielded) and stops past data.max_bad_fraction.
   """
 
   def __init__(self, source, global_batch_size: int, image_size: int, num_crops: int = 4,
@@ -131,10 +141,17 @@ class PretrainPipeline:
                num_threads: int | None = None, prefetch: int = 2,
                scale=multicrop.DEFAULT_SCALE, ratio=multicrop.DEFAULT_RATIO,
                num_workers: int = 0, decoder: str = "pil", draft: bool = False,
-               output: str = "float32", bad_images: bad_images_lib.Policy | None = None):
-    if global_batch_size <= 0 or global_batch_size % process_count:
+               output: str = "float32", bad_images: bad_images_lib.Policy | None = None,
+               num_shards: int | None = None):
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+      raise ValueError(f"num_shards {num_shards} must be a multiple of process_count "
+                       f"{process_count}.")
+    if global_batch_size <= 0 or global_batch_size % num_shards:
+      parts = (f"process_count {process_count}" if num_shards == process_count else
+               f"num_shards {num_shards} (the devices it is split over)")
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                       f"process_count {process_count}.")
+                       f"{parts}.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
     if len(source) < global_batch_size:
@@ -155,6 +172,16 @@ class PretrainPipeline:
     self.process_index = process_index
     self.process_count = process_count
     self.steps_per_epoch = self.num_examples // global_batch_size
+    # Shard-major rows: crop-major row k * local_batch + s * per_shard + i (crop k of the
+    # i-th example of this process's s-th shard) is stored at row position[.] =
+    # s * num_crops * per_shard + k * per_shard + i; `_run` rows in a row keep together.
+    self.num_shards = num_shards
+    shards = num_shards // process_count
+    per_shard = self.local_batch_size // shards
+    k, s, i = np.meshgrid(np.arange(num_crops), np.arange(shards), np.arange(per_shard),
+                          indexing="ij")
+    self._position = (s * num_crops * per_shard + k * per_shard + i).reshape(-1)
+    self._run = per_shard if shards > 1 else num_crops * self.local_batch_size
     self.prefetch = prefetch
     self.scale, self.ratio = tuple(scale), tuple(ratio)
     self.num_threads = num_threads or default_num_threads()
@@ -213,7 +240,8 @@ class PretrainPipeline:
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
     """{"images": float32 (num_crops * local_batch, size, size, 3), "ids": int32 (rows,)}: crop
-    k of example i at row k * local_batch + i, with id k * global_batch + global position."""
+    k of example i with id k * global_batch + global position, rows shard-major (class
+    docstring; one shard per process: crop k of example i at row k * local_batch + i)."""
     indices = self.example_indices(step)
     batch, size, num_crops = self.local_batch_size, self.image_size, self.num_crops
 
@@ -287,15 +315,22 @@ class PretrainPipeline:
               [images[e] for e in example[other]], np.arange(len(other)),
               _part(params, other), size)
       crops = self._after_crop(crops, indices[example[sl]], self.epoch_of(step))
-      if self.output == "uint8":
-        out[sl] = crops  # grey crops broadcast to 3 channels.
-      else:
-        multicrop.normalize(crops, out[sl])
+      # Row j goes to row position[j] (shard-major, see the class docstring): runs of rows
+      # within one (crop, shard) block stay contiguous there.
+      cuts = list(range(sl.start - sl.start % self._run + self._run, sl.stop, self._run))
+      for lo, hi in zip([sl.start] + cuts, cuts + [sl.stop]):
+        dst = out[self._position[lo]:self._position[lo] + hi - lo]
+        if self.output == "uint8":
+          dst[...] = crops[lo - sl.start:hi - sl.start]  # grey crops broadcast to 3 channels.
+        else:
+          multicrop.normalize(crops[lo - sl.start:hi - sl.start], dst)
 
     self._map_chunks(augment, num_crops * batch, min_chunk=32)
     position = self.process_index * batch + np.arange(batch)
-    ids = (np.arange(num_crops)[:, None] * self.global_batch_size + position[None]).reshape(-1)
-    out = self._finish_batch({"images": out, "ids": ids.astype(np.int32)}, labels, indices,
+    ids = np.empty(num_crops * batch, np.int32)
+    ids[self._position] = (np.arange(num_crops)[:, None] * self.global_batch_size
+                           + position[None]).reshape(-1)
+    out = self._finish_batch({"images": out, "ids": ids}, labels, indices,
                              step)
     substituted = np.count_nonzero(read != indices)
     if substituted:  # only batches with a substitute carry these (`iterate` takes them out)

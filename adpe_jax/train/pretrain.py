@@ -8,6 +8,7 @@ measures a random init) and its summary fields.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -93,6 +94,7 @@ def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
   pipeline = data.PretrainPipeline(
       source, config.batch_size, config.image_size, config.num_crops, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
+      num_shards=math.prod(mesh.shape[a] for a in parallel.BATCH_AXES),
       num_threads=config.data.num_threads or None,
       num_workers=data.resolve_num_workers(config.data.num_workers, jax.default_backend()),
       decoder=config.data.decoder, draft=config.data.draft,
@@ -125,9 +127,9 @@ def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
 
   def step_fn(state, step, host_batch):
     del step
-    if "sample" not in last:  # the reconstructions' crops: the first batch's first 8
-      last["sample"] = data.normalize(host_batch["images"][:8]) if (
-          host_batch["images"].dtype == np.uint8) else host_batch["images"][:8]
+    if "sample" not in last:  # the reconstructions' crops: the first batch's 8 lowest ids
+      sample = host_batch["images"][np.argsort(host_batch["ids"])[:8]]
+      last["sample"] = data.normalize(sample) if sample.dtype == np.uint8 else sample
     last["batch"] = parallel.global_batch(host_batch, mesh)
     return train_step(state, last["batch"], step_key)
 
