@@ -7,7 +7,9 @@
 
   "ours"               a run workdir of ours (its newest complete checkpoint), its
                        `checkpoints/` directory, or one `checkpoints/<step>` directory
-                       (`checkpoint.rundir.step_dir`).  Only `params` is read
+                       (`checkpoint.rundir.step_dir`; beside a live trainer that
+                       deletes it during the read, the newest complete one,
+                       `checkpoint.read_checkpoint`).  Only `params` is read
                        (`checkpoint.read_params`: orbax partial restore, no optimizer
                        state, no adversary),
                        onto the default device, in the block layout it was saved in, and
@@ -53,7 +55,7 @@ from flax import traverse_util
 
 from adpe_jax import convert, layout, storage
 from adpe_jax.checkpoint import rundir
-from adpe_jax.checkpoint.checkpointer import read_meta, read_params, short_error
+from adpe_jax.checkpoint.checkpointer import read_checkpoint, short_error
 from adpe_jax.errors import CheckpointError, InitError
 from adpe_jax.models import posembed
 
@@ -100,7 +102,7 @@ def metadata(path) -> dict | None:
   _existing(path)
   if is_torch_file(path):
     return None
-  return read_meta(_step_dir(path)).get("run", {})
+  return _read_ours(path, params=False)[1].get("run", {})
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -112,21 +114,20 @@ def _existing(path):
   return p
 
 
-def _step_dir(path):
-  """The step directory of a workdir (its newest complete checkpoint), of its
-  `checkpoints/`, or a step directory itself (`rundir.step_dir`)."""
-  step_dir = rundir.step_dir(path)
-  if step_dir is None:
+def _read_ours(path, params: bool = True):
+  """(step directory, meta, params) of a workdir (its newest complete checkpoint, again
+  from the newest when a live trainer deletes it during the read), of its `checkpoints/`,
+  or of a step directory itself (`checkpoint.read_checkpoint`)."""
+  read = read_checkpoint(path, params=params)
+  if read is None:
     raise CheckpointError(
         f"{path} holds no checkpoint of ours (no checkpoints/<step>/{rundir.STATE_ITEM} "
         f"directory) and is not a PyTorch file ({', '.join(TORCH_SUFFIXES)}).")
-  return step_dir
+  return read
 
 
 def _load_ours(path) -> Weights:
-  step_dir = _step_dir(path)
-  meta = read_meta(step_dir)
-  params = read_params(step_dir, meta)
+  step_dir, meta, params = _read_ours(path)
   run = meta.get("run", {})
   return Weights(params=params, run=run, source=str(step_dir), kind="ours",
                  pos_embed=_our_table(params, run))

@@ -24,7 +24,7 @@ from adpe_jax.config import finetune as finetune_config
 from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.config import probe as probe_config
 from adpe_jax.config import validate
-from adpe_jax.errors import CheckpointError, ConfigError, InitError, WorkdirError
+from adpe_jax.errors import CheckpointError, ConfigError, DataError, InitError, WorkdirError
 from adpe_jax.train import finetune, preflight, pretrain
 from devices import xla_flags
 
@@ -405,3 +405,79 @@ def test_cli_empty_workdir_missing_config_and_bad_threads(tmp_path):
   line = one_error(run_cli(*SMOKE, f"--workdir={tmp_path}/w", "--config.data.num_threads=-1"))
   assert "config field data.num_threads=-1 is not allowed" in line
   assert list(tmp_path.iterdir()) == []  # (the cwd of the first run included)
+
+
+# -- issue 28 item 11: a refused start leaves the workdir as it found it -----------------------
+
+from test_data_faults import _prepare, jpegs  # noqa: E402,F401 (the noise JPEGs, prepared)
+
+
+def _refused(entry, config, workdir, error):
+  """Runs a start that must refuse; asserts the workdir afterwards is what it was before
+  (absent, or byte for byte); returns the sentence."""
+  before = snapshot(workdir) if workdir.exists() else None
+  with pytest.raises(error) as e:
+    entry(config, str(workdir))
+  if before is None:
+    assert not workdir.exists(), sorted(str(p) for p in workdir.rglob("*"))
+  else:
+    assert snapshot(workdir) == before
+  return str(e.value)
+
+
+@pytest.mark.parametrize("premade", [False, True])
+def test_a_fine_tune_refused_for_its_init_writes_nothing(tmp_path, premade):
+  (tmp_path / "empty").mkdir()
+  c = finetune_smoke()
+  c.init = str(tmp_path / "empty")   # exists (preflight passes), holds no checkpoint
+  workdir = tmp_path / "run"
+  if premade:
+    workdir.mkdir()                  # a directory the user made: it stays, empty
+  message = _refused(finetune.finetune, c, workdir, InitError)
+  assert "holds no checkpoint of ours" in message
+
+
+def test_a_batch_larger_than_the_synthetic_source_writes_nothing(tmp_path):
+  message = _refused(pretrain.train_and_evaluate, pretrain_smoke(**{"data.num_examples": 4}),
+                     tmp_path / "run", ConfigError)
+  assert "config field batch_size=8 exceeds the 4 examples" in message
+
+
+def test_an_unbuilt_tfds_dataset_with_workers_writes_nothing(tmp_path):
+  (tmp_path / "tfds").mkdir()
+  c = pretrain_smoke(**{"data.source": "tfds:mnist", "data.dir": str(tmp_path / "tfds"),
+                        "data.num_workers": 2})
+  message = _refused(pretrain.train_and_evaluate, c, tmp_path / "run", DataError)
+  assert "is not prepared under" in message
+
+
+def test_a_missing_prepared_shard_writes_nothing(jpegs, tmp_path):  # noqa: F811
+  index = _prepare(jpegs, tmp_path / "p")
+  (tmp_path / "p" / index["shards"][1]["file"]).unlink()
+  c = pretrain_smoke(**{"data.source": f"prepared:{tmp_path / 'p'}"})
+  message = _refused(pretrain.train_and_evaluate, c, tmp_path / "run", DataError)
+  assert "does not exist" in message
+
+
+def test_a_resume_refused_at_its_restore_leaves_the_run_byte_for_byte(copy_of):
+  # The newest checkpoint truncated; the command changes a field off the trajectory, which
+  # config.json would record once the start got past its refusals.
+  data = max((copy_of / "checkpoints" / "3" / "state").rglob("d/*"),
+             key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(data.stat().st_size // 3)
+  message = _refused(pretrain.train_and_evaluate, pretrain_smoke(log_every_steps=2), copy_of,
+                     CheckpointError)
+  assert f"checkpoint {copy_of}/checkpoints/3" in message
+
+
+def test_a_start_that_got_past_its_refusals_keeps_what_it_wrote(tmp_path, monkeypatch):
+  from adpe_jax.train import loop
+  def fails(*a, **kw):
+    raise RuntimeError("a fault in the loop")
+  monkeypatch.setattr(loop, "train", fails)
+  workdir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="a fault in the loop"):
+    pretrain.train_and_evaluate(pretrain_smoke(), str(workdir))
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 3
+  assert (workdir / ".adpe_lock").is_file() and (workdir / "checkpoints").is_dir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import shutil
 
 import jax
@@ -194,3 +195,119 @@ def test_init_error_is_one_sentence(tmp_path):
   fresh = jax.eval_shape(lambda: init_classifier_params(model, jax.random.key(0)))
   with pytest.raises(InitError, match=r"config field init=.*none.pth.* does not exist\.$"):
     weights.init_classifier(c, model, fresh)
+
+
+# -- beside a live trainer: the checkpoint being read is deleted (issue 28 item 10) -----------
+
+def _params_at(step):
+  return {"cls_token": np.full((1, 1, 8), float(step), np.float32),
+          "blocks_0": {"norm1": {"scale": np.arange(8, dtype=np.float32) * step}}}
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """Checkpoints 1, 2, 3 whose params are `_params_at(step)`."""
+  wd = tmp_path_factory.mktemp("live")
+  with Checkpointer(str(wd), 1, keep=3, metadata={"model": {"patch_size": 4},
+                                                  "image_size": 8}) as ck:
+    for step in (1, 2, 3):
+      ck.maybe_save(step, {"params": _params_at(step), "opt": np.zeros(3, np.float32)},
+                    force=True)
+      ck.wait()
+  return wd
+
+
+@pytest.fixture
+def live(three_steps, tmp_path):
+  wd = tmp_path / "live"
+  shutil.copytree(three_steps, wd)
+  return wd
+
+
+def _on_open(monkeypatch, item, act):
+  """Calls act(step directory) when the reader opens `item` ("state": the arrays, "meta":
+  the run metadata) of a checkpoint, before the files are read: a trainer's deletion at
+  that moment."""
+  import orbax.checkpoint as ocp
+  cls, name = ((ocp.PyTreeCheckpointer, "metadata") if item == "state"
+               else (ocp.JsonCheckpointHandler, "restore"))
+  real = getattr(cls, name)
+  def opened(self, directory, *a, **kw):
+    act(pathlib.Path(str(directory)).parent)
+    return real(self, directory, *a, **kw)
+  monkeypatch.setattr(cls, name, opened)
+
+
+def _delete_once(step):
+  done = []
+  def act(step_dir):
+    if step_dir.name == str(step) and not done:
+      done.append(step)
+      shutil.rmtree(step_dir)
+  return act
+
+
+@pytest.mark.parametrize("item", ["state", "meta"])
+def test_a_checkpoint_deleted_while_read_falls_back_to_the_newest_complete_one(
+    live, monkeypatch, caplog, item):
+  _on_open(monkeypatch, item, _delete_once(3))
+  with caplog.at_level("WARNING"):
+    w = weights.load(str(live))
+  assert w.source == str(live / "checkpoints" / "2")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), w.params,
+               _params_at(2))                                    # what was saved at step 2
+  said = [r.getMessage() for r in caplog.records if "deleted while it was read" in r.getMessage()]
+  assert len(said) == 1 and said[0].endswith("instead, step 2"), said
+  assert f"checkpoint {live}/checkpoints/3 " in said[0]
+
+
+def test_the_run_metadata_read_falls_back_too(live, monkeypatch):
+  _on_open(monkeypatch, "meta", _delete_once(3))
+  assert weights.metadata(str(live)) == {"model": {"patch_size": 4}, "image_size": 8}
+  assert not (live / "checkpoints" / "3").exists()
+
+
+def test_a_trainer_that_keeps_deleting_is_named_with_what_to_do(live, monkeypatch):
+  # Each opened checkpoint is overtaken by a newer one (a copy) and deleted, as a trainer
+  # saving every step with keep_checkpoints=1 does: five tries, then one sentence.
+  def overtake(step_dir):
+    newer = step_dir.parent / str(int(step_dir.name) + 1)
+    if not newer.exists():
+      shutil.copytree(step_dir, newer)
+    shutil.rmtree(step_dir)
+  _on_open(monkeypatch, "state", overtake)
+  with pytest.raises(CheckpointError) as e:
+    weights.load(str(live))
+  assert str(e.value) == (
+      f"the checkpoints of {live} were deleted while they were read, 5 time(s) in a row "
+      f"(steps 3, 4, 5, 6, 7): the run training in that workdir keeps deleting them (config "
+      f"field keep_checkpoints); read it once that run has stopped, or start that run with "
+      f"a larger keep_checkpoints, or pass a copy of one of its checkpoints/<step> "
+      f"directories; nothing on disk was changed.")
+
+
+def test_when_every_checkpoint_is_deleted_the_same_sentence_names_them(live, monkeypatch):
+  _on_open(monkeypatch, "state", shutil.rmtree)
+  with pytest.raises(CheckpointError, match=r"deleted while they were read, 3 time\(s\) in a "
+                                            r"row \(steps 3, 2, 1\): the run training"):
+    weights.load(str(live))
+
+
+def test_a_named_step_deleted_while_read_is_said(live, monkeypatch):
+  _on_open(monkeypatch, "state", _delete_once(2))
+  with pytest.raises(CheckpointError, match=rf"^checkpoint {live}/checkpoints/2 was deleted "
+                                            rf"while it was read "):
+    weights.load(str(live / "checkpoints" / "2"))
+
+
+def test_a_damaged_checkpoint_that_stays_is_called_damaged(live, monkeypatch):
+  # The newest checkpoint's array data truncated, nothing deleted: no fallback to step 2.
+  data = max((live / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(data.stat().st_size // 3)
+  with pytest.raises(CheckpointError, match=rf"^checkpoint {live}/checkpoints/3 .*; its files "
+                                            rf"may be truncated or corrupt, nothing on disk "
+                                            rf"was changed\.$") as e:
+    weights.load(str(live))
+  assert "deleted" not in str(e.value)
+  assert (live / "checkpoints" / "3").is_dir()

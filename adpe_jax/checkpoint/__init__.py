@@ -7,7 +7,9 @@
                 `config_fields`, `diff`, `metadata_changes`).
   checkpointer  orbax: the `Checkpointer` (async, keep-N saves; restores that refuse what
                 does not fit), `read_meta` / `read_params` of one step directory without
-                a Checkpointer, `checksums` / `verify_checksums`, `short_error`.
+                a Checkpointer, `read_checkpoint` (the readers' one read: again from the
+                newest complete checkpoint when a live trainer deletes theirs),
+                `checksums` / `verify_checksums`, `short_error`.
 
 `from adpe_jax import checkpoint as ckpt_lib; ckpt_lib.Checkpointer(...)` keeps working:
 the names of `checkpointer` are read from here on first use, so importing this package
@@ -24,11 +26,12 @@ from adpe_jax.errors import CheckpointError
 
 if TYPE_CHECKING:  # for readers and type checkers; at run time `__getattr__` below
   from adpe_jax.checkpoint.checkpointer import (  # noqa: F401
-      Checkpointer, abstract_of, checksums, os_cause, quiet_orbax_teardown, read_meta,
-      read_params, short_error, verify_checksums)
+      Checkpointer, abstract_of, checksums, os_cause, quiet_orbax_teardown, read_checkpoint,
+      read_meta, read_params, short_error, verify_checksums)
 
 _CHECKPOINTER = ("Checkpointer", "abstract_of", "checksums", "os_cause",
-                 "quiet_orbax_teardown", "read_meta", "read_params", "short_error",
+                 "quiet_orbax_teardown", "read_checkpoint", "read_meta", "read_params",
+                 "short_error",
                  "verify_checksums")
 
 __all__ = ["CheckpointError", "META_ITEM", "STATE_ITEM", "rundir", *_CHECKPOINTER]

@@ -28,6 +28,8 @@ Without a Checkpointer (nothing created, no orbax manager): `read_meta(step_dir)
 checkpoint's meta item (preflight, `weights.metadata`), `read_params(step_dir)` only its
 `params` (to fine-tune, probe or export an encoder: `adpe_jax.weights.load`), and
 `verify_checksums` is the one check of arrays against the checksums written with them.
+`read_checkpoint(path)` is the readers' one read of both (export, config.init): beside a
+live trainer that deletes the checkpoint being read, it reads the newest complete one.
 """
 
 from __future__ import annotations
@@ -297,7 +299,8 @@ def read_params(step_dir, meta: dict | None = None) -> dict:
     tree = checkpointer.metadata(path / STATE_ITEM)
     tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
     if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {path} holds no 'params' tree.")
+      raise CheckpointError(f"checkpoint {path} holds no readable 'params' tree; its files "
+                            f"may be truncated or corrupt, {_UNCHANGED}.")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
                             tree["params"])
@@ -308,10 +311,90 @@ def read_params(step_dir, meta: dict | None = None) -> dict:
   except CheckpointError:
     raise
   except Exception as e:
-    raise CheckpointError(f"checkpoint {path} could not be read ({short_error(e)}).") from e
+    raise CheckpointError(f"checkpoint {path} could not be read ({short_error(e)}); its files "
+                          f"may be truncated or corrupt, {_UNCHANGED}.") from e
   verify_checksums(path, {"params": params}, meta)
   return params
 
+
+
+# ---------------------------------------------------------------------------------------
+# The reader beside a live trainer: the checkpoint a path names, read again from the newest
+# complete one when a trainer's keep_checkpoints deletes it during the read.
+
+READ_TRIES = 5  # checkpoints deleted under the reader before it gives up
+
+
+def _identity(step_dir):
+  """What tells a local step directory from a later one of the same name (its inode);
+  None on an object store, where the listing alone decides."""
+  if storage.is_remote(step_dir):
+    return None
+  try:
+    return os.stat(os.fspath(step_dir)).st_ino
+  except OSError:
+    return None
+
+
+def _moved_on(step_dir, identity) -> bool:
+  """Whether the checkpoint in `step_dir` was deleted or replaced since it was chosen, or
+  overtaken by a newer complete one (a live trainer then deletes it: keep_checkpoints)."""
+  steps = rundir.complete_steps(step_dir.parent)
+  return (not steps or steps[-1] != int(step_dir.name)
+          or _identity(step_dir) != identity)
+
+
+def read_checkpoint(path, params: bool = True):
+  """(step directory, meta, params or None) of the checkpoint `path` names
+  (`rundir.step_dir`: a step directory, or the newest complete one of a workdir or of its
+  `checkpoints/`); None when it names none.  The one read of `weights.load` /
+  `weights.metadata` (export, config.init, the probes).
+
+  Beside a live trainer (saving often, keep_checkpoints small) the newest checkpoint may be
+  deleted while it is read: its files then fail half way.  A read that fails while its
+  checkpoint was deleted, replaced or overtaken by a newer one is retried from the newest
+  complete checkpoint, with a warning naming that step, up to READ_TRIES times; then
+  CheckpointError says the trainer keeps deleting them and what to do.  A failed read
+  of a checkpoint still present and newest is its own CheckpointError (damaged files).
+  A step directory named by the user is not replaced by another: its deletion is said.
+  """
+  given = storage.resolve(path)
+  step_dir = rundir.step_dir(path)
+  if step_dir is None:
+    return None
+  named = step_dir == given  # the user named this step directory
+  tried = []
+  for _ in range(READ_TRIES):
+    identity = _identity(step_dir)
+    try:
+      meta = read_meta(step_dir)
+      return step_dir, meta, (read_params(step_dir, meta) if params else None)
+    except CheckpointError:
+      if named:
+        if not (step_dir / STATE_ITEM).is_dir():
+          raise CheckpointError(
+              f"checkpoint {step_dir} was deleted while it was read (the run saving into "
+              f"{step_dir.parent.parent} removes old checkpoints: keep_checkpoints); pass "
+              f"that workdir to read its newest complete checkpoint, or read once the run "
+              f"has stopped.") from None
+        raise
+      if not _moved_on(step_dir, identity):
+        raise  # present, newest and unreadable: damaged
+    tried.append(int(step_dir.name))
+    newest = rundir.newest_step(step_dir.parent)
+    if newest is None:
+      break
+    logging.warning("checkpoint %s was deleted while it was read (the run in %s is still "
+                    "saving and removing old checkpoints); reading the newest complete "
+                    "checkpoint instead, step %d", step_dir, step_dir.parent.parent, newest)
+    step_dir = step_dir.parent / str(newest)
+  workdir = step_dir.parent.parent
+  raise CheckpointError(
+      f"the checkpoints of {workdir} were deleted while they were read, {len(tried)} "
+      f"time(s) in a row (steps {', '.join(map(str, tried))}): the run training in that "
+      f"workdir keeps deleting them (config field keep_checkpoints); read it once that run "
+      f"has stopped, or start that run with a larger keep_checkpoints, or pass a copy of "
+      f"one of its checkpoints/<step> directories; {_UNCHANGED}.")
 
 # ---------------------------------------------------------------------------------------
 

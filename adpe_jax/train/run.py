@@ -9,10 +9,11 @@ train.py:
   2. the refusals before the lock (values, the workdir made and writable);
   3. `with` the workdir's one-writer lock: the saved run compared with this command, the
      training data opened (`task.source`) and its identity compared with the one the
-     checkpoint records (every refusal comes before anything is written), then config.json;
-  4. the task's pieces (`task.build`, given that source), `with` the Checkpointer (which
-     records the data's identity in every checkpoint): restore or the built init,
-     nothing to do for a finished run, the evaluators named by config.eval.evaluators
+     checkpoint records;
+  4. the task's pieces (`task.build`, given that source: its refusals of the data's size
+     and of config.init, the compile), `with` the Checkpointer (which records the data's
+     identity in every checkpoint): restore or the built init, nothing to do for a
+     finished run, then config.json, the evaluators named by config.eval.evaluators
      (`evaluate.from_config`), the one loop (`loop.train`);
   5. summary.json: `loop.run_summary` and the task's fields.
 
@@ -20,10 +21,15 @@ A task that trains nothing (knn) supplies `measure` instead of `build`: phase 4 
 one call, under the same start, refusals, lock and summary.  (Not in train/tasks.py: each
 task module builds its `Task` with this module and calls `run_task` from its public entry,
 and tasks.py imports the task modules.)
+
+A start refused (or failed) before config.json is written leaves the workdir as it found
+it (`_undone_unless_trained`): what this start created there -- the lock file, an empty
+checkpoints/, a new workdir -- is removed, and nothing an earlier run wrote is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -31,7 +37,7 @@ import jax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, workdir_lock
+from adpe_jax import parallel, storage, workdir_lock
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.data import identity as data_identity
@@ -83,10 +89,49 @@ def start(task: Task, config, workdir):
 
 
 def write_config(path, config) -> None:
-  """config.json (process 0): written once every refusal has passed, so it is the config of
-  the workdir's checkpoints."""
+  """config.json (process 0): written once every refusal has passed (after the build and
+  the restore, before the loop), so it is the config of the workdir's checkpoints."""
   if jax.process_index() == 0:
     rundir.write_config(path, config)
+
+
+_CREATED = (workdir_lock.LOCK_NAME, rundir.CHECKPOINTS)  # what a start makes before config.json
+
+
+def _present(workdir):
+  """(the workdir, whether it exists, those of _CREATED that exist) before this start
+  wrote anything; None where that cannot be told (then nothing is removed)."""
+  try:
+    path = storage.resolve(workdir)
+    if not path.is_dir():
+      return path, False, ()
+    return path, True, tuple(n for n in _CREATED if (path / n).exists())
+  except Exception:  # noqa: BLE001 (an unreadable or empty --workdir: prepare_workdir says)
+    return None
+
+
+@contextlib.contextmanager
+def _undone_unless_trained(before):
+  """On an exception before `trained()` is called (a refusal: config.init, the data's
+  size, an unbuilt or damaged source; a failed build or compile), process 0 removes what
+  this start created in the workdir: the lock file (held: a contender re-opens the path,
+  `workdir_lock._same_file`), an empty checkpoints/, and the workdir itself if it is new
+  and then empty.  Files of an earlier run, and anything once the loop may have written,
+  stay."""
+  state = {"trained": False}
+  try:
+    yield lambda: state.update(trained=True)
+  except Exception:
+    if not state["trained"] and before is not None and jax.process_index() == 0:
+      path, existed, had = before
+      for name in _CREATED:
+        if name not in had:
+          with contextlib.suppress(OSError):  # not there, or not empty: kept
+            (path / name).unlink() if name == workdir_lock.LOCK_NAME else (path / name).rmdir()
+      if not existed:
+        with contextlib.suppress(OSError):
+          path.rmdir()
+    raise
 
 
 def run_task(task: Task, config, workdir) -> dict:
@@ -96,18 +141,20 @@ def run_task(task: Task, config, workdir) -> dict:
   mesh = start(task, config, workdir)
 
   # 2. Refusals before the lock: nothing is written before every refusal has passed. ---------
+  before = _present(workdir)
   path = preflight.prepare_workdir(config, workdir)
 
-  # 3. The one-writer lock (before the saved run is read), the saved run, config.json. --------
-  with workdir_lock.acquire(path, config):
+  # 3. The one-writer lock (before the saved run is read), the saved run, the data. -----------
+  #    Until config.json, a refusal leaves the workdir as it was (`_undone_unless_trained`).
+  with workdir_lock.acquire(path, config), _undone_unless_trained(before) as trained:
     resuming = preflight.check_saved_run(config, path, workdir, task.run_metadata, task.upgrade)
     source = task.source(config) if task.source is not None else None
     data = None if source is None else data_identity.of(source)
     if resuming and data is not None:
       preflight.check_saved_data(config, path, workdir, data)
-    write_config(path, config)
-    if task.measure is not None:  # no training: measure, then summary.json
+    if task.measure is not None:  # no training: measure, then config.json and summary.json
       summary = task.measure(config, mesh)
+      write_config(path, config)
       loop.write_summary(path, summary)
       return summary
 
@@ -124,6 +171,8 @@ def run_task(task: Task, config, workdir) -> dict:
         if kept is not None:  # re-running a finished run changes nothing
           return {"state": state, "summary": kept, "history": [], "evals": [],
                   **built.outputs}
+        write_config(path, config)
+        trained()  # from here on the loop writes: nothing is undone
         logging.info("%s: %d steps (%.1f per epoch) on %d devices from step %d%s", task.name,
                      built.total_steps, built.steps_per_epoch, mesh.size, int(state.step),
                      f", {built.note}" if built.note else "")
