@@ -207,8 +207,9 @@ def main() -> None:
   out.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  plan = [(a, int(s)) for a in opts.arms.split(",") if a != "random_init"
-          for s in opts.seeds.split(",") if s]
+  # Seed-major: an interrupted benchmark leaves complete pairs (every arm of a seed).
+  plan = [(a, int(s)) for s in opts.seeds.split(",") if s
+          for a in opts.arms.split(",") if a != "random_init"]
   if "random_init" in opts.arms.split(",") or opts.baseline_seeds:
     plan += [("random_init", int(s)) for s in opts.baseline_seeds.split(",") if s]
   unknown = sorted({a for a, _ in plan} - set(ARMS))
