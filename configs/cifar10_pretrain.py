@@ -82,7 +82,8 @@ def get_config(arg=None):
     c.warmup_epochs = 0.0
     c.log_every_steps, c.checkpoint_every_steps, c.eval.recon_every_steps = 5, 10, 0
     # The evaluators read the first N images of a split, and a folder lists them by class:
-    # a k-NN on 500 of them sees one class (top-1 1.0, meaningless), so smoke leaves it out.
+    # a k-NN on 500 of them sees one class (top-1 1.0, meaningless), so smoke leaves it out;
+    # its held-out loss (64 images, one class) checks the path, not the model.
     c.eval.knn_source = ""
     c.eval.heldout_examples, c.eval.heldout_every_steps = 64, 0
     c.data.num_threads = 2
