@@ -28,7 +28,8 @@ Results: OUT/results.json and a Markdown table (mean +- std over seeds) on stdou
 OUT/table.md.
 
 The protocol at a scale where the paper's effect can show (one command, GPUs):
-    python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --data DIR   # DIR/{train,test}/<class>/
+    python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --data DIR --dtype bfloat16
+                                                     # DIR/{train,test}/<class>/
     python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --cost       # its FLOPs and GPU hours
     python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --data DIR --smoke   # minutes, a CPU
 The same arms and seeds, each stage its own config at its own length: configs/cifar10_pretrain.py
@@ -116,8 +117,10 @@ def cifar10_args(arm: str, stage: str, init: str, opts) -> list[str]:
   if CIFAR10_ARMS[arm] is None:
     flags = ["random"]
   flags = [f for f in flags if f] + (["smoke"] if opts.smoke else [])
+  dtype = getattr(opts, "dtype", "")
   return [f"--config=configs/cifar10_{stage}.py" + (":" + ",".join(flags) if flags else ""),
-          f"--config.data.dir={opts.data}", *([f"--config.init={init}"] if init else [])]
+          f"--config.data.dir={opts.data}", *([f"--config.init={init}"] if init else []),
+          *([f"--config.model.dtype={dtype}"] if dtype else [])]
 
 
 def stage_args(arm: str, pretrain: pathlib.Path, seed_arg: list[str], opts) -> dict:
@@ -284,6 +287,9 @@ def main() -> None:
                  help="demo: configs/demo*.py on Fashion-MNIST (the lengths below); cifar10: "
                       "configs/cifar10_*.py on the folder --data, each at its config's length")
   p.add_argument("--data", default="", help="--protocol cifar10: the folder DIR/{train,test}/<class>/")
+  p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
+                 help="--protocol cifar10: every stage's model.dtype (bfloat16 on GPUs/TPUs; "
+                      "the --cost hours assume it); '' = the configs' float32")
   p.add_argument("--cost", action="store_true",
                  help="--protocol cifar10: print its FLOPs and accelerator hours, run nothing")
   p.add_argument("--pretrain-steps", type=int, default=300, help="demo protocol only")

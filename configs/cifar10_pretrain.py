@@ -21,15 +21,17 @@ Adversary: the original's recipe, adversary.lr = blr scaled by the batch, with a
   step budget (adpe_jax/train/optimizer.py adversary_budget) is 11.6 eps here: a shift can
   cross its bound many times over, so the projection, not the rate, bounds it as at full
   scale (the seed recipe: 150 eps) -- unlike the demo's 300 steps, where the recipe's rate
-  gave 0.09 eps and configs/demo.py raises it (tests/test_protocol.py checks both).
+  gave 0.09 eps and configs/demo.py raises it (tests/test_protocol.py checks this one).
 Evaluators: heldout_loss / heldout_loss_adv on the whole test split (9,984 images, fixed
   masks) every 50 epochs and at the end; k-NN (k 20) on all 50,000 / 10,000 images at the
   end, reported, not headlined; reconstructions and the adversary's picture every 100 epochs.
-Hardware: one GPU (bf16: --config.model.dtype=bfloat16).  Cost, from adpe_jax/flops.py
-  (`python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --cost`, the table in
-  docs/results.md): one pretraining 1,223 PFLOP (RPE-coordinate), 1.15 h of one H100 at
+Hardware: one GPU, in bf16 (--config.model.dtype=bfloat16; the hours assume it).  Cost,
+  from adpe_jax/flops.py (`python benchmarks/adpe_vs_maeplus.py --protocol cifar10 --cost`,
+  the table in docs/results.md): one pretraining 1,223 PFLOP (RPE-coordinate), 1.15 h of one H100 at
   30 % of its bf16 dense peak; the whole protocol (3 arms x 3 seeds, pretrain + probe +
   fine-tune, and the random-init baseline) 10.6 h on one H100 / 33.6 h on one A100.
+  The input pipeline must keep up: about 10,000 images/s (40,000 crops).  Smoke: about
+  10-25 s on a 2-core CPU (measured 8-23 s, compile included).
 Expected: not yet measured.  The question it answers: do AdPE's fine-tune and probe gains
   over MAE+ (paper: ViT-B, ImageNet) appear at this scale, paired by seed.
 """

@@ -108,6 +108,12 @@ def test_every_stage_of_every_arm_gets_its_config_and_the_data():
     assert args["linprobe"] == [
         f"--config=configs/cifar10_linprobe.py{':random' if pre is None else ''}",
         "--config.data.dir=/d", *init, "--config.seed=1"]
+  # --dtype bfloat16 reaches every stage, and every stage's config has the field.
+  opts.dtype = "bfloat16"
+  args = b.stage_args("adpe_rpe_coord", pathlib.Path("/w/pretrain"), [], opts)
+  for stage, a in args.items():
+    assert a[-1] == "--config.model.dtype=bfloat16"
+    assert "dtype" in load_config(f"cifar10_{stage}").model
 
 
 # -- the cost -------------------------------------------------------------------------------------
