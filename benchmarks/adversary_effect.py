@@ -71,6 +71,7 @@ ROWS = [("nbr_visible", "neighbour mass, visible queries"),
         ("dist_visible", "attention distance (patches), visible queries"),
         ("dist_masked", "attention distance (patches), masked queries"),
         ("loss", "loss on these images and masks")]
+STUDY_ARMS = ("mae_plus_rpe", "adpe_rpe_coord", "adpe_ape_coord")  # adpe_vs_maeplus.py's
 SUMMARY_ROWS = [("heldout_loss", "summary.json heldout_loss (adversary off)"),
                 ("heldout_loss_adv", "summary.json heldout_loss_adv (adversary on)")]
 
@@ -273,14 +274,18 @@ def measure(workdir: pathlib.Path, heldout: HeldoutSet) -> dict:
 
 # -- the table -------------------------------------------------------------------------------
 
+def _num(x: float) -> str:
+  return f"{x:.4f}" if x == 0 or abs(x) >= 1e-3 else f"{x:.2e}"
+
+
 def _fmt(values) -> str:
   values = [v for v in values if v is not None]
   if not values:
     return "-"
   mean = statistics.fmean(values)
   if len(values) == 1:
-    return f"{mean:.4f}"
-  return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+    return _num(mean)
+  return f"{_num(mean)} ± {_num(statistics.stdev(values))}"
 
 
 def paired(results: list[dict], baseline: str) -> dict:
@@ -319,7 +324,8 @@ def _value(r: dict, cond: str, key: str):
 
 
 def table(results: list[dict], pairs: dict, baseline: str, settings: dict) -> str:
-  arms = sorted(pairs, key=lambda a: (a != baseline, a))
+  order = [baseline] + [a for a in STUDY_ARMS if a != baseline]
+  arms = sorted(pairs, key=lambda a: (order.index(a) if a in order else len(order), a))
   others = [a for a in arms if a != baseline]
   adv_arms = [a for a in arms if any(r["adv"] is not None for r in results if r["arm"] == a)]
   ref = settings["uniform"]

@@ -153,9 +153,9 @@ def test_sown_attention_probs_equal_numpy(impl, lookup, adversary):
   np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-4, atol=1e-5)
 
 
-def _pretrain(workdir: pathlib.Path, adversary: str) -> None:
+def _pretrain(workdir: pathlib.Path, adversary: str, pe: str = "rpe") -> None:
   c = pretrain_config.apply_smoke(pretrain_config.base_config())
-  c.model.pe = "rpe"
+  c.model.pe = pe
   c.adversary.kind, c.adversary.norm, c.adversary.eps = adversary, "l2", 1.0
   c.adversary.lr = 0.5                       # a shift that shows in two steps
   c.data.source, c.data.num_examples = "synthetic", 64
@@ -168,14 +168,16 @@ def _pretrain(workdir: pathlib.Path, adversary: str) -> None:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-  """A study directory as benchmarks/adpe_vs_maeplus.py lays it out: two tiny runs."""
+  """A study directory as benchmarks/adpe_vs_maeplus.py lays it out: its three arms, one
+  tiny run each."""
   out = tmp_path_factory.mktemp("study")
   _pretrain(out / "mae_plus_rpe" / "seed0" / "pretrain", "none")
   _pretrain(out / "adpe_rpe_coord" / "seed0" / "pretrain", "coordinate")
+  _pretrain(out / "adpe_ape_coord" / "seed0" / "pretrain", "coordinate", pe="ape")
   return out
 
 
-def test_script_on_two_tiny_runs_matches_their_heldout_evaluator(study, capsys):
+def test_script_on_tiny_runs_matches_their_heldout_evaluator(study, capsys):
   """The loss the script measures (64 held-out images, masks from seed 0 = config.seed)
   equals what each run's own `heldout` evaluator logged at its end, adversary off and on:
   the same params, adversary, images and masks were read back."""
@@ -186,22 +188,24 @@ def test_script_on_two_tiny_runs_matches_their_heldout_evaluator(study, capsys):
   assert "adpe_rpe_coord − mae_plus_rpe" in md and "adpe_rpe_coord: adversary on − off" in md
   got = json.loads((study / "adversary_effect.json").read_text())
   runs = {r["arm"]: r for r in got["runs"]}
-  assert set(runs) == {"mae_plus_rpe", "adpe_rpe_coord"}
+  assert set(runs) == {"mae_plus_rpe", "adpe_rpe_coord", "adpe_ape_coord"}
   for arm, r in runs.items():
     summary = json.loads((study / arm / "seed0" / "pretrain" / "summary.json").read_text())
     assert r["step"] == 2 and r["examples"] == 64
     np.testing.assert_allclose(r["off"]["loss"], summary["heldout_loss"], rtol=1e-5)
+    if r["adv"] is not None:
+      np.testing.assert_allclose(r["adv"]["loss"], summary["heldout_loss_adv"], rtol=1e-5)
     assert len(r["off"]["layers"]) == 2    # the test variant's encoder depth
     for row in r["off"]["layers"]:
       assert 0 <= row["nbr_masked"] <= 1 and 0 <= row["nbr_visible"] <= 1
       assert 0 < row["dist_all"] < math.hypot(6, 6)
   adpe = runs["adpe_rpe_coord"]
-  assert runs["mae_plus_rpe"]["adv"] is None
-  np.testing.assert_allclose(adpe["adv"]["loss"],
-                             json.loads((study / "adpe_rpe_coord" / "seed0" / "pretrain" /
-                                         "summary.json").read_text())["heldout_loss_adv"],
-                             rtol=1e-5)
-  assert adpe["adv"]["loss"] != adpe["off"]["loss"]     # the shift is there and read back
+  assert runs["mae_plus_rpe"]["adv"] is None and adpe["adv"] is not None
+  # The APE shift moves the masked tokens' sin-cos input at once (the iRPE tables start at
+  # zero, so the RPE shift barely shows after two steps): read back, it shows in the loss.
+  ape = runs["adpe_ape_coord"]
+  assert abs(ape["adv"]["loss"] - ape["off"]["loss"]) > 1e-4 * ape["off"]["loss"]
+  assert ape["adv_norm"] and all(v > 0 for v in ape["adv_norm"].values())
   diff = got["paired"]["adpe_rpe_coord"]["metrics"]["nbr_masked"]["minus_baseline"]
   want = adpe["off"]["mean"]["nbr_masked"] - runs["mae_plus_rpe"]["off"]["mean"]["nbr_masked"]
   assert diff == [pytest.approx(want)]
