@@ -238,7 +238,7 @@ def measure(workdir: pathlib.Path, heldout: HeldoutSet) -> dict:
   images, noise, chunk = heldout.get(config, model.num_patches)
 
   @jax.jit
-  def forward(adv, x, nz):
+  def forward(params, adv, x, nz):
     (loss, _, mask), state = model.apply(
         {"params": params, "adversary": adv}, x, noise=nz, rngs={"masking": jax.random.key(0)},
         mutable=[ATTENTION])
@@ -248,7 +248,7 @@ def measure(workdir: pathlib.Path, heldout: HeldoutSet) -> dict:
   def run(adv) -> dict:
     acc, losses = Accumulator(), []
     for i in range(0, len(images), chunk):
-      loss, mask, probs = forward(adv, jnp.asarray(images[i:i + chunk]),
+      loss, mask, probs = forward(params, adv, jnp.asarray(images[i:i + chunk]),
                                   jnp.asarray(noise[i:i + chunk]))
       losses.append(float(loss))
       for layer, p in enumerate(probs):
