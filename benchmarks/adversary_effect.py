@@ -162,6 +162,11 @@ def find_workdirs(paths) -> list[pathlib.Path]:
       found.append(p)
       continue
     runs = sorted(d for d in p.glob("*/seed*/pretrain") if is_workdir(d))
+    empty = [d for d in runs if rundir.newest_checkpoint(d) is None]
+    if empty:  # a study still under way: its newest runs have no checkpoint yet
+      print(f"note: skipped {len(empty)} run(s) without a complete checkpoint: "
+            + ", ".join(map(str, empty)), flush=True)
+    runs = [d for d in runs if d not in empty]
     if not runs:
       raise SystemExit(f"{p} is neither a pretraining workdir (config.json and checkpoints/) "
                        f"nor a study directory with <arm>/seed<S>/pretrain workdirs; pass one "
