@@ -599,8 +599,26 @@ def rpe_attention_reference(q, k, v, rpe: Optional[irpe.RPEOperands] = None, *,
     if rpe is not None and rpe.query is not None:
       rpe = rpe.replace(query=swap(rpe.query))
     return swap(rpe_attention_reference(swap(q), swap(k), swap(v), rpe, heads_first=True))
+  probs = rpe_attention_probs(q, k, rpe, heads_first=True).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def rpe_attention_probs(q, k, rpe: Optional[irpe.RPEOperands] = None, *,
+                        heads_first: bool = False):
+  """The reference's attention probabilities (B, H, T, T) in at least float32:
+
+      softmax_f32(q k^T + irpe.rpe_bias(q_rpe)),     q_rpe = rpe.query if given, else q,
+
+  q, k (and `rpe.query`) in (B, T, H, hd), or (B, H, T, hd) with `heads_first`.
+  `rpe_attention_reference` multiplies exactly these with v; `models.vit.Attention` sows
+  them when asked (collection `models.vit.ATTENTION`)."""
+  if not heads_first:
+    def swap(x):
+      return x.transpose(0, 2, 1, 3)
+    if rpe is not None and rpe.query is not None:
+      rpe = rpe.replace(query=swap(rpe.query))
+    q, k = swap(q), swap(k)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
   if rpe is not None:
     logits = logits + irpe.rpe_bias(q if rpe.query is None else rpe.query, rpe)
-  probs = jax.nn.softmax(_f32_or_wider(logits), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+  return jax.nn.softmax(_f32_or_wider(logits), axis=-1)

@@ -19,11 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from adpe_jax.kernels.attention import attention, resolve_impl
-from adpe_jax.kernels.rpe_attention import rpe_attention_reference
+from adpe_jax.kernels.rpe_attention import rpe_attention_probs, rpe_attention_reference
 from adpe_jax.models.irpe import RelativePositionKey
 
 Dtype = Any
 LN_EPS = 1e-6
+# Flax collection of the attention probabilities, `<block>/attn/probs` = ((B, H, T, T),):
+# computed and sown only when a caller makes it mutable (`apply(..., mutable=[ATTENTION])`,
+# unrolled blocks), so the default path is unchanged (benchmarks/adversary_effect.py).
+ATTENTION = "attention"
 xavier_uniform = nn.initializers.xavier_uniform()
 
 
@@ -128,6 +132,7 @@ class Attention(nn.Module):
     scale = hd ** -0.5
     q_scaled = q * jnp.asarray(scale, q.dtype)
     rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=False)
+    self._capture(q_scaled, k, rpe_ops, heads_first=False)
     out = attention(q_scaled, k, v, rpe=rpe_ops, impl=self.attention_impl).reshape(b, t, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="proj")(out)
 
@@ -137,8 +142,17 @@ class Attention(nn.Module):
     q, k, v = _HeadMajorQKV(self.num_heads, self.dtype, name="qkv")(x)
     q_scaled = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     rpe_ops = self._rpe_operands(q, q_scaled, query_mask, heads_first=True)
+    self._capture(q_scaled, k, rpe_ops, heads_first=True)
     out = rpe_attention_reference(q_scaled, k, v, rpe_ops, heads_first=True)
     return _HeadMajorProj(self.dtype, name="proj")(out)
+
+  def _capture(self, q_scaled, k, rpe_ops, heads_first: bool):
+    """Sows the attention probabilities (`rpe_attention_probs`, what the `xla` path
+    multiplies with v) into ATTENTION, only when a caller made that collection mutable
+    (not at init, where every collection is)."""
+    if self.is_mutable_collection(ATTENTION) and not self.is_initializing():
+      self.sow(ATTENTION, "probs", rpe_attention_probs(q_scaled, k, rpe_ops,
+                                                       heads_first=heads_first))
 
   def _rpe_operands(self, q, q_scaled, query_mask, heads_first: bool):
     """The iRPE operands (None for APE) from q / q_scaled, (B, H, T, hd) if heads_first
