@@ -133,6 +133,9 @@ def out_of_memory(error: BaseException) -> str | None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
+    if isinstance(error, AdpeError):  # ours (a failed save) quotes its cause: read that
+      error = error.__cause__ or error.__context__
+      continue
     text = str(error)
     first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
     if isinstance(error, MemoryError):

@@ -10,9 +10,10 @@ not supervise again) and waits:
 * stdin / stdout / stderr are the child's own (inherited); SIGTERM / SIGINT sent to the
   supervisor are forwarded to it (so a preemption notice reaches JAX's preemption manager
   in the child, which stops all processes at one agreed step, saves and exits 0), and
-  SIGHUP (a dropped ssh session, a closed terminal) is forwarded as SIGTERM: JAX's manager
-  acts on SIGTERM only, and a hang-up is a preemption (unless SIGHUP is ignored, `nohup`:
-  then it stays ignored, here and in the child); the child dies with the supervisor
+  SIGHUP (a dropped ssh session, a closed terminal) is forwarded to a multi-process child
+  as SIGTERM (JAX's manager acts on SIGTERM only, and a hang-up is a preemption; a single
+  process handles SIGHUP itself), unless SIGHUP is ignored (`nohup`: then it stays
+  ignored, here and in the child); the child dies with the supervisor
   (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
 * the child's exit codes that are ours pass through (`exit_code`): `errors.ExitCode` (OK
   finished / stopped / preempted, BUG a traceback, REFUSED a refusal or stop of ours,
@@ -281,7 +282,8 @@ def supervise(workdir: str | None = None, command: list[str] | None = None,
   def forward(signum, frame):  # noqa: ARG001
     if _terminal_interrupt(signum):
       return  # the terminal sent it to the child as well
-    sent = FORWARDED_AS.get(signum, signum)
+    # (one process handles SIGHUP itself; JAX's preemption manager acts on SIGTERM only)
+    sent = FORWARDED_AS.get(signum, signum) if multi_process else signum
     forwarded.append(sent)
     with contextlib.suppress(ProcessLookupError):
       child.send_signal(sent)

@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import pathlib
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import threading
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint import CheckpointManager
 
 from adpe_jax import errors, main, phase, storage, supervisor
 from adpe_jax.checkpoint import rundir
@@ -73,6 +76,26 @@ def test_a_child_dying_of_memory_gets_a_sentence_naming_its_phase(tmp_path, capf
   assert f"resumes from the last complete checkpoint {tmp_path}/checkpoints/40" in last, last
 
 
+def test_an_address_space_limit_aborts_the_run_and_the_supervisor_says_where(tmp_path):
+  """The issue's trial: `ulimit -v 1600000` aborted the first jit in C++ (rc 134, "Fatal
+  Python error: Aborted").  Measured on the smoke run: 1.2, 1.6 and 2.0 GB abort in the
+  compile, 2.4 GB runs; 1.5 GB is taken (a machine with more cores may abort earlier)."""
+  limit = 1_500_000 * 1024
+
+  def limited():
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+  w = tmp_path / "run"
+  r = subprocess.run([sys.executable, "-m", "adpe_jax.main", *SMOKE, f"--workdir={w}",
+                      "--config.total_steps=2"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300, preexec_fn=limited)
+  assert r.returncode in (128 + signal.SIGABRT, 128 + signal.SIGSEGV), r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert re.match(r"error: the run aborted \(SIG(ABRT|SEGV)\) during (the start|the compile|"
+                  r"the first training step).*, most likely because host or device memory ran "
+                  r"out \(an address-space limit such as `ulimit -v` ends a run this way", last), last
+  assert f"resumes from step 0 (no complete checkpoint yet in {w}/checkpoints)" in last
+
+
 # -- memory: errors a handler sees ------------------------------------------------------------
 
 # Runs adpe_jax.main with the train step raising XLA's out-of-memory error at step 3.
@@ -113,7 +136,6 @@ def test_out_of_memory_in_a_training_step_names_it_and_keeps_the_checkpoint(tmp_
 
 def test_no_thread_for_a_save_names_the_save_and_leaves_no_unfinished_checkpoint(
     tmp_path, monkeypatch):
-  from orbax.checkpoint import CheckpointManager  # noqa: PLC0415
   real_save = CheckpointManager.save
 
   def save(self, step, *args, **kwargs):
@@ -155,13 +177,30 @@ def test_a_run_file_that_cannot_be_written_saves_that_step_and_the_resume_is_exa
     tmp_path, monkeypatch):
   a, b = tmp_path / "a", tmp_path / "b"
   out_a = train_and_evaluate(smoke_config(), str(a))
-  real_append = storage.append_text
+  path_type = type(storage.as_path(str(b)))
+  real_open = path_type.open
 
-  def append_text(path, text):
-    if str(path).endswith("metrics.jsonl") and text.startswith('{"step": 5,'):
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # as a full disk's write
-    return real_append(path, text)
-  monkeypatch.setattr(storage, "append_text", append_text)
+  class Full:
+    """metrics.jsonl opened for appending on a disk that fills at the record of step 5."""
+
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      if text.startswith('{"step": 5,'):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # (a write names no file)
+      return self.f.write(text)
+
+  def open_(self, mode="r", *args, **kwargs):
+    f = real_open(self, mode, *args, **kwargs)
+    return Full(f) if self.name == "metrics.jsonl" and "a" in mode else f
+  monkeypatch.setattr(path_type, "open", open_)
   with pytest.raises(errors.RunFileError) as e:
     train_and_evaluate(smoke_config(), str(b))
   assert isinstance(e.value, errors.AdpeError)   # main: one sentence, ExitCode.REFUSED
@@ -170,7 +209,7 @@ def test_a_run_file_that_cannot_be_written_saves_that_step_and_the_resume_is_exa
       f"device); the state at step 5 is saved in {b}/checkpoints/5; free space there (or give "
       f"the run a workdir with room) and re-run the same command to resume.")
   assert rundir.complete_steps(b / "checkpoints")[-1] == 5   # not a checkpoint step (2, 4, 6)
-  monkeypatch.setattr(storage, "append_text", real_append)
+  monkeypatch.setattr(path_type, "open", real_open)
   out_b = train_and_evaluate(smoke_config(), str(b))   # the same command: resumes at 5
   assert losses(b)[6] == losses(a)[6]
   for x, y in zip(leaves(out_a["state"]), leaves(out_b["state"])):
@@ -186,7 +225,7 @@ from adpe_jax import storage
 real = storage.append_text
 def append_text(path, text):
   if str(path).endswith("metrics.jsonl") and text.startswith('{"step": 5,'):
-    with open(os.path.join(os.path.dirname(str(path)), "filler"), "wb") as f:
+    with open(os.path.join(os.path.dirname(str(path)), "filler"), "wb", buffering=0) as f:
       try:
         while True:
           f.write(b"x" * 65536)
@@ -226,16 +265,22 @@ def test_a_full_disk_where_the_save_fails_too_keeps_the_last_checkpoint(tmp_path
                      text=True, timeout=300)
   assert r.returncode == errors.ExitCode.REFUSED, r.stderr[-3000:]
   last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith(
-      f"error: writing {w}/metrics.jsonl failed: the device holding it is full (No space left "
-      f"on device); saving the state at step 5 in {w}/checkpoints/5 failed as well (No space "
-      f"left on device"), last
-  assert f"so the last complete checkpoint {w}/checkpoints/4 is kept; free space there" in last
-  assert rundir.complete_steps(w / "checkpoints") == [4]
+  # The disk fills at step 5, while the save of step 4 may still be in flight: then that
+  # save fails (and step 2 is kept), else the save of step 5 fails (and step 4 is kept).
+  said = re.match(
+      rf"error: writing {re.escape(str(w))}/metrics.jsonl failed: the device holding it is "
+      rf"full \(No space left on device\); saving the state at step ([45]) in "
+      rf"{re.escape(str(w))}/checkpoints/\1 failed as well \(No space left on device.*\), so "
+      rf"the last complete checkpoint {re.escape(str(w))}/checkpoints/([24]) is kept; free space "
+      rf"there \(or give the run a workdir with room\) and re-run the same command to "
+      rf"resume\.$", last)
+  assert said, last
+  kept = int(said.group(2))
+  assert kept == int(said.group(1)) - 2 and rundir.complete_steps(w / "checkpoints") == [kept]
   assert rundir.unfinished(w / "checkpoints") == []   # the failed save's folder is gone
   (w / "filler").unlink()   # space again: the same command resumes from step 4
   r = subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "from step 4" in r.stderr, r.stderr[-3000:]
+  assert f"from step {kept}" in r.stderr, r.stderr[-3000:]
   assert json.loads((w / "summary.json").read_text())["status"] == "finished"

@@ -552,9 +552,11 @@ class Checkpointer:
       last = None
     kept = (f"the last complete checkpoint is {self.step_path(last)}" if last is not None
             else "no complete checkpoint was saved yet")
-    raise CheckpointError(
+    error = CheckpointError(
         f"saving checkpoint {where} failed ({short_error(e)}); {kept}; fix the cause (free "
-        f"disk space, permissions) and re-run the same command to resume.") from e
+        f"disk space, permissions) and re-run the same command to resume.")
+    error.step = step  # (which save: `train.loop` names it)
+    raise error from e
 
   def close(self) -> None:
     try:

@@ -393,11 +393,12 @@ def _unwritable(ckpt, state, step: int, error: OSError, workdir):
     ckpt.maybe_save(step, state, force=True)  # (nothing when step is saved already)
     ckpt.wait()
     saved = f"the state at step {step} is saved in {ckpt.step_path(step)}"
-  except CheckpointError as e:
+  except CheckpointError as e:  # this save's, or that of an earlier step still in flight
+    failed = getattr(e, "step", None) or step
     last = rundir.newest_step(ckpt.directory)
     kept = (f"the last complete checkpoint {ckpt.step_path(last)} is kept" if last is not None
             else "no complete checkpoint was saved yet")
-    saved = (f"saving the state at step {step} in {ckpt.step_path(step)} failed as well "
+    saved = (f"saving the state at step {failed} in {ckpt.step_path(failed)} failed as well "
              f"({short_error(e.__cause__ or e)}), so {kept}")
   raise RunFileError(f"writing {where} failed: {why}; {saved}; free space there (or give "
                      f"the run a workdir with room) and re-run the same command to "
