@@ -390,9 +390,15 @@ def _unwritable(ckpt, state, step: int, error: OSError, workdir):
          errno.EDQUOT: "the disk quota there is used up"}.get(
              error.errno, error.strerror or str(error))
   try:
-    ckpt.maybe_save(step, state, force=True)  # (nothing when step is saved already)
-    ckpt.wait()
-    saved = f"the state at step {step} is saved in {ckpt.step_path(step)}"
+    if jax.process_count() > 1:  # only process 0 writes run files: its peers would not save
+      last = rundir.newest_step(ckpt.directory)
+      saved = (f"the state at step {step} is not saved (a save needs every process, and only "
+               f"process 0 writes run files); the last complete checkpoint is "
+               f"{ckpt.step_path(last) if last is not None else 'none yet'}")
+    else:
+      ckpt.maybe_save(step, state, force=True)  # (nothing when step is saved already)
+      ckpt.wait()
+      saved = f"the state at step {step} is saved in {ckpt.step_path(step)}"
   except CheckpointError as e:  # this save's, or that of an earlier step still in flight
     failed = getattr(e, "step", None) or step
     last = rundir.newest_step(ckpt.directory)
