@@ -511,7 +511,9 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(
           **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
           force=True)
-    except Exception as e:  # noqa: BLE001 (_failed raises; no thread, no memory)
+    except Exception as e:  # (_failed raises: no thread, no memory...)
+      if jax.process_count() > 1:
+        raise  # most likely a lost peer (a collective of the save): main says so
       self._failed(step, e)
     self._pending_step = step
     logging.info("saving checkpoint %s (asynchronously)", self.step_path(step))
