@@ -134,7 +134,7 @@ def test_out_of_memory_in_a_training_step_names_it_and_keeps_the_checkpoint(tmp_
   assert rundir.unfinished(w / "checkpoints") == []
 
 
-def test_no_thread_for_a_save_names_the_save_and_leaves_no_unfinished_checkpoint(
+def test_no_thread_for_a_save_names_the_save_and_keeps_the_last_checkpoint(
     tmp_path, monkeypatch):
   real_save = CheckpointManager.save
 
@@ -160,7 +160,6 @@ def test_no_thread_for_a_save_names_the_save_and_leaves_no_unfinished_checkpoint
       "be started: can't start new thread)"), said
   assert f"resumes from the last complete checkpoint {w}/checkpoints/2;" in said, said
   assert rundir.complete_steps(w / "checkpoints") == [2]
-  assert rundir.unfinished(w / "checkpoints") == []   # the failed save's folder is gone
 
 
 def test_a_memory_error_of_the_compile_is_named_as_such():
@@ -276,11 +275,15 @@ def test_a_full_disk_where_the_save_fails_too_keeps_the_last_checkpoint(tmp_path
       rf"resume\.$", last)
   assert said, last
   kept = int(said.group(2))
-  assert kept == int(said.group(1)) - 2 and rundir.complete_steps(w / "checkpoints") == [kept]
-  assert rundir.unfinished(w / "checkpoints") == []   # the failed save's folder is gone
+  failed, kept = int(said.group(1)), int(said.group(2))
+  assert kept == failed - 2 and rundir.complete_steps(w / "checkpoints") == [kept]
+  left = rundir.unfinished(w / "checkpoints")   # the failed save's folder, where it began
+  assert [p.name for p in left] in ([], [f"{failed}{rundir.TMP_SUFFIX}"]), left
   (w / "filler").unlink()   # space again: the same command resumes from step 4
   r = subprocess.run([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"from step {kept}" in r.stderr, r.stderr[-3000:]
+  assert rundir.unfinished(w / "checkpoints") == []   # removed by the first save, saying so
+  assert all(f"removing unfinished checkpoint {p}" in r.stderr for p in left), r.stderr[-3000:]
   assert json.loads((w / "summary.json").read_text())["status"] == "finished"

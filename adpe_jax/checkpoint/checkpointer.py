@@ -536,18 +536,11 @@ class Checkpointer:
     self._pending_step = None
 
   def _failed(self, step: int | None, e: Exception) -> None:
-    """Raises the CheckpointError of the failed save of `step` (naming the last complete
-    checkpoint), once its unfinished directory is removed (a single process: no peer may
-    still write into it; the next run's first save removes the others)."""
+    """Raises the CheckpointError of the failed save of `step`, naming the last complete
+    checkpoint.  Its unfinished folder stays (writes of its other items may still be in
+    flight); the next start's first save removes it (`_cleanup_tmp`), saying so."""
     phase.enter("save", step)  # (the phase of its failure, reported later)
     where = self.step_path(step) if step is not None else self.directory
-    tmp = self.directory / f"{step}{rundir.TMP_SUFFIX}"
-    if step is not None and jax.process_count() == 1 and tmp.is_dir():
-      logging.warning("removing the unfinished checkpoint %s of the failed save", tmp)
-      try:
-        storage.rmtree(tmp)
-      except Exception as cleanup:  # noqa: BLE001 (the message below is what matters)
-        logging.warning("could not remove %s: %s", tmp, short_error(cleanup))
     try:  # on disk, not orbax's list (which may hold the step whose save failed)
       last = rundir.newest_step(self.directory)
     except Exception:  # noqa: BLE001 (the message still names the failed save)
