@@ -107,3 +107,49 @@ class BadImageError(DataError):
 
   def __reduce__(self):  # through pickle (input worker processes) with its fields
     return type(self), (self.path, self.index, self.reason, self.check)
+
+
+class RunFileError(AdpeError, OSError):
+  """A run file (metrics.jsonl, log.txt, TensorBoard events) could not be written (a full
+  disk, a quota, a read-only mount): the message names the file, the cause and what
+  became of the state at that step (`train.loop` saves it first where it can)."""
+
+
+# What a run can lower when memory runs out (docs/running.md "Faults"): the first two may
+# change on a resume; batch_size / accum_steps change the trajectory (a new workdir).
+MEMORY_KNOBS = ("set config field model.remat='block' (recomputes activations) or lower "
+                "data.num_workers (each input worker holds its own memory) and re-run the same "
+                "command, which resumes from {kept}; or start a new workdir with a lower "
+                "batch_size or a higher accum_steps (the same batch in smaller micro-batches: "
+                "both change the run's trajectory, so this workdir's checkpoints cannot resume "
+                "with them)")
+
+
+def out_of_memory(error: BaseException) -> str | None:
+  """What ran out, in words, when `error` (or an exception in its chain) is memory
+  exhausted -- XLA's RESOURCE_EXHAUSTED / "Out of memory" (a JaxRuntimeError: device or
+  host memory), a MemoryError, or "can't start new thread" (no memory for a thread's
+  stack) -- else None.  Type names only: this module imports no JAX."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, AdpeError):  # ours (a failed save) quotes its cause: read that
+      error = error.__cause__ or error.__context__
+      continue
+    text = str(error)
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    if isinstance(error, MemoryError):
+      return f"host memory ran out ({type(error).__name__}{': ' + first if text.strip() else ''})"
+    if isinstance(error, RuntimeError) and "can't start new thread" in text:
+      return f"host memory ran out (a new thread could not be started: {first})"
+    if type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+        "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()):
+      return f"device or host memory ran out (XLA: {first})"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def out_of_memory_message(what: str, phase: str, kept: str) -> str:
+  """The sentence for memory exhausted in `phase` (`phase.describe`); `kept`: the last
+  complete checkpoint in words ("the last complete checkpoint DIR/checkpoints/50")."""
+  return f"out of memory during {phase}: {what}; {MEMORY_KNOBS.format(kept=kept)}."

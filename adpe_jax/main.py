@@ -9,9 +9,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adpe_jax import supervisor
+from adpe_jax import phase, supervisor
 from adpe_jax.config.validate import RENAMED_FIELDS
-from adpe_jax.errors import AdpeError, ExitCode
+from adpe_jax.errors import AdpeError, ExitCode, out_of_memory, out_of_memory_message
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), e.g. configs/vitb_ape.py:smoke.",
@@ -69,17 +69,26 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _out_of_memory(error: BaseException, workdir) -> str | None:
+  """The sentence for memory exhausted (`errors.out_of_memory`), naming the phase this
+  process was in (`adpe_jax.phase`), else None."""
+  what = out_of_memory(error)
+  if what is None:
+    return None
+  return out_of_memory_message(what, phase.describe(), supervisor.resume_point(workdir))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   config, workdir = _CONFIG.value, _WORKDIR.value
   multi_process = supervisor.detect_launch(config).multi_process
-  if multi_process and not supervisor.supervised():
-    # Several processes: the work runs in a child, so that JAX's fatal aborts (a lost
-    # peer or coordinator, a peer that never joins) still end with our sentence.  The
-    # supervisor never imports JAX (0.5 s and 20 MB, not 6 s and 260 MB).
-    sys.exit(supervisor.supervise(workdir))
+  if not supervisor.supervised():
+    # The work runs in a child, so that JAX's fatal aborts (a lost peer or coordinator, a
+    # peer that never joins; memory exhausted under `ulimit -v`) still end with our
+    # sentence.  The supervisor never imports JAX (0.5 s and 20 MB, not 6 s and 260 MB).
+    sys.exit(supervisor.supervise(workdir, multi_process=multi_process))
   import jax  # noqa: PLC0415 (here: the supervisor above does without)
 
   from adpe_jax.train import stop, tasks  # noqa: PLC0415
@@ -102,11 +111,15 @@ def main(argv):
          f"to continue.")
     os._exit(128 + (e.signum or signal.SIGTERM))  # the shell's code for that signal
   except AdpeError as e:
-    _say(f"error: {e}")
+    _say(f"error: {_out_of_memory(e, workdir) or e}")
     # Exit without interpreter teardown: a refused checkpoint leaves orbax reads in flight
     # (checkpoint.quiet_orbax_teardown).  Nothing is pending: the error precedes any save.
     os._exit(ExitCode.REFUSED)
   except Exception as e:
+    said = _out_of_memory(e, workdir)
+    if said:  # (the loop's clean-up has waited for a save in flight)
+      _say(f"error: {said}")
+      os._exit(ExitCode.REFUSED)
     if jax.process_count() <= 1:
       raise
     stop.lost_peer_exit(e, config.distributed.heartbeat_timeout_seconds)

@@ -110,8 +110,12 @@ def append_text(path: PathLike, text: str) -> None:
   object is rewritten with the new text at its end (only process 0 writes run logs)."""
   path = as_path(path)
   if not is_remote(path):
-    with path.open("a") as f:
-      f.write(text)
+    try:
+      with path.open("a") as f:
+        f.write(text)
+    except OSError as e:  # a write or close (a full disk) names no file: this one
+      e.filename = e.filename or os.fspath(path)
+      raise
     return
   old = read_text(path) or ""
   path.write_text(old + text)

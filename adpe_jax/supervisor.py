@@ -1,4 +1,4 @@
-"""The supervisor of a multi-process launch: our last sentence when JAX aborts the process.
+"""The supervisor of a launch: our last sentence when JAX aborts the process.
 
 When a peer or the coordinator (process 0) of a multi-process run dies or freezes, or a
 peer never joins, JAX's distributed runtime and gloo end the survivors with a fatal C++
@@ -10,9 +10,10 @@ not supervise again) and waits:
 * stdin / stdout / stderr are the child's own (inherited); SIGTERM / SIGINT sent to the
   supervisor are forwarded to it (so a preemption notice reaches JAX's preemption manager
   in the child, which stops all processes at one agreed step, saves and exits 0), and
-  SIGHUP (a dropped ssh session, a closed terminal) is forwarded as SIGTERM: JAX's manager
-  acts on SIGTERM only, and a hang-up is a preemption (unless SIGHUP is ignored, `nohup`:
-  then it stays ignored, here and in the child); the child dies with the supervisor
+  SIGHUP (a dropped ssh session, a closed terminal) is forwarded to a multi-process child
+  as SIGTERM (JAX's manager acts on SIGTERM only, and a hang-up is a preemption; a single
+  process handles SIGHUP itself), unless SIGHUP is ignored (`nohup`: then it stays
+  ignored, here and in the child); the child dies with the supervisor
   (PR_SET_PDEATHSIG), so `kill -9` of a process ends it.
 * the child's exit codes that are ours pass through (`exit_code`): `errors.ExitCode` (OK
   finished / stopped / preempted, BUG a traceback, REFUSED a refusal or stop of ours,
@@ -25,8 +26,16 @@ not supervise again) and waits:
 
 The child tells the supervisor how far it got (`report`: joining, joined) through a pipe
 whose descriptor is in `ADPE_SUPERVISOR_FD`, so that the sentence can tell a process that
-never joined from one whose peer was lost.  A single-process run has no supervisor: it
-has no peers, and every fault of its own is caught in-process.
+never joined from one whose peer was lost, and which phase it is in (`adpe_jax.phase`:
+compile, restore, training step N, save at step N).
+
+A single-process run is supervised too (`multi_process=False`): it has no peers, but
+memory exhausted under an address-space limit (`ulimit -v`) aborts it in C++ (SIGABRT /
+SIGSEGV) and the kernel's out-of-memory killer sends SIGKILL; the supervisor's sentence
+names the phase and what to lower (`_single_process_end`), with the shell's code 128 + n.
+A terminal's Ctrl-C reaches the child directly (the same process group): it is not
+forwarded a second time (`_terminal_interrupt`).  ADPE_SUPERVISED=1 in the environment
+runs without a supervisor (a debugger).
 
 `detect_launch` decides whether a launch is one of several processes (the supervisor's
 question, and what `parallel.initialize_distributed` joins).  This module imports nothing
@@ -45,11 +54,10 @@ import subprocess
 import sys
 import threading
 
+from adpe_jax import phase as phase_lib
 from adpe_jax.checkpoint import rundir
-from adpe_jax.errors import ExitCode, lost_peer_message
-
-SUPERVISED = "ADPE_SUPERVISED"
-REPORT_FD = "ADPE_SUPERVISOR_FD"
+from adpe_jax.errors import MEMORY_KNOBS, ExitCode, lost_peer_message
+from adpe_jax.phase import REPORT_FD, SUPERVISED
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # What the child gets for a signal the supervisor forwards (others: the same signal).
 FORWARDED_AS = {signal.SIGHUP: signal.SIGTERM}
@@ -128,6 +136,22 @@ def last_checkpoint(workdir: str | None) -> str:
   return f"the last complete checkpoint is {os.path.join(ckpts, str(step))}"
 
 
+def resume_point(workdir: str | None) -> str:
+  """`last_checkpoint` as a noun phrase: what re-running the same command resumes from."""
+  if not workdir:
+    return "the newest complete checkpoint in the workdir"
+  ckpts = os.path.join(workdir, rundir.CHECKPOINTS)
+  if "://" in workdir:
+    return f"the newest complete checkpoint in {ckpts}"
+  try:
+    step = rundir.newest_step(ckpts)
+  except OSError:
+    step = None
+  if step is None:
+    return f"step 0 (no complete checkpoint yet in {ckpts})"
+  return f"the last complete checkpoint {os.path.join(ckpts, str(step))}"
+
+
 def _signal_name(signum: int) -> str:
   try:
     return signal.Signals(signum).name
@@ -136,13 +160,16 @@ def _signal_name(signum: int) -> str:
 
 
 def exit_code(returncode: int, phase: dict | None = None, forwarded=(),
-              workdir: str | None = None) -> tuple[int, str | None]:
+              workdir: str | None = None, multi_process: bool = True
+              ) -> tuple[int, str | None]:
   """(exit code, sentence or None) for a child that ended with `returncode` (Popen's:
   -n = killed by signal n), having last reported `phase`, after the supervisor forwarded
   the signals `forwarded`.  None: the child's own code passes through, its last line is
   already ours (or a traceback: a bug)."""
   if returncode in tuple(ExitCode) or returncode >= 128:
     return returncode, None
+  if not multi_process:
+    return _single_process_end(returncode, phase or {}, forwarded, workdir)
   phase = phase or {}
   me, n = phase.get("process", -1), phase.get("processes", 0)
   who = f"process {me if me >= 0 else '?'} of {n if n > 0 else '?'}"
@@ -170,6 +197,56 @@ def exit_code(returncode: int, phase: dict | None = None, forwarded=(),
       me, n, phase.get("heartbeat_timeout"), ended=what, coordinator=address, resume=resume)
 
 
+# How a process that ran out of memory most often dies where no handler of ours can see it:
+# an allocation failing under an address-space limit (ulimit -v) aborts in C++ (SIGABRT,
+# or SIGSEGV), and the kernel's out-of-memory killer sends SIGKILL.
+_MEMORY_DEATHS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)
+
+
+def _single_process_end(returncode: int, phase: dict, forwarded, workdir) -> tuple[int, str]:
+  """`exit_code` of a single-process run's child (no peers): the shell's code of a signal
+  (128 + n) or the child's unknown exit code, and one sentence naming the phase it last
+  reported (`phase_lib.describe`) and, for the deaths of memory exhausted, what to lower."""
+  where = phase_lib.describe(phase)
+  resume = f"re-run the same command to resume from {resume_point(workdir)}"
+  if returncode > 0:
+    return returncode, (f"the run ended with exit code {returncode}, which adpe_jax never "
+                        f"uses, during {where}; {resume}.")
+  signum = -returncode
+  name = _signal_name(signum)
+  knobs = MEMORY_KNOBS.format(kept=resume_point(workdir))
+  if signum in forwarded:
+    said = f"the run was ended by {name} (forwarded to it by its supervisor) during {where}"
+  elif signum == signal.SIGKILL:
+    return 128 + signum, (
+        f"the run was killed (SIGKILL) during {where}, most likely by the kernel's "
+        f"out-of-memory killer (`dmesg` says) or by another program; if memory ran out: "
+        f"{knobs}.")
+  elif signum in _MEMORY_DEATHS:
+    return 128 + signum, (
+        f"the run aborted ({name}) during {where}, most likely because host or device memory "
+        f"ran out (an address-space limit such as `ulimit -v` ends a run this way; otherwise "
+        f"JAX or XLA crashed: the lines above say which); {knobs}.")
+  else:
+    said = f"the run was ended by {name} during {where}"
+  return 128 + signum, f"{said}; {resume}."
+
+
+def _terminal_interrupt(signum: int) -> bool:
+  """Whether `signum` is a terminal's Ctrl-C that the child got too: SIGINT while this
+  process is in its terminal's foreground process group (the child is in the same group),
+  so forwarding it would make two (and a second SIGINT aborts the run for real)."""
+  if signum != signal.SIGINT:
+    return False
+  for stream in (sys.stdin, sys.stderr):
+    try:
+      if stream is not None and stream.isatty():
+        return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+      continue
+  return False
+
+
 def _die_with_parent():
   """A preexec_fn that makes the child get SIGKILL when the supervisor dies (Linux's
   PR_SET_PDEATHSIG; libc is looked up here, before the fork).  None elsewhere: there
@@ -189,9 +266,11 @@ def child_command() -> list[str]:
   return [sys.executable, *argv[1:]]
 
 
-def supervise(workdir: str | None = None, command: list[str] | None = None) -> int:
+def supervise(workdir: str | None = None, command: list[str] | None = None,
+              multi_process: bool = True) -> int:
   """Run `command` (default: this process's own) as the supervised child; its exit code,
-  or ours with a last sentence (`exit_code`)."""
+  or ours with a last sentence (`exit_code`; `multi_process` False: a single-process run's
+  words, no peers)."""
   read_fd, write_fd = os.pipe()
   env = dict(os.environ, **{SUPERVISED: "1", REPORT_FD: str(write_fd)})
   child = subprocess.Popen(command or child_command(), env=env, pass_fds=(write_fd,),
@@ -201,7 +280,10 @@ def supervise(workdir: str | None = None, command: list[str] | None = None) -> i
   phase: dict = {}
 
   def forward(signum, frame):  # noqa: ARG001
-    sent = FORWARDED_AS.get(signum, signum)
+    if _terminal_interrupt(signum):
+      return  # the terminal sent it to the child as well
+    # (one process handles SIGHUP itself; JAX's preemption manager acts on SIGTERM only)
+    sent = FORWARDED_AS.get(signum, signum) if multi_process else signum
     forwarded.append(sent)
     with contextlib.suppress(ProcessLookupError):
       child.send_signal(sent)
@@ -224,7 +306,8 @@ def supervise(workdir: str | None = None, command: list[str] | None = None) -> i
     for s, h in previous.items():
       signal.signal(s, h)
   reader.join(timeout=1.0)  # the child's last report (its data workers may hold the pipe)
-  code, sentence = exit_code(returncode, dict(phase), tuple(forwarded), workdir)
+  code, sentence = exit_code(returncode, dict(phase), tuple(forwarded), workdir,
+                             multi_process=multi_process)
   if sentence:
     sys.stdout.flush()
     print(f"error: {sentence}", file=sys.stderr, flush=True)

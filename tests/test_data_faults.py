@@ -165,11 +165,12 @@ def test_a_killed_worker_is_named_with_its_pid_and_step(ready):
 
 
 def _children(pid: int) -> list[int]:
+  """Every descendant of `pid` (the run is the supervisor's child: its workers are below)."""
   found = []
   for task in os.listdir(f"/proc/{pid}/task"):
     with open(f"/proc/{pid}/task/{task}/children") as f:
       found += [int(c) for c in f.read().split()]
-  return found
+  return found + [d for c in found for d in _children(c)]
 
 
 def test_a_run_stops_with_one_sentence_for_a_killed_worker_and_a_damaged_shard(jpegs,

@@ -49,7 +49,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adpe_jax import storage
+from adpe_jax import phase, storage
 from adpe_jax.checkpoint import rundir
 from adpe_jax.checkpoint.rundir import META_ITEM, STATE_ITEM
 from adpe_jax.errors import CheckpointError
@@ -583,15 +583,21 @@ class Checkpointer:
     if step in self.all_steps():
       return False
     self.wait()  # surfaces a failure of the previous save here, naming it
+    phase.enter("save", step)
     if not self._cleaned_tmp:
       self._cleanup_tmp()
     meta = {"format": _FORMAT, "step": step, "data_step": step, "run": self.metadata,
             "checksums": checksums(state)}
     if self.data is not None:
       meta["data"] = self.data
-    self._manager.save(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
-        force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
+          force=True)
+    except Exception as e:  # (_failed raises: no thread, no memory...)
+      if jax.process_count() > 1:
+        raise  # most likely a lost peer (a collective of the save): main says so
+      self._failed(step, e)
     self._pending_step = step
     logging.info("saving checkpoint %s (asynchronously)", self.step_path(step))
     return True
@@ -607,19 +613,28 @@ class Checkpointer:
     """Block until the save in flight (if any) is complete on disk."""
     try:
       self._manager.wait_until_finished()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (raised by _failed)
       step, self._pending_step = self._pending_step, None
-      where = self.step_path(step) if step is not None else self.directory
-      try:
-        last = self.latest_step()
-      except Exception:  # noqa: BLE001 (the message still names the failed save)
-        last = None
-      kept = (f"the last complete checkpoint is {self.step_path(last)}" if last is not None
-              else "no complete checkpoint was saved yet")
-      raise CheckpointError(
-          f"saving checkpoint {where} failed ({short_error(e)}); {kept}; fix the cause (free "
-          f"disk space, permissions) and re-run the same command to resume.") from e
+      self._failed(step, e)
     self._pending_step = None
+
+  def _failed(self, step: int | None, e: Exception) -> None:
+    """Raises the CheckpointError of the failed save of `step`, naming the last complete
+    checkpoint.  Its unfinished folder stays (writes of its other items may still be in
+    flight); the next start's first save removes it (`_cleanup_tmp`), saying so."""
+    phase.enter("save", step)  # (the phase of its failure, reported later)
+    where = self.step_path(step) if step is not None else self.directory
+    try:  # on disk, not orbax's list (which may hold the step whose save failed)
+      last = rundir.newest_step(self.directory)
+    except Exception:  # noqa: BLE001 (the message still names the failed save)
+      last = None
+    kept = (f"the last complete checkpoint is {self.step_path(last)}" if last is not None
+            else "no complete checkpoint was saved yet")
+    error = CheckpointError(
+        f"saving checkpoint {where} failed ({short_error(e)}); {kept}; fix the cause (free "
+        f"disk space, permissions) and re-run the same command to resume.")
+    error.step = step  # (which save: `train.loop` names it)
+    raise error from e
 
   def close(self) -> None:
     try:

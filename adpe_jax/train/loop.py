@@ -27,6 +27,7 @@ same command continues).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -35,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adpe_jax import storage
+from adpe_jax import phase, storage
 from adpe_jax.checkpoint import rundir
-from adpe_jax.errors import ConfigError, DivergenceError
+from adpe_jax.checkpoint.checkpointer import short_error
+from adpe_jax.errors import CheckpointError, ConfigError, DivergenceError, RunFileError
 from adpe_jax.train.metrics import CARRIED_COUNTS, MetricsLog, json_value, parse_records
 from adpe_jax.train.stop import AgreedStop, PreemptedError, signal_name
 
@@ -242,6 +244,8 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
   t_last, step_last, t0 = time.time(), start_step, time.time()
   status, interrupted = "finished", ""
   stream = batches.iterate(start_step, stop_at - start_step)
+  unwritten = None  # the OSError of a run file that could not be written (a full disk)
+  failing = False
   # The signal guard covers the steps, the evaluations, the last save and the clean-up.
   with AgreedStop() as agreed:
     try:
@@ -251,17 +255,21 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
         # restore): the run ends before training, as that exception would have ended it.
         raise PreemptedError(lost)
       for step in range(start_step, stop_at):
+        phase.enter("first step" if step == start_step else "training", step + 1)
         state, metrics = step_fn(state, step, next(stream))
         acc = metrics if acc is None else accumulate(acc, metrics)
         acc_n += 1
         window.append((metrics["loss"], metrics["finite"]))
         done = step + 1
         stop = agreed.should_stop(done)  # every host, every step: one agreed stop step
-        log.tick(done)
+        try:
+          log.tick(done)
+        except OSError as e:  # (TensorBoard's flush) the log step below saves, then stops
+          unwritten = e
         due_ckpt = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
         due_eval = [e for e in evaluators if _due(e, done, total_steps)]
         if (done % config.log_every_steps == 0 or done == stop_at or due_ckpt or stop
-            or due_eval):
+            or due_eval or unwritten is not None):
           host, per_step = jax.device_get((acc, window))  # one transfer for the window
           now = time.time()
           rate = (done - step_last) / max(now - t_last, 1e-9)
@@ -280,7 +288,10 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
             extras = log_extras(state, done)
             record.update({k: v + carried.get(k, 0) if k in CARRIED_COUNTS else v
                            for k, v in extras.items()})
-          log.write(record)
+          try:
+            log.write(record)
+          except OSError as e:  # a full disk: the checks below, a save, then the sentence
+            unwritten = e
           ckpt.check()  # a failed asynchronous save stops the run here, naming the cause
           if bad is not None:
             _stop(workdir, ckpt, bad, reference, factor, total_steps)
@@ -288,6 +299,8 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
           logging.info("step %d loss %.4f lr %.3g %.1f img/s", done, record["loss"],
                        record.get("lr", float("nan")), record["img_per_s"])
           acc, acc_n, window, t_last, step_last = None, 0, [], now, done
+          if unwritten is not None:
+            _unwritable(ckpt, state, done, unwritten, workdir)
           ckpt.maybe_save(done, state)  # the checks above precede every save
         elif done % 4 == 0:
           # Bound the dispatch queue (on few CPU cores many queued collective steps can
@@ -296,6 +309,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
         if due_eval:  # (a signal of a training step is that step's stop, not an evaluation's)
           try:
             with agreed.evaluating():  # a signal abandons the evaluation at once
+              phase.enter("evaluation", done)
               for evaluator in due_eval:
                 record = _write_result(log, done, evaluator.run(state, done),
                                        done / steps_per_epoch)
@@ -322,11 +336,19 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
         interrupted = _evaluate_at_end(log, agreed, state, evals, evaluators, total_steps,
                                        steps_per_epoch)
         status = "preempted" if interrupted else status
+    except BaseException:
+      failing = True
+      raise
     finally:
       stream.close()
       batches.close()
       ckpt.wait()  # a save started before an error still completes
-      log.close()
+      try:
+        log.close()
+      except OSError as e:  # (a last flush) never in place of the error that ended the run
+        if not failing:
+          raise
+        logging.warning("could not close the run's logs: %s", e)
     if status == "finished" and agreed.guard.requested:
       status = "preempted"  # a signal after the last step: the run's end was not reached
   if status == "finished" and end_step < total_steps:
@@ -357,6 +379,36 @@ def _evaluate_at_end(log: MetricsLog, agreed: AgreedStop, state, evals: list, ev
   except PreemptedError as e:
     return f"{signal_name(e.signum)} during the end-of-run {current.name}"
   return ""
+
+
+def _unwritable(ckpt, state, step: int, error: OSError, workdir):
+  """A run file could not be written (`error`: a full disk, a quota): the state at `step`
+  (checked: this is a log step) is saved where the checkpoint location has room, then
+  `RunFileError` says which file, why, and what became of the state."""
+  where = error.filename or f"a run file in {workdir} (metrics.jsonl, log.txt, events)"
+  why = {errno.ENOSPC: "the device holding it is full (No space left on device)",
+         errno.EDQUOT: "the disk quota there is used up"}.get(
+             error.errno, error.strerror or str(error))
+  try:
+    if jax.process_count() > 1:  # only process 0 writes run files: its peers would not save
+      last = rundir.newest_step(ckpt.directory)
+      saved = (f"the state at step {step} is not saved (a save needs every process, and only "
+               f"process 0 writes run files); the last complete checkpoint is "
+               f"{ckpt.step_path(last) if last is not None else 'none yet'}")
+    else:
+      ckpt.maybe_save(step, state, force=True)  # (nothing when step is saved already)
+      ckpt.wait()
+      saved = f"the state at step {step} is saved in {ckpt.step_path(step)}"
+  except CheckpointError as e:  # this save's, or that of an earlier step still in flight
+    failed = getattr(e, "step", None) or step
+    last = rundir.newest_step(ckpt.directory)
+    kept = (f"the last complete checkpoint {ckpt.step_path(last)} is kept" if last is not None
+            else "no complete checkpoint was saved yet")
+    saved = (f"saving the state at step {failed} in {ckpt.step_path(failed)} failed as well "
+             f"({short_error(e.__cause__ or e)}), so {kept}")
+  raise RunFileError(f"writing {where} failed: {why}; {saved}; free space there (or give "
+                     f"the run a workdir with room) and re-run the same command to "
+                     f"resume.") from error
 
 
 def _stop(workdir, ckpt, bad: tuple, reference: float, factor: float, total_steps: int):

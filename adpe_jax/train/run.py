@@ -37,7 +37,7 @@ import jax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, storage, workdir_lock
+from adpe_jax import parallel, phase, storage, workdir_lock
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.data import identity as data_identity
@@ -159,12 +159,14 @@ def run_task(task: Task, config, workdir) -> dict:
       return summary
 
     # 4. The task's pieces, the checkpoint (restore or init), the evaluators and the loop. ---
+    phase.enter("compile")  # (memory exhausted from here on names its phase)
     built = task.build(config, mesh, path, resuming, source)
     try:
       with ckpt_lib.Checkpointer(
           path, config.checkpoint_every_steps, config.keep_checkpoints,
           metadata=task.run_metadata(config) if task.run_metadata else None,
           upgrade=task.upgrade, data=data) as ckpt:
+        phase.enter("restore")
         restored = ckpt.restore(ckpt_lib.abstract_of(built.state))
         state = built.state if restored is None else restored
         kept = loop.already_finished(path, int(state.step), built.total_steps)
