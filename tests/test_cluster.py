@@ -277,8 +277,9 @@ def sbatch(slurm, workdir, out, *extra) -> str:
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def wait_job_end(slurm, job, out, timeout=300):
-  wait_for(f"job {job} ended", lambda: job_field(slurm, job, "JobState") in ENDED, timeout, out)
+def wait_job_end(slurm, job, out, timeout=300, gone=lambda: False):
+  wait_for(f"job {job} ended", lambda: job_field(slurm, job, "JobState") in ENDED, timeout, out,
+           gone=gone)
   return job_field(slurm, job, "JobState"), job_field(slurm, job, "ExitCode")
 
 
@@ -295,7 +296,8 @@ def test_slurm_job_refuses_a_second_sbatch_stops_on_term_and_resumes_exactly_on_
   # A second sbatch on the same workdir while the first job runs: refused, nothing written.
   out2 = tmp_path / "second.out"
   second = sbatch(slurm, w, out2, "--config.checkpoint_every_steps=0")
-  state, code = wait_job_end(slurm, second, out2)
+  trains = lambda: out2.exists() and "] step 1 " in out2.read_text()  # noqa: E731
+  state, code = wait_job_end(slurm, second, out2, gone=trains)
   said = out2.read_text()
   assert state == "FAILED" and code.startswith("2:"), (state, code, said[-3000:])
   assert f"workdir {w} is in use by another run" in said, said[-3000:]
