@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The exact tested versions (setup.cfg declares ranges): CI installs exactly these.
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: test test-next lint demo install data clean
+.PHONY: test test-next test-cluster lint demo install data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,19 @@ $(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
 test-next: $(VENV_NEXT)/.installed data
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
 	  $(VENV_NEXT)/bin/python -m pytest -q -p no:xdist $(NEXT_TESTS)
+
+# A real scheduler and a real network (tests/test_cluster.py; launch/README.md): a one-node
+# SLURM (Debian's slurm-wlm and munge, installed here when missing, as root with apt) and two
+# network namespaces joined by a veth pair, started and removed by the tests themselves.
+CLUSTER_PACKAGES := slurm-wlm munge
+test-cluster: install data
+	@if ! command -v slurmd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages $(CLUSTER_PACKAGES)"; \
+	  (apt-get install -y -qq --no-install-recommends $(CLUSTER_PACKAGES) >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq --no-install-recommends $(CLUSTER_PACKAGES))); \
+	fi
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+	  $(PY) -m pytest -q -p no:xdist tests/test_cluster.py
 
 lint: install
 	$(VENV)/bin/ruff check adpe_jax configs launch tests benchmarks

@@ -10,6 +10,10 @@
 #         --per-gpu configs/vitb_rpe.py /shared/runs/vitb_rpe [...]
 #   (--gpus-per-task=1 instead of --gres=gpu:8 works too, but then each process sees only its
 #    own GPU and NCCL cannot use NVLink between the processes of a node: NVIDIA/nccl#1066.)
+#   CPUs only (--cpu, or PROCESS_PER=cpu): any number of tasks per node, each on the CPU
+#   devices XLA_FLAGS gives it (gloo collectives); no GPU choice, no GPU/NCCL settings.  What
+#   the cluster tests run (tests/test_cluster.py, on a one-node SLURM they start themselves):
+#     sbatch --ntasks=2 --ntasks-per-node=2 launch/slurm_gpu.sh --cpu configs/vitb_ape.py:smoke DIR
 #
 # jax.distributed.initialize() takes the coordinator (first node), process count and id
 # from SLURM's environment.  launch/slurm_task.sh, run by srun once per task, gives each
@@ -20,7 +24,7 @@
 #
 # Environment (all optional):
 #   DRY_RUN=1            print the environment and the srun command instead of running it
-#   PROCESS_PER          node | gpu  [node]
+#   PROCESS_PER          node | gpu | cpu  [node]
 #   ISOLATE_GPUS=1       per GPU: narrow CUDA_VISIBLE_DEVICES to the task's GPU (see slurm_task.sh)
 #   REPO_DIR             the checkout [this script's checkout; under sbatch: the submit directory]
 #   PYTHON               [REPO_DIR/.venv/bin/python if present, else python3]
@@ -38,10 +42,10 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: launch/slurm_gpu.sh [--per-node|--per-gpu] CONFIG WORKDIR [--config.a.b=value ...]
+usage: launch/slurm_gpu.sh [--per-node|--per-gpu|--cpu] CONFIG WORKDIR [--config.a.b=value ...]
   e.g. sbatch --nodes=4 --gres=gpu:8 --ntasks-per-node=1 launch/slurm_gpu.sh \
            configs/vitb_rpe.py /shared/runs/vitb_rpe --config.batch_size=4096
-  environment: DRY_RUN=1 PROCESS_PER=node|gpu ISOLATE_GPUS=1 REPO_DIR PYTHON SRUN_ARGS XLA_FLAGS
+  environment: DRY_RUN=1 PROCESS_PER=node|gpu|cpu ISOLATE_GPUS=1 REPO_DIR PYTHON SRUN_ARGS XLA_FLAGS
                XLA_PYTHON_CLIENT_MEM_FRACTION JAX_COMPILATION_CACHE_DIR NCCL_DEBUG
 EOF
 }
@@ -53,6 +57,7 @@ while (( $# )); do
     -h|--help) usage; exit 0 ;;
     --per-node) process_per=node; shift ;;
     --per-gpu) process_per=gpu; shift ;;
+    --cpu) process_per=cpu; shift ;;
     -*) echo "error: unknown option ${1}" >&2; usage >&2; exit 2 ;;
     *) break ;;
   esac
@@ -61,8 +66,8 @@ if (( $# < 2 )); then
   usage >&2
   exit 2
 fi
-if [[ $process_per != node && $process_per != gpu ]]; then
-  echo "error: PROCESS_PER=${process_per@Q}; use node or gpu" >&2
+if [[ $process_per != node && $process_per != gpu && $process_per != cpu ]]; then
+  echo "error: PROCESS_PER=${process_per@Q}; use node, gpu or cpu" >&2
   exit 2
 fi
 config=$1
@@ -99,9 +104,14 @@ fi
 #   --xla_gpu_all_gather_combine_threshold_bytes=134217728
 #   --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728
 # (XLA aborts on flags it does not know: check them against your jaxlib version.)
-export XLA_FLAGS=${XLA_FLAGS-"--xla_gpu_enable_latency_hiding_scheduler=true"}
-# JAX preallocates this fraction of each GPU's memory (default 0.75); training wants more.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION-0.90}
+# (CPU mode: XLA_FLAGS, e.g. --xla_force_host_platform_device_count=N, is left as it is.)
+if [[ $process_per == cpu ]]; then
+  export JAX_PLATFORMS=${JAX_PLATFORMS-cpu}
+else
+  export XLA_FLAGS=${XLA_FLAGS-"--xla_gpu_enable_latency_hiding_scheduler=true"}
+  # JAX preallocates this fraction of each GPU's memory (default 0.75); training wants more.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION-0.90}
+fi
 # Persistent compilation cache on the shared filesystem: every process and every re-submit
 # (resume, requeue after preemption) reuses the compiled train step instead of recompiling.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR-$repo/.jax_cache}
@@ -109,7 +119,9 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR-$repo/.jax_cache}
 # --- NCCL ---------------------------------------------------------------------------------
 # WARN prints NCCL's own reason when a collective fails (INFO also shows the chosen
 # transport: check that it says NET/IB, not NET/Socket, on an InfiniBand cluster).
-export NCCL_DEBUG=${NCCL_DEBUG-WARN}
+if [[ $process_per != cpu ]]; then
+  export NCCL_DEBUG=${NCCL_DEBUG-WARN}
+fi
 # Interconnect settings are cluster-specific; NCCL's auto-detection is usually right.
 # Set them in the environment before sbatch only where your admins say so, e.g.:
 #   NCCL_SOCKET_IFNAME=ib0     the interface for NCCL's bootstrap / socket traffic
@@ -133,7 +145,7 @@ cmd=(srun --kill-on-bad-exit=1 "${srun_extra[@]}" bash "$repo/launch/slurm_task.
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   for name in XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION JAX_COMPILATION_CACHE_DIR NCCL_DEBUG \
-              PROCESS_PER ISOLATE_GPUS SRUN_CPUS_PER_TASK; do
+              JAX_PLATFORMS PROCESS_PER ISOLATE_GPUS SRUN_CPUS_PER_TASK; do
     if [[ -n ${!name+set} ]]; then
       printf 'export %s=%q\n' "$name" "${!name}"
     fi

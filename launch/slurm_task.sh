@@ -13,6 +13,8 @@
 #       stays visible to CUDA, so NCCL can use NVLink/P2P between the node's processes (it
 #       cannot when each process sees only its own GPU: NVIDIA/nccl#1066);
 #     - ISOLATE_GPUS=1 instead narrows CUDA_VISIBLE_DEVICES to the i-th GPU (JAX_LOCAL_DEVICE_IDS=0).
+#   PROCESS_PER=cpu   no GPU: any number of tasks per node, each on its CPU devices; nothing
+#                     is chosen here.
 # A JAX_LOCAL_DEVICE_IDS already set in the environment is kept.
 set -euo pipefail
 
@@ -43,6 +45,9 @@ use_devices() {  # $1: comma-separated device ordinals for JAX, unless already c
   export JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-$1}
 }
 
+if [[ ${PROCESS_PER:-node} == cpu ]]; then
+  exec "$@"
+fi
 n=$(count_gpus)
 case ${PROCESS_PER:-node} in
   node)
@@ -79,7 +84,7 @@ case ${PROCESS_PER:-node} in
     fi
     ;;
   *)
-    echo "error: PROCESS_PER=${PROCESS_PER@Q}; use node or gpu" >&2
+    echo "error: PROCESS_PER=${PROCESS_PER@Q}; use node, gpu or cpu" >&2
     exit 2
     ;;
 esac

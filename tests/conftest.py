@@ -44,3 +44,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(_LONG_FIRST)}
   items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+# The scheduler and network tests start daemons and network namespaces as root and take
+# minutes: `make test-cluster` runs them (pytest tests/test_cluster.py); `make test` does
+# not collect them.
+collect_ignore = ["test_cluster.py"]

@@ -59,7 +59,8 @@ os.execvp(args[0], args)
 PYTHON = r'''
 import json, os, sys
 keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES", "XLA_FLAGS",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION", "NCCL_DEBUG", "LIBTPU_INIT_ARGS")
+        "XLA_PYTHON_CLIENT_MEM_FRACTION", "NCCL_DEBUG", "LIBTPU_INIT_ARGS", "JAX_PLATFORMS",
+        "PROCESS_PER")
 with open(os.environ["STUB_OUT"], "a") as f:
   f.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
                       "env": {k: os.environ[k] for k in keys if k in os.environ}}) + "\n")
@@ -290,6 +291,23 @@ def test_slurm_node_mode_refuses_several_tasks_per_node(sandbox):
   result = run(SLURM, [CONFIG, WORKDIR], env)
   assert result.returncode != 0 and "--ntasks-per-node=1" in result.stderr
   assert not records(env["STUB_OUT"])
+
+
+def test_slurm_cpu_mode_runs_any_task_of_a_node_on_its_cpus(sandbox):
+  """--cpu (what tests/test_cluster.py submits to a real SLURM): task 1 of a node runs, with
+  no GPU choice and no GPU flags; XLA_FLAGS from the environment is kept."""
+  env, tmp = sandbox
+  env = {**env, "PYTHON": str(tmp / "bin" / "python-stub"), "SLURM_LOCALID": "1",
+         "SLURM_GPUS_ON_NODE": "8", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env.pop("JAX_PLATFORMS", None)
+  result = run(SLURM, ["--cpu", CONFIG, WORKDIR, *OVERRIDES], env, cwd=tmp)
+  assert result.returncode == 0, result.stdout + result.stderr
+  (call,) = records(env["STUB_OUT"])
+  assert call["argv"] == MAIN and call["cwd"] == str(ROOT)
+  for gpu_only in ("JAX_LOCAL_DEVICE_IDS", "NCCL_DEBUG", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    assert gpu_only not in call["env"], gpu_only
+  assert call["env"]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+  assert call["env"]["JAX_PLATFORMS"] == "cpu" and call["env"]["PROCESS_PER"] == "cpu"
 
 
 def test_slurm_under_sbatch_finds_the_checkout_from_the_submit_dir(sandbox):
