@@ -40,9 +40,15 @@ from adpe_jax import convert, layout, weights
 from adpe_jax.errors import AdpeError, CheckpointError, ConfigError, ExitCode
 from adpe_jax.models import posembed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
-                               "(or a step directory, or the original's / MAE's .pth).")
-_OUT = flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program:
+  adpe_jax.main defines its own --workdir, and both modules import into one process (the
+  test suite; a notebook)."""
+  flags.DEFINE_string("workdir", None, "A pretraining or fine-tuning workdir of ours "
+                      "(or a step directory, or the original's / MAE's .pth).")
+  flags.DEFINE_string("out", None, "Output file: *.safetensors or *.pth.")
 
 _ENCODER_TOP = ("patch_embed", "cls_token", "pos_embed", "norm", "fc_norm", "head")
 
@@ -139,18 +145,19 @@ def export(workdir: str, out: str) -> dict[str, np.ndarray]:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value or not _OUT.value:
+  workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+  if not workdir or not out:
     print("error: both --workdir and --out are required.", file=sys.stderr)
     sys.exit(ExitCode.REFUSED)
   try:
-    _check_out(_OUT.value)  # before the checkpoint is read
-    sd = export(_WORKDIR.value, _OUT.value)
+    _check_out(out)  # before the checkpoint is read
+    sd = export(workdir, out)
   except AdpeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.stdout.flush()
     os._exit(ExitCode.REFUSED)
   rpe = any("rpe_k" in k for k in sd)
-  print(json.dumps({"out": _OUT.value, "tensors": len(sd),
+  print(json.dumps({"out": out, "tensors": len(sd),
                     "parameters": int(sum(np.size(v) for v in sd.values())),
                     "irpe_tables": rpe}))
   if rpe:
@@ -160,4 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
