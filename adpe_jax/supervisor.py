@@ -271,6 +271,10 @@ def supervise(workdir: str | None = None, command: list[str] | None = None,
   """Run `command` (default: this process's own) as the supervised child; its exit code,
   or ours with a last sentence (`exit_code`; `multi_process` False: a single-process run's
   words, no peers)."""
+  # What the workdir held before the child (one process: the only writer), so that a child
+  # that dies by a signal before writing config.json (an abort at the first jit) leaves it
+  # as it found it, as a refused start does (`rundir.undo_start`).
+  before = rundir.before_start(workdir) if workdir and not multi_process else None
   read_fd, write_fd = os.pipe()
   env = dict(os.environ, **{SUPERVISED: "1", REPORT_FD: str(write_fd)})
   child = subprocess.Popen(command or child_command(), env=env, pass_fds=(write_fd,),
@@ -306,6 +310,8 @@ def supervise(workdir: str | None = None, command: list[str] | None = None,
     for s, h in previous.items():
       signal.signal(s, h)
   reader.join(timeout=1.0)  # the child's last report (its data workers may hold the pipe)
+  if returncode < 0:
+    rundir.undo_start(before, lock_ours=False)
   code, sentence = exit_code(returncode, dict(phase), tuple(forwarded), workdir,
                              multi_process=multi_process)
   if sentence:

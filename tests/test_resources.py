@@ -5,6 +5,7 @@ a run file that cannot be written still lets the state of that step be saved.
 docs/running.md's fault list is what these pin down."""
 
 import errno
+import fcntl
 import json
 import os
 import pathlib
@@ -94,6 +95,59 @@ def test_an_address_space_limit_aborts_the_run_and_the_supervisor_says_where(tmp
                   r"the first training step).*, most likely because host or device memory ran "
                   r"out \(an address-space limit such as `ulimit -v` ends a run this way", last), last
   assert f"resumes from step 0 (no complete checkpoint yet in {w}/checkpoints)" in last
+  assert not w.exists(), sorted(p.name for p in w.iterdir())  # left as found (issue 28 #11)
+
+
+# A child that starts a run in WORKDIR as run.py does (the lock file, held; checkpoints/;
+# with "config", config.json too; with "worker", a forked process -- an input worker -- that
+# inherits the held lock and outlives it by 3 s), then aborts in C++ before anything else.
+STARTING_CHILD = """
+import fcntl, os, pathlib, signal, sys, time
+w = pathlib.Path(sys.argv[1])
+w.mkdir(exist_ok=True)
+fd = os.open(w / ".adpe_lock", os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+(w / "checkpoints").mkdir(exist_ok=True)
+if sys.argv[2] == "config":
+  (w / "config.json").write_text("{}")
+if sys.argv[2] == "worker" and os.fork() == 0:
+  time.sleep(3)
+  os._exit(0)
+os.kill(os.getpid(), signal.SIGABRT)
+"""
+
+
+@pytest.mark.parametrize("case", ["fresh", "made_by_user", "earlier_run", "config_written",
+                                  "lock_still_held"])
+def test_a_child_aborting_before_config_json_leaves_the_workdir_as_it_found_it(tmp_path, case):
+  """What an abort at the first jit (no Python handler) leaves: nothing this start made,
+  like a refused start (tests/test_refusals.py), checked against the listing before."""
+  w = tmp_path / "w"
+  if case != "fresh":
+    w.mkdir()
+  if case == "earlier_run":
+    (w / "config.json").write_text('{"earlier": 1}')
+    (w / "checkpoints" / "5").mkdir(parents=True)
+
+  def listing():
+    return {str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else None
+            for p in tmp_path.rglob("*")}
+  before = listing()
+  arg = {"config_written": "config", "lock_still_held": "worker"}.get(case, "-")
+  rc = supervisor.supervise(str(w), [sys.executable, "-c", STARTING_CHILD, str(w), arg],
+                            multi_process=False)
+  assert rc == 128 + signal.SIGABRT
+  after = listing()
+  if case == "config_written":  # past its refusals: a run's files, kept
+    assert set(after) == {"w", "w/.adpe_lock", "w/checkpoints", "w/config.json"}
+  elif case == "lock_still_held":  # a process of the run holds the lock: it stays
+    assert after == {**before, "w/.adpe_lock": b""}
+    fd = os.open(w / ".adpe_lock", os.O_RDONLY)  # (held: the worker is alive)
+    with pytest.raises(BlockingIOError):
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+  else:
+    assert after == before
 
 
 # -- memory: errors a handler sees ------------------------------------------------------------

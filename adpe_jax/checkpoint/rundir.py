@@ -21,8 +21,11 @@ launch uses it (tests/test_imports.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 from typing import Any, Mapping
 
 from etils import epath
@@ -41,6 +44,65 @@ CONFIG = "config.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 COMMIT_FILE = "commit_success.txt"
 
+
+LOCK = ".adpe_lock"  # adpe_jax/workdir_lock.py LOCK_NAME (tests/test_refusals.py checks)
+# What a start makes in a workdir before it writes config.json (adpe_jax/train/run.py).
+STARTED = (LOCK, CHECKPOINTS)
+
+
+# -- a start that ends before config.json ------------------------------------------------------
+
+def before_start(workdir):
+  """(the workdir, whether it exists, those of STARTED and config.json that exist) before a
+  start writes anything; None where that cannot be told (then `undo_start` removes
+  nothing)."""
+  try:
+    path = storage.resolve(workdir)
+    if not path.is_dir():
+      return path, False, ()
+    return path, True, tuple(n for n in (*STARTED, CONFIG) if (path / n).exists())
+  except Exception:  # noqa: BLE001 (an unreadable or empty --workdir: prepare_workdir says)
+    return None
+
+
+def _lock_free(lock) -> bool:
+  """Whether no process holds the local lock file `lock` (a gs:// lease: False, kept)."""
+  try:
+    fd = os.open(os.fspath(lock), os.O_RDONLY)
+  except (OSError, TypeError):
+    return not lock.exists()
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except OSError:
+    return False
+  finally:
+    os.close(fd)
+
+
+def undo_start(before, lock_ours: bool = True) -> None:
+  """Removes what a start that ended before writing config.json created in its workdir: the
+  lock file, an empty checkpoints/, and the workdir itself if it was new and is then empty.
+  Files of an earlier run, a non-empty checkpoints/, and everything once this start wrote
+  config.json stay.  `lock_ours` False (the supervisor, after its child died): the lock
+  file stays while another process holds it."""
+  if before is None:
+    return
+  path, existed, had = before
+  if CONFIG not in had and (path / CONFIG).exists():
+    return  # this start got past its refusals: what it wrote is a run's
+  for name in STARTED:
+    if name in had:
+      continue
+    with contextlib.suppress(OSError):  # not there, not empty, or held by another run: kept
+      if name == LOCK:
+        if lock_ours or _lock_free(path / name):
+          (path / name).unlink()
+      else:
+        (path / name).rmdir()
+  if not existed:
+    with contextlib.suppress(OSError):
+      path.rmdir()
 
 # -- checkpoints -----------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ import jax
 from absl import logging
 
 from adpe_jax import checkpoint as ckpt_lib
-from adpe_jax import parallel, phase, storage, workdir_lock
+from adpe_jax import parallel, phase, workdir_lock
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.data import identity as data_identity
@@ -95,21 +95,6 @@ def write_config(path, config) -> None:
     rundir.write_config(path, config)
 
 
-_CREATED = (workdir_lock.LOCK_NAME, rundir.CHECKPOINTS)  # what a start makes before config.json
-
-
-def _present(workdir):
-  """(the workdir, whether it exists, those of _CREATED that exist) before this start
-  wrote anything; None where that cannot be told (then nothing is removed)."""
-  try:
-    path = storage.resolve(workdir)
-    if not path.is_dir():
-      return path, False, ()
-    return path, True, tuple(n for n in _CREATED if (path / n).exists())
-  except Exception:  # noqa: BLE001 (an unreadable or empty --workdir: prepare_workdir says)
-    return None
-
-
 @contextlib.contextmanager
 def _undone_unless_trained(before):
   """On an exception before `trained()` is called (a refusal: config.init, the data's
@@ -122,15 +107,8 @@ def _undone_unless_trained(before):
   try:
     yield lambda: state.update(trained=True)
   except Exception:
-    if not state["trained"] and before is not None and jax.process_index() == 0:
-      path, existed, had = before
-      for name in _CREATED:
-        if name not in had:
-          with contextlib.suppress(OSError):  # not there, or not empty: kept
-            (path / name).unlink() if name == workdir_lock.LOCK_NAME else (path / name).rmdir()
-      if not existed:
-        with contextlib.suppress(OSError):
-          path.rmdir()
+    if not state["trained"] and jax.process_index() == 0:
+      rundir.undo_start(before)
     raise
 
 
@@ -141,7 +119,7 @@ def run_task(task: Task, config, workdir) -> dict:
   mesh = start(task, config, workdir)
 
   # 2. Refusals before the lock: nothing is written before every refusal has passed. ---------
-  before = _present(workdir)
+  before = rundir.before_start(workdir)
   path = preflight.prepare_workdir(config, workdir)
 
   # 3. The one-writer lock (before the saved run is read), the saved run, the data. -----------
