@@ -83,6 +83,12 @@ ALLOWED = {
     ("storage.py", "walk", "os.walk"):
         "local trees only (the remote branch uses epath's walk): torchvision's ImageFolder "
         "follows symlinked sub-folders and epath's local walk does not",
+    ("checkpoint/checkpointer.py", "_identity", "os.stat"):
+        "a local step directory's inode tells it from a later one of the same name; "
+        "only reached when the path is not remote",
+    ("checkpoint/rundir.py", "_lock_free", "os.open"):
+        "whether another process holds a local lock file (flock); only reached when the "
+        "path is not remote",
     ("train/wandb_log.py", None, "import tempfile"):
         "wandb writes its own files to a local directory: a gs:// run's go to a temporary one",
     ("train/wandb_log.py", "__init__", "tempfile.mkdtemp"):

@@ -67,9 +67,11 @@ def before_start(workdir):
 
 def _lock_free(lock) -> bool:
   """Whether no process holds the local lock file `lock` (a gs:// lease: False, kept)."""
+  if storage.is_remote(lock):
+    return False
   try:
     fd = os.open(os.fspath(lock), os.O_RDONLY)
-  except (OSError, TypeError):
+  except OSError:
     return not lock.exists()
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
