@@ -46,13 +46,13 @@ $(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
 	@test -n "$(PYTHON_NEXT)" || { echo "make test-next needs Python 3.12 (pyenv install 3.12, or PYTHON_NEXT=...)"; exit 1; }
 	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
 	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest safetensors \
+	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest pytest-xdist safetensors \
 	  tensorflow-datasets
 	touch $@
 
 test-next: $(VENV_NEXT)/.installed data
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
-	  $(VENV_NEXT)/bin/python -m pytest -q -p no:xdist $(NEXT_TESTS)
+	  $(VENV_NEXT)/bin/python -m pytest -q -n 2 --dist loadfile $(NEXT_TESTS)
 
 # A real scheduler and a real network (tests/test_cluster.py; launch/README.md): a one-node
 # SLURM (Debian's slurm-wlm and munge, installed here when missing, as root with apt) and two
