@@ -46,6 +46,7 @@ def test_heldout_loss_is_the_masked_patch_mse_of_fixed_masks():
 
   images, _ = data.labelled_arrays(source, c.image_size, 12)
   noise = np.asarray(jax.random.uniform(jax.random.key(5), (12, model.num_patches)))
+  chunk_losses = {}
   for adv, key in ((jax.tree.map(jnp.zeros_like, adversary), "heldout_loss"),
                    (adversary, "heldout_loss_adv")):
     _, pred, mask = model.apply({"params": params, "adversary": adv}, images, noise=noise,
@@ -53,9 +54,14 @@ def test_heldout_loss_is_the_masked_patch_mse_of_fixed_masks():
     t = np.asarray(patchify(images, c.model.patch_size), np.float64)
     t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True, ddof=1) + 1e-6)
     m = np.asarray(mask, np.float64)
-    expect = (((np.asarray(pred, np.float64) - t) ** 2).mean(-1) * m).sum() / m.sum()
+    per_patch = ((np.asarray(pred, np.float64) - t) ** 2).mean(-1) * m
+    expect = per_patch.sum() / m.sum()
     np.testing.assert_allclose(got[key], expect, rtol=2e-5)
+    chunk_losses[key] = per_patch.reshape(3, 4, -1).sum((1, 2)) / m.reshape(3, 4, -1).sum((1, 2))
   assert abs(got["heldout_loss_adv"] - got["heldout_loss"]) > 1e-4  # the shift matters
+  # The gap's noise level: the standard error over the 3 chunks of each chunk's gap.
+  gaps = chunk_losses["heldout_loss_adv"] - chunk_losses["heldout_loss"]
+  np.testing.assert_allclose(got["heldout_gap_se"], gaps.std(ddof=1) / np.sqrt(3), rtol=2e-2)
   assert ev.run(state, 2) == got  # fixed images and masks: the same weights, the same number
 
 
@@ -72,6 +78,8 @@ def test_a_run_logs_the_heldout_loss_and_keeps_it_in_the_summary(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["heldout_loss"] == held[-1]["heldout_loss"] == out["summary"]["heldout_loss"]
   assert summary["heldout_loss_adv"] == held[-1]["heldout_loss_adv"]
+  # (8 images: one chunk, no noise level to tell; test above: several chunks)
+  assert "heldout_gap_se" not in summary and "heldout_gap_se" not in held[-1]
   assert summary["heldout_step"] == 4
   # The adversary's picture beside the reconstructions (evaluator "adversary_plot").
   from PIL import Image

@@ -295,7 +295,9 @@ class HeldoutLoss:
   (`heldout_loss_adv`; their difference is what the adversary costs the model on data it
   never trained on).  In chunks of `chunk` images (the count is rounded down to a multiple
   of it): every image has the same number of masked patches, so the mean of the chunks'
-  means is the mean over all masked patches."""
+  means is the mean over all masked patches.  The gap's noise level, `heldout_gap_se`: the
+  standard error of the mean over chunks of each chunk's gap (on minus off, the same images
+  and masks), so a gap far inside it is no effect of the adversary."""
   name = "heldout"
   key = "heldout_loss"
 
@@ -320,16 +322,21 @@ class HeldoutLoss:
           loss, _, _ = model.apply({"params": params, "adversary": adv}, args[0],
                                    noise=args[1], rngs={"masking": jax.random.key(0)})
           return loss
-        return jnp.mean(jax.lax.map(chunk_loss, (images, noise)))
+        chunks = jax.lax.map(chunk_loss, (images, noise))
+        return jnp.mean(chunks), chunks
       return one(jax.tree.map(jnp.zeros_like, adversary)), one(adversary)
 
     self._losses = jax.jit(parallel.under_mesh(losses, mesh))
 
   def run(self, state, step: int) -> dict:
     del step
-    off, on = jax.device_get(self._losses(state.params, state.adversary, self.images,
-                                          self.noise))
-    return {"heldout_loss": float(off), "heldout_loss_adv": float(on)}
+    (off, off_chunks), (on, on_chunks) = jax.device_get(
+        self._losses(state.params, state.adversary, self.images, self.noise))
+    out = {"heldout_loss": float(off), "heldout_loss_adv": float(on)}
+    gaps = np.asarray(on_chunks, np.float64) - np.asarray(off_chunks, np.float64)
+    if gaps.size > 1:
+      out["heldout_gap_se"] = float(gaps.std(ddof=1) / np.sqrt(gaps.size))
+    return out
 
 
 # -- evaluators by name: config.eval.evaluators (as big_vision's config.evals) -------------------

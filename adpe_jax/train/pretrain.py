@@ -153,7 +153,8 @@ def build(config, mesh, workdir, resuming: bool, source) -> run.Built:
       out.update({k: final[-1][k] for k in KNN_SUMMARY if final and k in final[-1]})
     heldout = [e for e in result.evals if "heldout_loss" in e]
     if heldout:  # the newest (at the end of a finished run: its last step's)
-      out.update({k: heldout[-1][k] for k in ("heldout_loss", "heldout_loss_adv")},
+      out.update({k: heldout[-1][k] for k in ("heldout_loss", "heldout_loss_adv",
+                                              "heldout_gap_se") if k in heldout[-1]},
                  heldout_step=heldout[-1]["step"])
     return out
 
