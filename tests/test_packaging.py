@@ -70,3 +70,17 @@ def test_accelerator_extras_pull_jax_builds_in_the_same_range():
       assert reqs[0].specifier.contains(Version(v)), (extra, v)
     assert not reqs[0].specifier.contains(Version("0.13.0")), extra
   assert _constraints()["jax"] == "0.10.2" and _constraints()["jaxlib"] == "0.10.2"
+
+
+def test_pytest_rewrites_asserts_in_our_tests_only(tmp_path, monkeypatch):
+  """An installed package's module named like a test (TensorFlow's `test_util.py`) is
+  imported as it is: pytest's assertion rewriting parses it otherwise, and on Python 3.11.7
+  that parse fails at random (the CI failure of 3721efb)."""
+  (tmp_path / "pkg_like_tf").mkdir()
+  (tmp_path / "pkg_like_tf" / "__init__.py").write_text("")
+  (tmp_path / "pkg_like_tf" / "test_util.py").write_text("def check(x):\n  assert x\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import importlib
+  module = importlib.import_module("pkg_like_tf.test_util")
+  assert "@py_builtins" not in vars(module)   # what a rewritten module imports
+  assert "@py_builtins" in globals()          # this module is rewritten

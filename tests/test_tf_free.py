@@ -3,7 +3,8 @@
 GPU and TPU images carry jax, flax, optax and orbax but usually no TensorFlow.  One
 subprocess, with `tensorflow` and `tensorflow_datasets` made unimportable, runs every task
 (pretrain, fine-tune, linear probe, k-NN, export to timm); this process (where TensorFlow
-is installed) then reads their TensorBoard event files with tensorboard's own reader.
+is installed) then reads their TensorBoard event files with tensorboard's own reader, on
+tensorboard's TensorFlow stub as a user without TensorFlow would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -71,7 +73,14 @@ def read_event_file(data: bytes) -> list:
 
 
 def scalars_of(logdir) -> dict:
-  """{tag: [(step, value)]} through tensorboard's own reader (EventAccumulator)."""
+  """{tag: [(step, value)]} through tensorboard's own reader (EventAccumulator).
+
+  `tensorboard.compat.notf` present makes tensorboard take its TensorFlow stub: the
+  reader then imports no TensorFlow (5 s, and under pytest TensorFlow's `test_util.py`
+  would be parsed for assertion rewriting, which Python 3.11.7 fails at random with
+  "AST constructor recursion depth mismatch").
+  """
+  sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0,
                                                                        "images": 0})
