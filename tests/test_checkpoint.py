@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import logging
 import glob
 import os
 import pathlib
@@ -147,6 +148,30 @@ def test_keep_last_n_and_latest_step(tmp_path):
   assert rundir.complete_steps(tmp_path / "checkpoints") == [8, 9]
   assert_trees_equal(again.restore(abstract_of(tiny_state(0))), tiny_state(9))
   assert_trees_equal(again.restore(abstract_of(tiny_state(0)), step=8), tiny_state(8))
+
+
+def test_a_save_compiles_nothing_to_split_replicated_arrays(tmp_path, caplog):
+  """One replica writes each array (`checkpointer._one_replica_writes`): saving a state
+  replicated over 4 devices compiles only its checksums.  Orbax's default on CPU and TPU
+  (replica-parallel) compiles a slice program per array shape and replica at the first
+  save of every start: 4.4 s of a smoke run."""
+  repl = NamedSharding(parallel.make_mesh(), P())
+  put = lambda x: jax.device_put(x, repl)  # noqa: E731
+  # Shapes that split evenly over 4 replicas, used by no other test of this process.
+  state = TrainState(step=put(jnp.asarray(5, jnp.int32)),
+                     params={"w": put(jnp.arange(40.0).reshape(8, 5)), "b": put(jnp.ones(12))},
+                     adversary={}, opt_state=({"mu": put(jnp.zeros((4, 13)))},), adv_opt_state=())
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    ck = Checkpointer(str(tmp_path), every_steps=1, keep=1)
+    assert ck.maybe_save(5, state, force=True)
+    ck.wait()
+  ck.close()
+  compiled = [r.getMessage().split(" with ")[0] for r in caplog.records
+              if r.getMessage().startswith("Compiling")]
+  assert compiled and all(c == "Compiling jit(_sums)" for c in compiled), compiled
+  again = Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  assert_trees_equal(again.restore(abstract_of(state)), state)
+  again.close()
 
 
 def test_fine_tune_checkpoint_of_the_pe_type_vocabulary_resumes(tmp_path):
