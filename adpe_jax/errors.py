@@ -99,7 +99,7 @@ class BadImageError(DataError):
 
   def __init__(self, path: str, index: int, reason: str, check: str = ""):
     self.path, self.index, self.reason, self.check = path, int(index), reason, check
-    check = check or "python -m adpe_jax.data.check --source=<data.source>"
+    check = check or "python -m adpe_jax.tools.check --source=<data.source>"
     super().__init__(
         f"Image file {path} (example {index}) cannot be decoded ({reason}); remove or replace "
         f"it, or set config field data.bad_images='skip' to train on a deterministic "

@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.eval.every_steps = 0                   # every epoch
   c.eval.batch_size = 1000
   c.eval.crop_fraction = 0.875
-  if "smoke" in args:   # its top-1 means nothing: the first 200 test images are one class
+  if "smoke" in args:   # its top-1 means nothing: 10 steps; 200 test images, 20 a class
     if "random" in args:
       c.model.variant = "test"
     c.total_steps, c.batch_size, c.warmup_epochs = 10, 32, 0.0

@@ -114,7 +114,7 @@ def test_sources_name_each_bad_file_with_index_and_reason(folders):
       source[i]
     message = str(e.value)
     assert source.paths[i] in message and f"(example {i})" in message
-    assert "data.bad_images='skip'" in message and "python -m adpe_jax.data.check" in message
+    assert "data.bad_images='skip'" in message and "python -m adpe_jax.tools.check" in message
     assert "BytesIO" not in message and message.count(". ") == 0  # one sentence
     assert ("truncated" in message.lower()) == kind.startswith("truncated"), message
 
@@ -183,7 +183,7 @@ def test_more_bad_files_than_max_bad_fraction_stop_the_run(folders):
   limit = bad_images.Policy("skip", max_bad_fraction=0.1)  # 3.2 files of 32
   with _pipe(bad_root, limit) as pipe, pytest.raises(
       DataError, match=r"4 distinct image files .* data.max_bad_fraction=0.1 "
-                       r".*adpe_jax.data.check --source=folder:"):
+                       r".*adpe_jax.tools.check --source=folder:"):
     list(pipe.iterate(0, 4))
 
 

@@ -68,8 +68,11 @@ def test_knn_cli_equals_knn_eval_of_the_pretraining_model(pretrained, tmp_path):
   from adpe_jax.train.state import build_model
   model = build_model(pretrain_config.seed_config("rpe", "coordinate", "smoke"))
   params = weights.load(pretrained).params
-  train = data.labelled_arrays(data.get_source("fashion_mnist", "train"), 28, 500)
-  test = data.labelled_arrays(data.get_source("fashion_mnist", "test"), 28, 200)
+  def spread(split, n):   # n examples spread over the split: i * len // n
+    source = data.get_source("fashion_mnist", split)
+    return data.labelled_arrays(data.Subset(source, [i * len(source) // n for i in range(n)]),
+                                28, n)
+  train, test = spread("train", 500), spread("test", 200)
   want = knn.knn_eval(model, params, *train, *test, k=20, batch_size=64)["knn_top1"]
   assert summary["knn_top1"] == want
   assert 0.3 < want < 1.0

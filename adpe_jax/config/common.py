@@ -58,7 +58,7 @@ def add_bad_image_fields(d: ml_collections.ConfigDict) -> None:
   # A file that does not decode (adpe_jax/data/bad_images.py): "stop" names it; "skip" trains
   # on a deterministic substitute (the next example that decodes) and stops once more than
   # max_bad_fraction of the dataset's files are bad; skip_list: a `python -m
-  # adpe_jax.data.check --out=FILE` list whose files are substituted unread.
+  # adpe_jax.tools.check --out=FILE` list whose files are substituted unread.
   d.bad_images = "stop"            # stop | skip
   d.max_bad_fraction = 0.001       # of the dataset; 0.001 of ImageNet-1k is 1281 files
   d.skip_list = ""
@@ -69,7 +69,7 @@ def top1_eval() -> ml_collections.ConfigDict:
   e = ml_collections.ConfigDict()
   e.every_steps = 0                # 0 = every epoch (the original)
   e.batch_size = 1024              # global
-  e.max_examples = 0               # 0 = the whole eval split
+  e.max_examples = 0               # spread over the eval split; 0 = all of it
   e.crop_fraction = 0.875          # Resize(size / 0.875) -> CenterCrop(size)
   return e
 

@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.recon_every_steps = 0        # reconstruction grid every N steps (always at the end)
   c.eval.knn_train_examples = 10000
   c.eval.knn_test_examples = 2000
-  # The loss on the first heldout_examples images of data.source's heldout_split ("" = off),
+  # The loss on heldout_examples images spread over data.source's heldout_split ("" = off),
   # fixed masks, adversary at zero and as trained: heldout_loss / heldout_loss_adv.
   c.eval.heldout_split = ""
   c.eval.heldout_examples = 256

@@ -13,7 +13,7 @@ from adpe_jax.data.multicrop import (IMAGENET_MEAN, IMAGENET_STD, UNIFORMS_PER_C
                                      crop_params, normalize, pil_resized_crop, resized_crops)
 from adpe_jax.data.pipeline import PretrainPipeline, augmentation_uniforms, epoch_permutation
 from adpe_jax.data.sources import (ArraySource, Source, Subset, eval_source, from_config,
-                                   get_source)
+                                   get_source, spread)
 from adpe_jax.data.synthetic import SyntheticSource
 from adpe_jax.data.workers import resolve_num_workers
 
@@ -32,5 +32,5 @@ __all__ = [
     "UNIFORMS_PER_CROP", "augmentation_uniforms", "center_resize", "crop_params",
     "epoch_permutation", "eval_source", "from_config", "get_source", "labelled_arrays", "normalize",
     "pil_resized_crop",
-    "read_idx", "resized_crops", "resolve_num_workers",
+    "read_idx", "resized_crops", "resolve_num_workers", "spread",
 ]

@@ -15,7 +15,7 @@ dataset's examples. The denominator is the dataset, not the examples read so far
 stop does not fire by chance on one unlucky early batch, and a copy with a few broken files
 (ImageNet has a handful) trains, while a broken copy (a cut tar, a wrong directory: many
 bad files) stops within its first epoch. 0.001 is 1281 files of ImageNet-1k.
-`data.skip_list`: a file written by `python -m adpe_jax.data.check` (one "path<TAB>reason"
+`data.skip_list`: a file written by `python -m adpe_jax.tools.check` (one "path<TAB>reason"
 per line); the files it lists are substituted without being read (they do not count
 towards max_bad_fraction: they are known).
 
@@ -49,8 +49,8 @@ def check_command(source) -> str:
   """The command that lists every bad file of `source` (for the messages)."""
   root = getattr(source, "root", None)
   if root and getattr(source, "paths", None) is not None:
-    return f"python -m adpe_jax.data.check --source=folder:{root}"
-  return "python -m adpe_jax.data.check --source=<data.source>"
+    return f"python -m adpe_jax.tools.check --source=folder:{root}"
+  return "python -m adpe_jax.tools.check --source=<data.source>"
 
 
 def read_skip_list(path: str, source) -> frozenset[int]:

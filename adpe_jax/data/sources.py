@@ -73,8 +73,9 @@ def get_source(name: str, split: str = "train", data_dir: str | None = None, **o
                                under `data_dir` when one is given.
     "folder"                   the same with <path> = `data_dir` (config: data.source="folder",
                                data.dir=<path>).
-    "prepared:<path>"          a directory written by `python -m adpe_jax.data.prepare` (ArrayRecord
-                               of bounded-side JPEGs); a relative <path> is taken under `data_dir`.
+    "prepared:<path>"          a directory written by `python -m adpe_jax.tools.prepare`
+                               (ArrayRecord of bounded-side JPEGs); a relative <path> is
+                               taken under `data_dir`.
     "tfds:<name>"              tfds dataset (options: manual_dir, download, image_key, label_key);
                                `data_dir` is the tfds data dir.
     "synthetic"                random smooth images; options num_examples, height, width, channels,
@@ -154,3 +155,15 @@ class Subset:
 
   def __getitem__(self, i: int):
     return self.source[int(self.indices[i])]
+
+
+def spread(source: Source, count: int) -> Source:
+  """`count` examples of `source` spread evenly over it (example i * len // count, i <
+  count), or the whole source when count <= 0 or >= its length: the eval sets' subsets
+  (eval.max_examples, eval.knn_*_examples, eval.heldout_examples), so that a split stored
+  class by class (an ImageNet-like folder) gives every class its share rather than the
+  first classes all of it.  Deterministic: the same examples on every process and run."""
+  total = len(source)
+  if count <= 0 or count >= total:
+    return source
+  return Subset(source, np.arange(count, dtype=np.int64) * total // count)

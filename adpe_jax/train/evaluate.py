@@ -81,10 +81,11 @@ def classifier_encoder(model, params, pool: str) -> FrozenEncoder:
 def labelled_features(encoder: FrozenEncoder, source, image_size: int,
                       max_examples: int = 0, crop_fraction: float = 1.0,
                       batch_size: int = 256, mesh=None, chunk: int = 4096):
-  """Features and labels of the first `max_examples` (0 = all) examples of `source`,
-  eval-transformed (Resize(size / crop_fraction) -> CenterCrop), decoded `chunk` at a time
-  so a large split never sits in memory as images."""
-  n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  """Features and labels of `max_examples` (0 = all) examples of `source` spread over it
+  (`data.spread`), eval-transformed (Resize(size / crop_fraction) -> CenterCrop), decoded
+  `chunk` at a time so a large split never sits in memory as images."""
+  source = data.spread(source, max_examples)
+  n = len(source)
   chunk = max(batch_size, chunk // batch_size * batch_size)
   feats, labels = [], []
   for lo in range(0, n, chunk):
@@ -111,14 +112,15 @@ def decode_once(num_examples: int, image_size: int) -> bool:
 
 
 class LabelledImages:
-  """The first `max_examples` (0 = all) eval-transformed examples of a source
-  (Resize(size / crop_fraction) -> CenterCrop), decoded once when small (<= 20000 of <= 64
-  px), otherwise streamed `chunk` at a time."""
+  """`max_examples` (0 = all) eval-transformed examples of a source, spread over it
+  (`data.spread`; Resize(size / crop_fraction) -> CenterCrop), decoded once when small
+  (<= 20000 of <= 64 px), otherwise streamed `chunk` at a time."""
 
   def __init__(self, source, image_size: int, max_examples: int = 0,
                crop_fraction: float = 1.0, chunk: int = 4096):
+    source = data.spread(source, max_examples)
     self.source, self.size, self.crop, self.chunk = source, image_size, crop_fraction, chunk
-    self.n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+    self.n = len(source)
     self.cached = None
     if decode_once(self.n, image_size):
       self.cached = data.labelled_arrays(source, image_size, self.n, crop_fraction=crop_fraction)
@@ -214,9 +216,8 @@ class ClassifierEvaluator:
 
   def __init__(self, model, source, mesh, *, image_size: int, batch_size: int,
                max_examples: int = 0, crop_fraction: float = 1.0, every_steps: int = 0):
-    self.source, self.mesh = source, mesh
-    n = len(source)
-    self.n = min(n, max_examples) if max_examples > 0 else n
+    self.source, self.mesh = data.spread(source, max_examples), mesh
+    self.n = len(self.source)
     self.batch, self.size, self.crop = batch_size, image_size, crop_fraction
     self.every_steps, self.at_end = every_steps, True
     self.local = self.batch // jax.process_count()
@@ -286,18 +287,18 @@ class FeatureProbeEvaluator:
 
 
 class HeldoutLoss:
-  """The pretraining loss on held-out images (an evaluator, `eval.heldout_split`): the first
-  `examples` images of that split, eval-transformed (Resize -> CenterCrop to image_size,
-  one view each), with masks fixed once for the whole run (noise from `seed`), so the
-  number moves only with the weights.  Twice: with the adversary at zero (`heldout_loss`,
-  the model's own reconstruction; Xie et al., CVPR 2023, find this pretraining validation
-  loss a good indicator of fine-tuning) and with the adversary as trained
-  (`heldout_loss_adv`; their difference is what the adversary costs the model on data it
-  never trained on).  In chunks of `chunk` images (the count is rounded down to a multiple
-  of it): every image has the same number of masked patches, so the mean of the chunks'
-  means is the mean over all masked patches.  The gap's noise level, `heldout_gap_se`: the
-  standard error of the mean over chunks of each chunk's gap (on minus off, the same images
-  and masks), so a gap far inside it is no effect of the adversary."""
+  """The pretraining loss on held-out images (an evaluator, `eval.heldout_split`): `examples`
+  images spread over that split (`data.spread`), eval-transformed (Resize -> CenterCrop to
+  image_size, one view each), with masks fixed once for the whole run (noise from `seed`), so
+  the number moves only with the weights.  Twice: with the adversary at zero (`heldout_loss`, the
+  model's own reconstruction; Xie et al., CVPR 2023, find this pretraining validation loss a
+  good indicator of fine-tuning) and with the adversary as trained (`heldout_loss_adv`; their
+  difference is what the adversary costs the model on data it never trained on).  In chunks of
+  `chunk` images (the count is rounded down to a multiple of it): every image has the same
+  number of masked patches, so the mean of the chunks' means is the mean over all masked
+  patches.  The gap's noise level, `heldout_gap_se`: the standard error of the mean over chunks
+  of each chunk's gap (on minus off, the same images and masks), so a gap far inside it is no
+  effect of the adversary."""
   name = "heldout"
   key = "heldout_loss"
 
@@ -308,7 +309,7 @@ class HeldoutLoss:
     n -= n % self.chunk
     if n < 1:
       raise ValueError(f"heldout loss: no examples (asked for {examples})")
-    images, _ = data.labelled_arrays(source, image_size, n)
+    images, _ = data.labelled_arrays(data.spread(source, n), image_size, n)
     noise = jax.random.uniform(jax.random.key(seed), (n, model.num_patches))
     repl = parallel.replicated(mesh)
     self.images = jax.device_put(images.reshape(n // self.chunk, self.chunk, *images.shape[1:]),
