@@ -119,18 +119,27 @@ def report(phase: str, **info) -> None:
     os.write(int(fd), (json.dumps({"phase": phase, **info}) + "\n").encode())
 
 
+def _newest(workdir: str | None) -> tuple[str | None, int | None]:
+  """(checkpoints folder, newest complete step) of a local workdir: one listing
+  (`rundir.newest_step`); (folder, None) where there is none or it cannot be listed,
+  (None, None) for no workdir, and (folder, -1) for a gs:// workdir (not listed here)."""
+  if not workdir:
+    return None, None
+  ckpts = os.path.join(workdir, rundir.CHECKPOINTS)
+  if "://" in workdir:
+    return ckpts, -1
+  try:
+    return ckpts, rundir.newest_step(ckpts)
+  except OSError:
+    return ckpts, None
+
+
 def last_checkpoint(workdir: str | None) -> str:
   """The newest complete checkpoint of a local workdir, in words (cheap: one listing,
   `rundir.newest_step`; a gs:// workdir is not listed from here)."""
-  if not workdir:
-    return "the newest complete checkpoint in the workdir"
-  ckpts = os.path.join(workdir, rundir.CHECKPOINTS)
-  if "://" in workdir:
-    return f"the newest complete checkpoint in {ckpts}"
-  try:
-    step = rundir.newest_step(ckpts)
-  except OSError:
-    step = None
+  ckpts, step = _newest(workdir)
+  if ckpts is None or step == -1:
+    return f"the newest complete checkpoint in {ckpts or 'the workdir'}"
   if step is None:
     return f"no complete checkpoint yet in {ckpts} (the run starts again from step 0)"
   return f"the last complete checkpoint is {os.path.join(ckpts, str(step))}"
@@ -138,15 +147,9 @@ def last_checkpoint(workdir: str | None) -> str:
 
 def resume_point(workdir: str | None) -> str:
   """`last_checkpoint` as a noun phrase: what re-running the same command resumes from."""
-  if not workdir:
-    return "the newest complete checkpoint in the workdir"
-  ckpts = os.path.join(workdir, rundir.CHECKPOINTS)
-  if "://" in workdir:
-    return f"the newest complete checkpoint in {ckpts}"
-  try:
-    step = rundir.newest_step(ckpts)
-  except OSError:
-    step = None
+  ckpts, step = _newest(workdir)
+  if ckpts is None or step == -1:
+    return f"the newest complete checkpoint in {ckpts or 'the workdir'}"
   if step is None:
     return f"step 0 (no complete checkpoint yet in {ckpts})"
   return f"the last complete checkpoint {os.path.join(ckpts, str(step))}"

@@ -17,6 +17,7 @@ from adpe_jax.config import pretrain as pretrain_config
 from adpe_jax.train.pretrain import step_flops, train_and_evaluate
 from adpe_jax.train.state import build_model
 from devices import xla_flags
+from watched import Watched
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -209,33 +210,6 @@ def test_a_failed_save_stops_the_run_at_the_next_log_step_naming_the_cause(tmp_p
   # Reported at a log step soon after (log_every_steps=1), not at the next save (15).
   logged = max(losses(w))
   assert 10 < logged < 15, logged
-
-
-class Watched:
-  """A CLI run whose stderr is read line by line while it runs."""
-
-  def __init__(self, args, **kw):
-    import threading
-    self.lines: list = []
-    self.proc = subprocess.Popen([sys.executable, "-m", "adpe_jax.main", *args], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 **kw)
-    self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),
-                                   daemon=True)
-    self.reader.start()
-
-  def wait_for(self, text, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline and self.proc.poll() is None:
-      if any(text in l for l in list(self.lines)):
-        return
-      time.sleep(0.05)
-    pytest.fail(f"never logged {text!r}: {''.join(self.lines)[-3000:]}")
-
-  def finish(self, timeout=180):
-    rc = self.proc.wait(timeout=timeout)
-    self.reader.join(timeout=10)
-    return rc, "".join(self.lines)
 
 
 def test_sigterm_during_the_end_of_run_knn_saves_says_so_and_the_rerun_evaluates(tmp_path):

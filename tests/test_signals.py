@@ -13,11 +13,11 @@ import sys
 import threading
 import time
 
-import pytest
 
 from adpe_jax import supervisor
 from adpe_jax.train import stop
 from adpe_jax.train.stop import AgreedStop, PreemptedError, PreemptionGuard
+from watched import Watched, default_hangup
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ["--config=configs/vitb_ape.py:smoke", "--config.compilation_cache=none"]
@@ -34,12 +34,6 @@ def handlers(**signals):
   finally:
     for s, h in saved.items():
       signal.signal(s, h)
-
-
-def default_hangup():
-  """A child's preexec_fn: SIGHUP at its default action, as in a terminal (a test runner
-  started under nohup would otherwise pass its SIG_IGN on)."""
-  signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 # -- in-process: the guards ---------------------------------------------------------------------
@@ -117,32 +111,6 @@ def test_the_supervisor_forwards_sighup_as_sigterm(tmp_path):
 
 # -- command lines --------------------------------------------------------------------------------
 
-class Watched:
-  """A CLI run whose stderr is read line by line while it runs."""
-
-  def __init__(self, args, command=("-m", "adpe_jax.main")):
-    self.lines: list = []
-    self.proc = subprocess.Popen([sys.executable, *command, *args], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True, preexec_fn=default_hangup)
-    self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),
-                                   daemon=True)
-    self.reader.start()
-
-  def wait_for(self, text, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline and self.proc.poll() is None:
-      if any(text in line for line in list(self.lines)):
-        return
-      time.sleep(0.05)
-    pytest.fail(f"never logged {text!r}: {''.join(self.lines)[-3000:]}")
-
-  def finish(self, timeout=180):
-    rc = self.proc.wait(timeout=timeout)
-    self.reader.join(timeout=10)
-    return rc, "".join(self.lines)
-
-
 def saved_steps(workdir) -> list:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -152,6 +120,20 @@ def loss_steps(workdir) -> list:
   if not path.exists():
     return []
   return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def test_sigterm_while_compiling_leaves_no_trace_of_the_start(tmp_path):
+  # The start is undone as a refusal's is: a new workdir interrupted before config.json
+  # (here in the compile, XLA's cache off) is removed again, lock file and all.
+  w = tmp_path / "new"
+  run = Watched([*SMOKE, f"--workdir={w}", "--config.total_steps=4"])
+  run.wait_for("mesh {")
+  run.proc.send_signal(signal.SIGTERM)
+  rc, err = run.finish()
+  assert rc == 128 + signal.SIGTERM, err[-3000:]
+  assert err.splitlines()[-1].startswith(
+      "error: interrupted by SIGTERM outside the training steps"), err[-3000:]
+  assert not w.exists(), sorted(p.name for p in w.rglob("*"))
 
 
 def test_sighup_saves_the_current_step_like_sigterm_and_the_rerun_resumes(tmp_path):

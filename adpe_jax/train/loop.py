@@ -311,12 +311,7 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
             with agreed.evaluating():  # a signal abandons the evaluation at once
               phase.enter("evaluation", done)
               for evaluator in due_eval:
-                record = _write_result(log, done, evaluator.run(state, done),
-                                       done / steps_per_epoch)
-                if record:
-                  evals.append(record)
-                  logging.info("step %d eval %s", done, {k: v for k, v in record.items()
-                                                         if k not in ("step", "epoch")})
+                _evaluate(log, evaluator, state, done, steps_per_epoch, evals)
           except PreemptedError as e:
             logging.warning("preemption: got %s during the evaluation at step %d; it is not "
                             "done (%s); saving and stopping", signal_name(e.signum), done,
@@ -358,6 +353,17 @@ def train(config, *, workdir, ckpt, state, step_fn: Callable, batches, total_ste
                 interrupted=interrupted)
 
 
+def _evaluate(log: MetricsLog, evaluator, state, step: int, steps_per_epoch: float,
+              evals: list) -> None:
+  """Runs `evaluator` on the state of `step`; its record is written, logged, added to
+  `evals`."""
+  record = _write_result(log, step, evaluator.run(state, step), step / steps_per_epoch)
+  if record:
+    evals.append(record)
+    logging.info("step %d eval %s", step, {k: v for k, v in record.items()
+                                           if k not in ("step", "epoch")})
+
+
 def _evaluate_at_end(log: MetricsLog, agreed: AgreedStop, state, evals: list, evaluators,
                      total_steps: int, steps_per_epoch: float) -> str:
   """Runs the end-of-run evaluations not done yet (`_not_done_at_end`); their records join
@@ -370,12 +376,7 @@ def _evaluate_at_end(log: MetricsLog, agreed: AgreedStop, state, evals: list, ev
   try:
     with agreed.evaluating():
       for current in missing:
-        record = _write_result(log, total_steps, current.run(state, total_steps),
-                               total_steps / steps_per_epoch)
-        if record:
-          evals.append(record)
-          logging.info("step %d eval %s", total_steps, {k: v for k, v in record.items()
-                                                        if k not in ("step", "epoch")})
+        _evaluate(log, current, state, total_steps, steps_per_epoch, evals)
   except PreemptedError as e:
     return f"{signal_name(e.signum)} during the end-of-run {current.name}"
   return ""

@@ -41,7 +41,7 @@ from adpe_jax import parallel, phase, workdir_lock
 from adpe_jax.checkpoint import rundir
 from adpe_jax.config import validate as check
 from adpe_jax.data import identity as data_identity
-from adpe_jax.train import evaluate, loop, preflight
+from adpe_jax.train import evaluate, loop, preflight, stop
 
 
 @dataclasses.dataclass
@@ -98,15 +98,15 @@ def write_config(path, config) -> None:
 @contextlib.contextmanager
 def _undone_unless_trained(before):
   """On an exception before `trained()` is called (a refusal: config.init, the data's
-  size, an unbuilt or damaged source; a failed build or compile), process 0 removes what
-  this start created in the workdir: the lock file (held: a contender re-opens the path,
-  `workdir_lock._same_file`), an empty checkpoints/, and the workdir itself if it is new
-  and then empty.  Files of an earlier run, and anything once the loop may have written,
-  stay."""
+  size, an unbuilt or damaged source; a failed build or compile; SIGTERM / SIGINT / SIGHUP
+  while starting, `stop.PreemptedError`), process 0 removes what this start created in the
+  workdir: the lock file (held: a contender re-opens the path, `workdir_lock._same_file`),
+  an empty checkpoints/, and the workdir itself if it is new and then empty.  Files of an
+  earlier run, and anything once the loop may have written, stay."""
   state = {"trained": False}
   try:
     yield lambda: state.update(trained=True)
-  except Exception:
+  except (Exception, stop.PreemptedError, KeyboardInterrupt):
     if not state["trained"] and jax.process_index() == 0:
       rundir.undo_start(before)
     raise
