@@ -13,8 +13,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# --no-compile: pip would byte-compile every installed file (TensorFlow's thousands: 70 of
+# the 131 s of a fresh install here); Python compiles what is imported, once, instead.
 $(STAMP): $(PY) setup.cfg pyproject.toml $(CONSTRAINTS)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,lint]'
+	$(PY) -m pip install -q --no-compile -c $(CONSTRAINTS) -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,7 +48,7 @@ $(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
 	@test -n "$(PYTHON_NEXT)" || { echo "make test-next needs Python 3.12 (pyenv install 3.12, or PYTHON_NEXT=...)"; exit 1; }
 	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
 	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest pytest-xdist safetensors \
+	$(VENV_NEXT)/bin/python -m pip install -q --no-compile -c .ci/constraints-next.txt -e . pytest pytest-xdist safetensors \
 	  tensorflow-datasets
 	touch $@
 

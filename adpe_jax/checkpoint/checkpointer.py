@@ -408,13 +408,16 @@ def _one_replica_writes() -> None:
   Restores read either kind of checkpoint; a sharded (FSDP) array is still written by each
   shard's owner.  Registered once, for every orbax save of this process."""
   default = ocp.type_handlers.get_type_handler(jax.Array)
-  if getattr(default, "_adpe_one_replica", False):
+  if isinstance(default, _OneReplicaArrayHandler):
     return
-  handler = ocp.type_handlers.ArrayHandler(
+  handler = _OneReplicaArrayHandler(
       array_metadata_store=getattr(default, "_array_metadata_store", None),
       use_replica_parallel=False)
-  handler._adpe_one_replica = True
   ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+class _OneReplicaArrayHandler(ocp.type_handlers.ArrayHandler):
+  """orbax's ArrayHandler, registered by `_one_replica_writes` (a type to recognise it)."""
 
 
 class Checkpointer:
