@@ -13,10 +13,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# --no-compile: pip would byte-compile every installed file (TensorFlow's thousands: 70 of
-# the 131 s of a fresh install here); Python compiles what is imported, once, instead.
+# pip byte-compiles every installed file (TensorFlow's thousands: 70 of the 131 s of a fresh
+# install here), and that stays: with PYTHONDONTWRITEBYTECODE=1 (this CI image sets it)
+# Python never writes what it compiles, so --no-compile made every process compile jax,
+# flax, orbax... from source at each start.
 $(STAMP): $(PY) setup.cfg pyproject.toml $(CONSTRAINTS)
-	$(PY) -m pip install -q --no-compile -c $(CONSTRAINTS) -e '.[test,lint]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +33,11 @@ data:
 	  else echo "Fashion-MNIST missing and apt-get unavailable: install dataset-fashion-mnist"; fi; \
 	fi
 
+# The tests start ~150 processes (python -m adpe_jax.main ...): our package's bytecode is
+# written once before them (compileall writes it even under PYTHONDONTWRITEBYTECODE=1, which
+# this CI image sets), instead of every process compiling adpe_jax from source (~1 s each).
 test: install data
+	$(PY) -m compileall -q adpe_jax >/dev/null
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q -n 2 --dist loadfile tests
 
@@ -48,11 +54,12 @@ $(VENV_NEXT)/.installed: setup.cfg pyproject.toml .ci/constraints-next.txt
 	@test -n "$(PYTHON_NEXT)" || { echo "make test-next needs Python 3.12 (pyenv install 3.12, or PYTHON_NEXT=...)"; exit 1; }
 	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
 	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEXT)/bin/python -m pip install -q --no-compile -c .ci/constraints-next.txt -e . pytest pytest-xdist safetensors \
+	$(VENV_NEXT)/bin/python -m pip install -q -c .ci/constraints-next.txt -e . pytest pytest-xdist safetensors \
 	  tensorflow-datasets
 	touch $@
 
 test-next: $(VENV_NEXT)/.installed data
+	$(VENV_NEXT)/bin/python -m compileall -q adpe_jax >/dev/null
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
 	  $(VENV_NEXT)/bin/python -m pytest -q -n 2 --dist loadfile $(NEXT_TESTS)
 
